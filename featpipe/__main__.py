@@ -1,0 +1,3 @@
+from featpipe.cli import main
+
+main()

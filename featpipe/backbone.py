@@ -1,0 +1,154 @@
+"""Build a registry entry into a frozen embedding network: uint8 NHWC in, pooled pre-logits features out.
+
+`Backbone.forward` normalises on whatever device it runs on, so decoders ship uint8 (4x less to move) and every
+path (Pillow, DALI CPU, DALI GPU) feeds the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from featpipe import weights as W
+from featpipe.errors import UserError
+from featpipe.registry import BackboneSpec
+
+
+class Backbone(nn.Module):
+    def __init__(self, body: nn.Module, imagenet_head: nn.Module | None, spec: BackboneSpec):
+        super().__init__()
+        self.body, self.imagenet_head, self.spec = body, imagenet_head, spec
+        pre = spec.preprocessing
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW in channels_last memory (the permute is free)."""
+        x = x.permute(0, 3, 1, 2).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x_uint8_nhwc)).flatten(1)
+
+    def blocks(self) -> list[nn.Module]:
+        return backbone_blocks(self.body)
+
+
+@dataclass
+class Loaded:
+    model: Backbone
+    weights_sha256: str
+
+
+def load(spec: BackboneSpec, weights_path: Path | None = None, pretrained: bool = True) -> Loaded:
+    """Pretrained (packaged file, hub cache/network, or --weights PATH) or random init (`pretrained=False`)."""
+    if not pretrained:
+        return Loaded(_split(_build(spec), spec), "random-init")
+    if weights_path is not None:
+        return _from_file(spec, Path(weights_path))
+    if spec.library == "torchvision":
+        return _torchvision_pretrained(spec)
+    packaged = spec.offline_path()
+    if packaged is not None:
+        return _from_file(spec, packaged)
+    return _timm_pretrained(spec)
+
+
+def _build(spec: BackboneSpec) -> nn.Module:
+    if spec.library == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(spec.arch, weights=None)
+    import timm
+
+    return timm.create_model(spec.arch, pretrained=False)
+
+
+def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    model = _build(spec)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if spec.remap:
+        state = W.remap_positional(state, model.state_dict())
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"weights {path} do not fit {spec.arch}: {str(e).splitlines()[0]}") from None
+    return Loaded(_split(model, spec), W.sha256_file(path))
+
+
+def _offline_message(spec: BackboneSpec, why: str) -> UserError:
+    hint = spec.install_hint or "connect to the network once (weights are then cached) or pass --weights PATH"
+    return UserError(f"pretrained weights for {spec.name!r} are not available offline ({why}); {hint}")
+
+
+def _torchvision_pretrained(spec: BackboneSpec) -> Loaded:
+    import torchvision
+
+    if spec.offline_module:
+        W.install_into_hub_cache(spec.url, spec.offline_module)
+    weights = torchvision.models.get_model_weights(spec.arch).DEFAULT if spec.url is None else next(
+        w for w in torchvision.models.get_model_weights(spec.arch) if w.url == spec.url)
+    try:
+        model = torchvision.models.get_model(spec.arch, weights=weights)
+    except (urllib.error.URLError, OSError) as e:
+        raise _offline_message(spec, f"download failed: {getattr(e, 'reason', e)}") from None
+    path = W.hub_checkpoint(weights.url)
+    return Loaded(_split(model, spec), W.check_hash_prefix(path, weights.url))
+
+
+def _timm_pretrained(spec: BackboneSpec) -> Loaded:
+    import timm
+
+    try:
+        model = timm.create_model(spec.arch, pretrained=True)
+    except Exception as e:  # huggingface_hub raises its own offline/HTTP errors
+        raise _offline_message(spec, f"download failed: {type(e).__name__}") from None
+    return Loaded(_split(model, spec), _state_sha256(model))
+
+
+def _state_sha256(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split(model: nn.Module, spec: BackboneSpec) -> Backbone:
+    """Detach the ImageNet classifier: timm via reset_classifier, torchvision by replacing its last Linear."""
+    model.eval()
+    if spec.library == "timm":
+        head = copy.deepcopy(model.get_classifier())
+        model.reset_classifier(0)
+        return Backbone(model, head, spec).eval()
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    head = getattr(parent, leaf)
+    setattr(parent, leaf, nn.Identity())
+    return Backbone(model, head, spec).eval()
+
+
+def backbone_blocks(body: nn.Module) -> list[nn.Module]:
+    """The ordered blocks "the last N" counts from, for the common layouts; top-level children otherwise."""
+    if hasattr(body, "blocks") and hasattr(body, "conv_head"):  # timm EfficientNet / MobileNet family
+        stages = [b for stage in body.blocks for b in stage]
+        return stages + [nn.ModuleList([body.conv_head, body.bn2])]
+    if hasattr(body, "features") and isinstance(body.features, nn.Sequential):  # torchvision MobileNet/EfficientNet
+        return list(body.features)
+    if all(hasattr(body, f"layer{i}") for i in range(1, 5)):  # ResNet family
+        return [b for i in range(1, 5) for b in getattr(body, f"layer{i}")]
+    return [m for m in body.children() if any(p.requires_grad for p in m.parameters())]

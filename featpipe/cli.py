@@ -1,0 +1,122 @@
+"""`featpipe` command line. Each command is a thin shell over a library function; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+try:  # recent typer vendors click as typer._click; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+from featpipe.errors import UserError
+
+app = typer.Typer(
+    name="featpipe",
+    help="Prove on your own images that a pretrained backbone beats training from scratch — then ship the fast model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DataDir = Annotated[Optional[Path], typer.Argument(
+    help="ImageFolder tree DATA_DIR/<class>/<image>. Default: the shipped 196-photo, 5-class dataset.",
+    show_default=False)]
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry name (`featpipe backbones`) or any "
+                                          "torchvision/timm model name.")]
+CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
+DecoderOpt = Annotated[str, typer.Option("--decoder", help="auto | dali | pil (auto: DALI, Pillow without it).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware "
+                                           "has bf16 units: AMX/AVX512-BF16 CPUs, recent GPUs).")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (state dict) for the "
+                                                    "backbone, instead of the packaged/hub weights.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+    else:
+        typer.echo(text)
+
+
+@app.command()
+def extract(
+    data_dir: DataDir = None,
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    decoder: DecoderOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass "
+                                                      "(default 32).")] = None,
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
+    from featpipe.extract import ExtractConfig
+
+    cfg = ExtractConfig(data_dir, backbone, cache_dir, device, decoder, precision, batch_size, weights)
+    res = run_extract(cfg)
+    _emit(res.to_json(), as_json, f"cache: {res.cache_file}")
+
+
+def run_extract(cfg):
+    """extract() with a progress bar on stderr and a summary line; shared by every command that needs features."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from featpipe.extract import extract as do_extract
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("extract {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("extract", total=None, name=cfg.backbone)
+        res = do_extract(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"{res.backbone}: {res.images} images — computed {res.computed}, reused {res.reused}, "
+                  f"skipped {len(res.skipped)} — {res.seconds:.2f} s ({res.images_per_sec:.1f} img/s, "
+                  f"{res.decoder}, {res.device}, {res.precision})", highlight=False, soft_wrap=True)
+    for s in res.skipped:
+        console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False, markup=False, soft_wrap=True)
+    return res
+
+
+@app.command()
+def backbones(as_json: JsonOpt = False) -> None:
+    """List the built-in backbones and whether their pretrained weights are available offline."""
+    from featpipe.registry import REGISTRY
+
+    rows = [{"name": s.name, "library": s.library, "arch": s.arch, "dim": s.dim,
+             "input": s.preprocessing.crop, "offline": s.weights_available(), "description": s.description}
+            for s in REGISTRY.values()]
+    lines = [f"{r['name']:<20} {'offline' if r['offline'] else 'needs download':<15} {r['dim']:>5}-d  "
+             f"{r['input']}px  {r['description']}" for r in rows]
+    lines.append("Any other torchvision or timm model name works with network access or --weights PATH.")
+    _emit({"backbones": rows}, as_json, "\n".join(lines))
+
+
+def main() -> None:
+    """Entry point: usage errors and UserError become one line on stderr with exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="featpipe", standalone_mode=False)
+    except ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except UserError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"featpipe: error: {' '.join(message.split())}\n")
+    sys.exit(code)

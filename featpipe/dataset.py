@@ -1,0 +1,55 @@
+"""ImageFolder discovery: DATA_DIR/<class>/<image>, and the shipped default dataset."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from featpipe.errors import UserError
+
+SHIPPED_NAME = "gcompris-photos"
+
+
+def shipped_dataset() -> Path:
+    """The 196-photo, 5-class CC0 set inside the package, so the demo needs no user data."""
+    return Path(str(resources.files("featpipe") / "data" / SHIPPED_NAME))
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    label: str
+
+
+def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
+    """List every regular file under each class folder (sorted, deterministic).
+
+    Files are not filtered by extension: the extractor decides what is an image by its bytes and reports the rest.
+    Returns (root, files, classes).
+    """
+    root = shipped_dataset() if root is None else Path(root)
+    if not root.exists():
+        raise UserError(f"data directory not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"not a directory: {root} (expected DATA_DIR/<class>/<image>)")
+    classes = sorted(d.name for d in _entries(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"no class folders in {root} (expected DATA_DIR/<class>/<image>)")
+    files = []
+    for cls in classes:
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    files.append(ImageFile(Path(dirpath) / name, cls))
+    return root, files, classes
+
+
+def _entries(root: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(root) as it:
+            return list(it)
+    except PermissionError as e:
+        raise UserError(f"cannot read data directory {root}: {e.strerror}") from None

@@ -1,0 +1,228 @@
+"""Encoded bytes -> uint8 HWC crops, three ways behind one interface: DALI on GPU, DALI on CPU, Pillow.
+
+Files are read once (by the reader, which also hashes them); decoders get bytes, never paths. DALI cannot skip a
+bad sample, so every file is probed first (`probe`) and anything DALI should not see (non-JPEG, CMYK, 16-bit,
+palette, alpha, suspected truncation) goes to Pillow. A batch DALI still rejects is redone image by image in Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featpipe.preprocess import Preprocessing
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a cheap header read says about a file: DALI-safe JPEG, Pillow-only image, or a reason to skip."""
+
+    dali_ok: bool
+    skip_reason: str | None = None
+    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF orientation
+
+
+def probe(data: bytes) -> Probe:
+    """Parse the header only (no pixel decode); reject what can never decode."""
+    if not data:
+        return Probe(False, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return Probe(False, f"image too large (over {Image.MAX_IMAGE_PIXELS} pixels)")
+    except UnidentifiedImageError:
+        return Probe(False, "not an image")
+    except Exception as e:  # Pillow raises many types on malformed headers
+        return Probe(False, f"unreadable image header: {e}")
+    if w < 1 or h < 1:
+        return Probe(False, "image has no pixels")
+    if _exif_orientation(im) in (5, 6, 7, 8):
+        w, h = h, w
+    # JPEG entropy data byte-stuffs 0xFF, so a final EOI marker near the end means the scan was not cut short.
+    complete = data.rfind(b"\xff\xd9") >= len(data) - 1024
+    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete, None, (w, h))
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: alpha composited on white, 16-bit scaled, CMYK/palette/gray converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0
+        return Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def resized_size(w: int, h: int, shorter: int) -> tuple[int, int]:
+    """torchvision's Resize(int) rule: shorter side -> `shorter`, longer side truncated."""
+    if w <= h:
+        return shorter, max(1, int(shorter * h / w))
+    return max(1, int(shorter * w / h)), shorter
+
+
+def pil_decode(data: bytes, pre: Preprocessing) -> np.ndarray:
+    """Decode one image with Pillow to a (crop, crop, 3) uint8 array; JPEGs decode at reduced size via draft()."""
+    im = Image.open(io.BytesIO(data))
+    if im.format == "JPEG":
+        tw, th = resized_size(*im.size, pre.resize)
+        im.draft(None, (2 * tw, 2 * th))  # DCT scaling, leaving >= 2x for the antialiased resize to smooth
+    im = to_rgb(ImageOps.exif_transpose(im))
+    im = im.resize(resized_size(*im.size, pre.resize), _RESAMPLE[pre.interpolation])
+    top, left = crop_corner(im.height, im.width, pre.crop)
+    return np.asarray(im.crop((left, top, left + pre.crop, top + pre.crop)))
+
+
+def crop_corner(h: int, w: int, crop: int) -> tuple[int, int]:
+    """torchvision's CenterCrop corner (Python's round: half to even)."""
+    return int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+
+
+class Decoder(Protocol):
+    name: str
+
+    def decode(self, items: list[bytes], probes: list[Probe]) -> tuple[np.ndarray | "torch.Tensor", list[str | None]]:
+        """Return a (N_ok, crop, crop, 3) uint8 batch and, per input, None (decoded) or a skip reason."""
+
+
+class PilDecoder:
+    """Pillow in a thread pool (decode releases the GIL)."""
+
+    name = "pil"
+
+    def __init__(self, pre: Preprocessing, threads: int | None = None) -> None:
+        self.pre = pre
+        self.pool = ThreadPoolExecutor(max_workers=threads or default_decode_threads())
+
+    def decode(self, items: list[bytes], probes: list[Probe]) -> tuple[np.ndarray, list[str | None]]:
+        return stack_results(list(self.pool.map(self.decode_one, items)), self.pre)
+
+    def decode_one(self, data: bytes) -> np.ndarray | str:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pil_decode(data, self.pre)
+        except Exception as e:  # truncated / corrupt pixel data: a reason, never a crash
+            return f"decode failed: {type(e).__name__}: {e}"
+
+
+def stack_results(results: list, pre: Preprocessing):
+    """Per-image arrays (numpy, or torch rows from a GPU decoder) or skip reasons -> (batch, reasons)."""
+    rows = [r for r in results if not isinstance(r, str)]
+    reasons = [r if isinstance(r, str) else None for r in results]
+    if not rows:
+        return np.empty((0, pre.crop, pre.crop, 3), np.uint8), reasons
+    if all(isinstance(r, np.ndarray) for r in rows):
+        return np.stack(rows), reasons
+    import torch
+
+    device = next(r.device for r in rows if isinstance(r, torch.Tensor))
+    return torch.stack([torch.as_tensor(r).to(device) for r in rows]), reasons
+
+
+class DaliDecoder:
+    """DALI external-source pipeline: nvJPEG (`mixed`) when device_id is an int, libjpeg-turbo when None."""
+
+    def __init__(self, pre: Preprocessing, batch_size: int, device_id: int | None, threads: int | None = None):
+        self.pre, self.batch_size, self.device_id = pre, batch_size, device_id
+        self.threads = threads or default_decode_threads()
+        self.name = "dali-gpu" if device_id is not None else "dali-cpu"
+        self.fallback = PilDecoder(pre, self.threads)
+        self.pipe = self._build()
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        interp = types.INTERP_CUBIC if self.pre.interpolation == "bicubic" else types.INTERP_LINEAR
+        gpu = self.device_id is not None
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
+                      prefetch_queue_depth=1, exec_dynamic=True)
+        def pipe():
+            enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+            start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            img = fn.resize(img, size=size, interp_type=interp, antialias=True)
+            return fn.slice(img, start=start, shape=[self.pre.crop, self.pre.crop], axis_names="HW")
+
+        p = pipe()
+        p.build()
+        return p
+
+    def decode(self, items: list[bytes], probes: list[Probe]):
+        """DALI for probed-safe JPEGs, Pillow for the rest; merged back in input order."""
+        fast = [i for i, p in enumerate(probes) if p.dali_ok]
+        batch = self._run_dali([items[i] for i in fast], [probes[i].size for i in fast]) if fast else None
+        if batch is not None and len(fast) == len(items):
+            return batch, [None] * len(items)
+        results: list = [None] * len(items)
+        for k, i in enumerate(fast if batch is not None else []):
+            results[i] = batch[k]
+        slow = [i for i, r in enumerate(results) if r is None]
+        for i, r in zip(slow, self.fallback.pool.map(self.fallback.decode_one, [items[i] for i in slow])):
+            results[i] = r
+        return stack_results(results, self.pre)
+
+    def _run_dali(self, data: list[bytes], sizes: list[tuple[int, int]]):
+        # Sizes and crop corners follow torchvision's rules exactly (DALI's own round the other way).
+        hw = [resized_size(w, h, self.pre.resize)[::-1] for w, h in sizes]
+        try:
+            self.pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in data])
+            self.pipe.feed_input("size", [np.array(s, dtype=np.float32) for s in hw])
+            self.pipe.feed_input("start", [np.array(crop_corner(*s, self.pre.crop), dtype=np.int32) for s in hw])
+            (tl,) = self.pipe.run()
+            return self._to_host_or_torch(tl)
+        except RuntimeError:
+            self.pipe = self._build()  # a failed run can leave the pipeline unusable
+            return None
+
+    def _to_host_or_torch(self, tl):
+        if self.device_id is None:
+            return np.array(tl.as_array())
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tl.as_tensor()
+        t = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+        feed_ndarray(dense, t, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return t
+
+
+def default_decode_threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None) -> Decoder:
+    """`auto`: DALI (GPU if the model runs on CUDA, else CPU) when it imports and builds, else Pillow."""
+    if kind == "pil":
+        return PilDecoder(pre)
+    try:
+        return DaliDecoder(pre, batch_size, cuda_device)
+    except Exception as e:
+        if kind == "dali":
+            from featpipe.errors import UserError
+
+            raise UserError(f"DALI decoder unavailable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        return PilDecoder(pre)

@@ -1,0 +1,303 @@
+"""The extraction runner: files -> (read+hash+probe) -> decode -> embed -> journal -> HDF5, timing each stage.
+
+Stages overlap: a reader thread reads each file once (hash and decode share the bytes), decodes batches of the
+images the cache lacks and queues them; the main thread runs the model; a writer thread journals results so disk
+writes never stall compute. Only images whose content hash is missing are decoded at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from featpipe import registry
+from featpipe.cache import Cache, CacheKey, Rows
+from featpipe.dataset import ImageFile, scan
+from featpipe.decode import Probe, probe
+from featpipe.errors import UserError
+
+DEFAULT_CACHE_DIR = Path("cache")
+DEVICES = ("auto", "cpu", "cuda")
+DECODERS = ("auto", "dali", "pil")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class ExtractConfig:
+    data_dir: Path | None = None
+    backbone: str = "mobilenet_v2"
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    device: str = "auto"
+    decoder: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
+                                     ("--precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise UserError(f"{flag} must be one of {', '.join(allowed)} (got {value!r})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+
+
+@dataclass
+class ExtractResult:
+    images: int
+    computed: int
+    reused: int
+    skipped: list[dict]
+    seconds: float
+    images_per_sec: float
+    cache_file: str
+    backbone: str
+    dim: int
+    decoder: str
+    device: str
+    precision: str
+    stage_seconds: dict = field(default_factory=dict)
+    members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        del d["members"]
+        return d
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of the current data dir that has a cache row: the training sets are built from these."""
+
+    path: str
+    label: str
+    sha256: str
+
+
+@dataclass
+class Item:
+    file: ImageFile
+    sha256: str
+    data: bytes
+    probe: Probe
+
+
+def read_file(f: ImageFile) -> tuple[bytes | None, str | None]:
+    try:
+        return f.path.read_bytes(), None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or type(e).__name__}"
+
+
+def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+    """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
+    t0 = time.perf_counter()
+    spec = registry.resolve(cfg.backbone)
+    root, files, _classes = scan(cfg.data_dir)
+    key = CacheKey(spec.name, spec.weights_sha256(cfg.weights), spec.preprocessing, spec.dim)
+    cache = Cache(cfg.cache_dir, key)
+    timer = StageTimer()
+    with cache:
+        rows = cache.read()
+        known = set(rows.sha256)
+        engine = _Engine(cfg, spec, key, timer)
+        new_rows, skipped, reused = engine.run(files, known, cache, progress)
+        final = _refresh(rows, new_rows, reused)
+        if len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused):
+            with timer("commit"):
+                cache.commit(final)
+    present = set(final.sha256)
+    seconds = time.perf_counter() - t0
+    return ExtractResult(
+        images=len(files), computed=len(new_rows), reused=len(reused), skipped=skipped, seconds=round(seconds, 4),
+        images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
+        backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
+        precision=engine.precision, stage_seconds=timer.totals(),
+        members=[m for m in engine.members if m.sha256 in present],
+    )
+
+
+def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:
+    index = {h: i for i, h in enumerate(rows.sha256)}
+    return any((rows.paths[index[h]], rows.labels[index[h]]) != pl for h, pl in reused.items() if h in index)
+
+
+def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> Rows:
+    """Committed rows + new ones, with each reused row's path/label updated to where the file is now."""
+    from featpipe.cache import merge
+
+    moved = Rows(list(reused), np.empty((0, rows.embeddings.shape[1]), np.float32),
+                 [p for p, _ in reused.values()], [lbl for _, lbl in reused.values()])
+    return merge(merge(rows, moved), new_rows)
+
+
+class StageTimer:
+    """Wall seconds per stage, summed across threads (stages overlap, so they add up to more than the total)."""
+
+    def __init__(self) -> None:
+        self._t: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                with timer._lock:
+                    timer._t[stage] = timer._t.get(stage, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+    def totals(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self._t.items()}
+
+
+_DONE = object()
+
+
+class _Engine:
+    """Three threads around the model: reader (read, hash, probe) -> decoder -> [main: forward] -> writer.
+
+    The model and decoder are built when the first uncached image reaches them: a fully cached run never imports
+    DALI or loads weights. Queues are bounded, so memory holds a few batches whatever the dataset size.
+    """
+
+    def __init__(self, cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer):
+        self.cfg, self.spec, self.key, self.timer = cfg, spec, key, timer
+        self.decoder_name, self.device_name, self.precision = "none", "none", "none"
+        self.skipped: list[dict] = []
+        self.reused: dict[str, tuple[str, str]] = {}
+        self.errors: list[BaseException] = []
+        self.members: list[Member] = []
+
+    def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
+        encoded: queue.Queue = queue.Queue(maxsize=4)
+        decoded: queue.Queue = queue.Queue(maxsize=3)
+        written: queue.Queue = queue.Queue(maxsize=8)
+        out: list[Rows] = []
+        stages = [(self._read, (files, known, encoded)), (self._decode, (encoded, decoded)),
+                  (self._write, (written, cache, out))]
+        threads = [threading.Thread(target=self._guard, args=(fn, args), daemon=True) for fn, args in stages]
+        for t in threads:
+            t.start()
+        done = 0
+        try:
+            while (msg := decoded.get()) is not _DONE:
+                if isinstance(msg, int):  # files the reader settled without compute (cached or skipped)
+                    done += msg
+                else:
+                    done += self._forward(*msg, written)
+                if progress:
+                    progress(done, len(files))
+                if self.errors:
+                    break
+        finally:
+            written.put(_DONE)
+            threads[2].join()
+        if self.errors:
+            raise self.errors[0]
+        self.skipped.sort(key=lambda s: s["path"])
+        return _concat(out, self.key.dim), self.skipped, self.reused
+
+    def _guard(self, fn, args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # surfaced in the main thread
+            self.errors.append(e)
+            if fn is not self._write:
+                args[-1].put(_DONE)
+
+    def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
+        bs = self.cfg.batch_size or 32
+        batch: list[Item] = []
+        settled = 0
+        for f in files:
+            with self.timer("read"):
+                data, err = read_file(f)
+            if data is not None:
+                with self.timer("hash"):
+                    digest = hashlib.sha256(data).hexdigest()
+                self.members.append(Member(str(f.path), f.label, digest))
+                if digest in known:
+                    self.reused[digest] = (str(f.path), f.label)
+                    settled += 1
+                    continue
+                with self.timer("probe"):
+                    p = probe(data)
+                err = p.skip_reason
+            if err:
+                self.skipped.append({"path": str(f.path), "reason": err})
+                settled += 1
+                continue
+            known.add(digest)  # identical bytes twice in one run: embed once
+            batch.append(Item(f, digest, data, p))
+            if len(batch) == bs:
+                encoded.put((batch, settled))
+                batch, settled = [], 0
+        encoded.put((batch, settled))
+        encoded.put(_DONE)
+
+    def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
+        decoder = None
+        while (msg := encoded.get()) is not _DONE:
+            batch, settled = msg
+            if settled:
+                decoded.put(settled)
+            if not batch:
+                continue
+            if decoder is None:
+                decoder = self._start_runtime()
+            with self.timer("decode"):
+                pixels, reasons = decoder.decode([it.data for it in batch], [it.probe for it in batch])
+            decoded.put((batch, pixels, reasons))
+        decoded.put(_DONE)
+
+    def _start_runtime(self):
+        """Device, precision, model and decoder, built once, on the first batch that needs them."""
+        from featpipe.backbone import load
+        from featpipe.decode import make_decoder
+        from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
+
+        configure_threads()
+        device = resolve_device(self.cfg.device)
+        self.precision = resolve_precision(self.cfg.precision, device)
+        with self.timer("load_model"):
+            self.embedder = Embedder(load(self.spec, self.cfg.weights).model, device, self.precision)
+        bs = self.cfg.batch_size or 32
+        decoder = make_decoder(self.cfg.decoder, self.spec.preprocessing, bs,
+                               (device.index or 0) if device.type == "cuda" else None)
+        self.decoder_name, self.device_name = decoder.name, str(device)
+        return decoder
+
+    def _forward(self, batch: list[Item], pixels, reasons: list[str | None], written: queue.Queue) -> int:
+        ok = [it for it, r in zip(batch, reasons) if r is None]
+        self.skipped.extend({"path": str(it.file.path), "reason": r} for it, r in zip(batch, reasons) if r)
+        if ok:
+            with self.timer("forward"):
+                emb = self.embedder(pixels)
+            written.put(Rows([it.sha256 for it in ok], emb, [str(it.file.path) for it in ok],
+                             [it.file.label for it in ok]))
+        return len(batch)
+
+    def _write(self, written: queue.Queue, cache: Cache, out: list[Rows]) -> None:
+        while (rows := written.get()) is not _DONE:
+            with self.timer("write"):
+                cache.append(rows)
+            out.append(rows)
+
+
+def _concat(parts: list[Rows], dim: int) -> Rows:
+    if not parts:
+        return Rows.empty(dim)
+    return Rows([h for r in parts for h in r.sha256], np.concatenate([r.embeddings for r in parts]),
+                [p for r in parts for p in r.paths], [lbl for r in parts for lbl in r.labels])

