@@ -1,0 +1,60 @@
+"""Shared fixtures: real images (the shipped set), real weights, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featpipe.dataset import shipped_dataset
+
+FULL = os.environ.get("FEATPIPE_FULL") == "1"  # `make test-all`: every slow trial, not CI's seeded subset
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = False):
+    """Run `python -m featpipe ARGS` as a user would; returns CompletedProcess with text stdout/stderr."""
+    proc = subprocess.run([sys.executable, "-m", "featpipe", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"featpipe {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def run_json(*args: str, **kw) -> dict:
+    proc = run_cli(*args, "--json", check=True, **kw)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"--json must print exactly one line, got: {proc.stdout!r}"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="session")
+def shipped() -> Path:
+    return shipped_dataset()
+
+
+def make_subset(src: Path, dst: Path, per_class: int) -> Path:
+    """A small real ImageFolder: the first `per_class` photos of each shipped class."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            shutil.copy(f, dst / cls.name / f.name)
+    return dst
+
+
+@pytest.fixture
+def small_data(tmp_path, shipped) -> Path:
+    """5 classes x 4 real photos, in a fresh tmp dir the test may modify."""
+    return make_subset(shipped, tmp_path / "data", 4)
+
+
+@pytest.fixture(scope="session")
+def warm_cache(tmp_path_factory, shipped) -> Path:
+    """A cache dir holding mobilenet_v2 features of the whole shipped set (computed once per session)."""
+    d = tmp_path_factory.mktemp("warm-cache")
+    run_cli("extract", "--cache-dir", d, check=True)
+    return d
