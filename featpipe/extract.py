@@ -65,10 +65,11 @@ class ExtractResult:
     precision: str
     stage_seconds: dict = field(default_factory=dict)
     members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
+    key: CacheKey | None = field(default=None, repr=False)  # lets callers read the rows without re-hashing weights
 
     def to_json(self) -> dict:
         d = asdict(self)
-        del d["members"]
+        del d["members"], d["key"]
         return d
 
 
@@ -120,7 +121,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
         precision=engine.precision, stage_seconds=timer.totals(),
-        members=[m for m in engine.members if m.sha256 in present],
+        members=[m for m in engine.members if m.sha256 in present], key=key,
     )
 
 

@@ -1,0 +1,153 @@
+"""Model bundle: a directory you can copy anywhere and `featpipe predict` with. No pickle anywhere.
+
+    bundle.json          what produced it (backbone, weights sha256, preprocessing, classes, head, metrics,
+                         featpipe version) and the sha256 of every array file
+    head.safetensors     the head's arrays (featpipe.heads.Head.arrays)
+    backbone.safetensors optional: a fine-tuned backbone's full state dict (`"finetuned": true` in bundle.json);
+                         predict loads it instead of the pretrained weights
+
+Loading checks every listed file's sha256 first, so a tampered or truncated bundle is refused, never half-used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featpipe import __version__
+from featpipe.errors import UserError
+from featpipe.heads import KINDS, Head
+from featpipe.preprocess import Preprocessing
+from featpipe.weights import sha256_file
+
+FORMAT = "featpipe-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+HEAD_FILE = "head.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+
+
+@dataclass
+class Bundle:
+    backbone: str
+    weights_sha256: str  # of the pretrained weights the features came from
+    preprocessing: Preprocessing
+    classes: list[str]
+    head: Head
+    metrics: dict = field(default_factory=dict)
+    finetuned: bool = False
+    path: Path | None = None  # where it was loaded from
+
+    def backbone_state(self) -> dict:
+        """The fine-tuned backbone's state dict (torch tensors); only for finetuned bundles."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / BACKBONE_FILE))
+
+
+def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
+    """Write the array files, then bundle.json (atomically, last): a bundle.json present means a whole bundle."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in bundle.head.arrays.items()}, str(out / HEAD_FILE))
+        files = {HEAD_FILE: sha256_file(out / HEAD_FILE)}
+        if backbone_state is not None:
+            from safetensors.torch import save_file as save_torch
+
+            save_torch({k: v.contiguous() for k, v in backbone_state.items()}, str(out / BACKBONE_FILE))
+            files[BACKBONE_FILE] = sha256_file(out / BACKBONE_FILE)
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(_manifest(bundle, files, backbone_state is not None), indent=2) + "\n")
+        os.replace(tmp, out / MANIFEST)
+    except OSError as e:
+        raise UserError(f"cannot write model bundle {out}: {e.strerror or e}") from None
+    return out
+
+
+def _manifest(b: Bundle, files: dict[str, str], finetuned: bool) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "featpipe_version": __version__,
+            "backbone": b.backbone, "weights_sha256": b.weights_sha256,
+            "preprocessing": json.loads(b.preprocessing.to_json()), "classes": b.classes,
+            "head": {"kind": b.head.kind, "params": b.head.params}, "metrics": b.metrics,
+            "finetuned": finetuned, "files": files}
+
+
+def load(path: Path) -> Bundle:
+    """Read and verify a bundle directory (or its bundle.json); any defect -> UserError naming it."""
+    path = Path(path)
+    root = path.parent if path.name == MANIFEST else path
+    m = _read_manifest(root)
+    try:
+        for name, digest in m["files"].items():
+            _verify(root, name, digest)
+        if HEAD_FILE not in m["files"] or (m.get("finetuned") and BACKBONE_FILE not in m["files"]):
+            raise UserError(f"model bundle {root} is incomplete: bundle.json does not list its array files")
+        head = Head(m["head"]["kind"], _read_arrays(root / HEAD_FILE), m["head"].get("params", {}))
+        pre = Preprocessing.from_json(json.dumps(m["preprocessing"]))
+        bundle = Bundle(m["backbone"], m["weights_sha256"], pre, list(m["classes"]), head, m.get("metrics", {}),
+                        bool(m.get("finetuned")), root)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"model bundle {root}: bundle.json lacks or garbles {e}") from None
+    _check_head(bundle)
+    return bundle
+
+
+def _read_manifest(root: Path) -> dict:
+    try:
+        m = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"not a model bundle: {root} (no {MANIFEST}; make one with `featpipe fit-head`)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"model bundle {root}: cannot read {MANIFEST}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise UserError(f"not a model bundle: {root / MANIFEST} (format is not {FORMAT!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"model bundle {root} has format_version {m.get('format_version')!r}; this featpipe reads "
+                        f"{FORMAT_VERSION}")
+    return m
+
+
+def _verify(root: Path, name: str, digest: str) -> None:
+    if Path(name).name != name:
+        raise UserError(f"model bundle {root}: file name {name!r} is not a plain name")
+    try:
+        got = sha256_file(root / name)
+    except OSError as e:
+        raise UserError(f"model bundle {root}: cannot read {name}: {e.strerror or e}") from None
+    if got != digest:
+        raise UserError(f"model bundle {root}: {name} is corrupt or was modified (sha256 {got[:12]}…, bundle.json "
+                        f"says {digest[:12]}…)")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # the hash matched, so this is a bundle written wrong, not damaged later
+        raise UserError(f"model bundle: cannot read {path.name}: {e}") from None
+
+
+def _check_head(b: Bundle) -> None:
+    """Shapes agree with each other and with the class list, so predict never fails half way."""
+    a, kind = b.head.arrays, b.head.kind
+    need = {"mean", "scale", "w1", "b1"} | ({"w2", "b2"} if kind == "mlp" else set())
+    if kind not in KINDS or not need <= a.keys():
+        raise UserError(f"model bundle {b.path}: head kind {kind!r} with arrays {sorted(a)} is not readable")
+    last_w, last_b = (a["w2"], a["b2"]) if kind == "mlp" else (a["w1"], a["b1"])
+    dim = a["mean"].shape[0]
+    ok = (a["scale"].shape == (dim,) and a["w1"].shape[1] == dim and a["b1"].shape == (a["w1"].shape[0],)
+          and last_w.shape[0] == len(b.classes) == last_b.shape[0])
+    if kind == "mlp":
+        ok = ok and a["w2"].shape[1] == a["w1"].shape[0]
+    if not ok:
+        raise UserError(f"model bundle {b.path}: head array shapes do not fit together or the {len(b.classes)} "
+                        f"classes")
+

@@ -1,0 +1,253 @@
+"""Light heads on cached embeddings: `logistic` (scaled multinomial logistic regression, C chosen by CV) and `mlp`.
+
+Every head ends as plain arrays: a standardiser (mean, scale) and one or two Linear layers. That one form serves
+`predict_proba`, the safetensors bundle, and `as_torch_module()` (embeddings -> logits, the standardiser folded
+into the first Linear) which fine-tuning warm-starts from. Fits are pinned to one thread: on a few hundred rows,
+more BLAS/torch threads only add synchronisation, and collapse when the other cores are busy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+from threadpoolctl import threadpool_limits
+
+from featpipe.errors import UserError
+from featpipe.splits import check_folds, kfold, val_split
+
+if TYPE_CHECKING:
+    from featpipe.extract import ExtractConfig
+
+KINDS = ("logistic", "mlp")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    kind: str = "logistic"
+    seed: int = 0
+    # logistic: C grid swept from strong to weak regularisation, warm-starting each fit from the previous one
+    Cs: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 1, 11))
+    inner_folds: int = 5  # fewer when the smallest class is smaller (down to 2; below that C = 1, no sweep)
+    # mlp
+    hidden: int = 256
+    dropout: float = 0.3
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    max_epochs: int = 300
+    patience: int = 30
+    inner_val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"--head must be one of {', '.join(KINDS)} (got {self.kind!r})")
+
+
+@dataclass
+class Head:
+    """A fitted head: kind, arrays (float32: mean, scale, w1, b1[, w2, b2]), and JSON-able fit details."""
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+    params: dict = field(default_factory=dict)
+
+    def as_torch_module(self) -> nn.Module:
+        """embeddings (N, dim) -> logits (N, classes), standardiser folded in: W' = W/sigma, b' = b - W @ (mu/sigma)."""
+        a = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in self.arrays.items()}
+        first = _linear(a["w1"] / a["scale"], a["b1"] - a["w1"] @ (a["mean"] / a["scale"]))
+        if self.kind == "logistic":
+            return first
+        return nn.Sequential(first, nn.ReLU(), nn.Dropout(self.params.get("dropout", 0.0)), _linear(a["w2"], a["b2"]))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        module = self.as_torch_module().eval()
+        with torch.inference_mode(), one_thread():
+            return torch.softmax(module(torch.as_tensor(X, dtype=torch.float32)), dim=1).numpy()
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    return layer
+
+
+@contextmanager
+def one_thread():
+    """BLAS (sklearn) and torch intra-op both at one thread for the duration; torch's setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+    with one_thread():
+        return (fit_logistic if cfg.kind == "logistic" else fit_mlp)(X, y, n_classes, cfg)
+
+
+def accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
+    return float((head.predict_proba(X).argmax(1) == y).mean()) if len(y) else None
+
+
+def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig) -> tuple[float, float]:
+    """Mean and (population) std of held-out accuracy over stratified K folds of (X, y), refitting the whole head
+    procedure (standardiser, C sweep with its own inner CV, or MLP early stopping) on each fold's training part."""
+    check_folds(y, classes, k)
+    accs = [accuracy(fit_head(X[tr], y[tr], len(classes), cfg), X[te], y[te]) for tr, te in kfold(y, k, cfg.seed)]
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+# ---- logistic ------------------------------------------------------------------------------------------------
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+    mean, scale = _standardiser(X)
+    Z = (X - mean) / scale
+    C, cv_acc = _choose_C(Z, y, cfg)
+    model = _logreg(C, max_iter=1000).fit(Z, y)
+    w, b = _full_rows(model, n_classes)
+    return Head("logistic", {"mean": mean, "scale": scale, "w1": w, "b1": b},
+                {"C": C, "inner_cv_accuracy": cv_acc})
+
+
+def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's rule: constant features get scale 1 (so they pass through instead of dividing by zero)."""
+    mean, std = X.mean(0), X.std(0)
+    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
+def _logreg(C: float, max_iter: int = 200, warm_start: bool = False):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, warm_start=warm_start)
+
+
+def _choose_C(Z: np.ndarray, y: np.ndarray, cfg: HeadConfig) -> tuple[float, float | None]:
+    """Highest mean inner-CV accuracy over the grid; ties go to the smaller C (stronger regularisation)."""
+    folds = min(cfg.inner_folds, int(np.bincount(y)[np.unique(y)].min()))
+    if folds < 2 or len(cfg.Cs) == 1:
+        return (cfg.Cs[0] if len(cfg.Cs) == 1 else 1.0), None
+    acc = np.zeros(len(cfg.Cs))
+    with warnings.catch_warnings():
+        from sklearn.exceptions import ConvergenceWarning
+
+        warnings.simplefilter("ignore", ConvergenceWarning)  # mid-path fits only need to rank C, not converge
+        for tr, te in kfold(y, folds, cfg.seed):
+            model = _logreg(cfg.Cs[0], warm_start=True)
+            for i, C in enumerate(cfg.Cs):
+                model.set_params(C=C).fit(Z[tr], y[tr])
+                acc[i] += (model.predict(Z[te]) == y[te]).mean() / folds
+    best = int(np.argmax(acc))
+    return cfg.Cs[best], float(acc[best])
+
+
+def _full_rows(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's coef_ as one row per class (all classes, even ones a CV fold lacked); binary -> +-w/2 rows,
+    whose softmax equals sklearn's sigmoid."""
+    coef, icpt = model.coef_, model.intercept_
+    if coef.shape[0] == 1:
+        coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-icpt / 2, icpt / 2])
+    w = np.zeros((n_classes, coef.shape[1]), np.float32)
+    b = np.full(n_classes, -1e4, np.float32)  # a class absent from training is never predicted
+    w[model.classes_], b[model.classes_] = coef, icpt
+    return w, b
+
+
+# ---- mlp -----------------------------------------------------------------------------------------------------
+
+def fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+    """One hidden layer + dropout, Adam, full batch; early stopping on an inner stratified split (best-loss
+    weights kept). Classes too small for an inner split: fixed max_epochs, no early stopping."""
+    torch.manual_seed(cfg.seed)
+    mean, scale = _standardiser(X)
+    Z = torch.from_numpy((X - mean) / scale)
+    t = torch.from_numpy(y)
+    tr, va = _inner_split(y, cfg)
+    net = nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                        nn.Linear(cfg.hidden, n_classes))
+    best, epochs = _train(net, (Z[tr], t[tr]), (Z[va], t[va]) if len(va) else None, cfg)
+    net.load_state_dict(best)
+    arrays = {"mean": mean, "scale": scale, **{k: v.numpy() for k, v in zip(("w1", "b1", "w2", "b2"),
+                                                                            (p.detach() for p in net.parameters()))}}
+    return Head("mlp", arrays, {"hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": epochs})
+
+
+def _inner_split(y: np.ndarray, cfg: HeadConfig) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < 2:
+        return np.arange(len(y)), np.array([], dtype=np.int64)
+    split = val_split(y, [str(c) for c in range(len(counts))], cfg.inner_val_fraction, cfg.seed)
+    return split.train, split.val
+
+
+def _train(net: nn.Module, train, val, cfg: HeadConfig) -> tuple[dict, int]:
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    best_loss, best, best_epoch = float("inf"), copy.deepcopy(net.state_dict()), 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        net.train()
+        opt.zero_grad()
+        loss_fn(net(train[0]), train[1]).backward()
+        opt.step()
+        if val is None:
+            best, best_epoch = net.state_dict(), epoch
+            continue
+        net.eval()
+        with torch.no_grad():
+            loss = loss_fn(net(val[0]), val[1]).item()
+        if loss < best_loss:
+            best_loss, best, best_epoch = loss, copy.deepcopy(net.state_dict()), epoch
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    return best, best_epoch
+
+
+# ---- the fit-head command ------------------------------------------------------------------------------------
+
+@dataclass
+class FitConfig:
+    extract: ExtractConfig
+    head: HeadConfig
+    cv: int | None = None
+    val_fraction: float = 0.2
+    out: Path | None = None  # default models/<backbone>-<head>
+
+
+def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
+    """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report.
+
+    fit_seconds times the final fit alone (standardiser + C sweep, or MLP training), not --cv's refits."""
+    from featpipe.bundle import Bundle, save
+    from featpipe.features import load_features
+
+    f = load_features(cfg.extract, progress)
+    split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed)
+    if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
+        check_folds(f.y[split.train], f.classes, cfg.cv)
+    t0 = time.perf_counter()
+    head = fit_head(f.X[split.train], f.y[split.train], len(f.classes), cfg.head)
+    fit_seconds = time.perf_counter() - t0
+    cv = cross_validate(f.X[split.train], f.y[split.train], f.classes, cfg.cv, cfg.head) if cfg.cv else (None, None)
+    report = {"head": head.kind, "backbone": f.result.backbone,
+              "train_accuracy": accuracy(head, f.X[split.train], f.y[split.train]),
+              "val_accuracy": accuracy(head, f.X[split.val], f.y[split.val]),
+              "cv_accuracy_mean": cv[0], "cv_accuracy_std": cv[1], "fit_seconds": round(fit_seconds, 4),
+              "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes}
+    key = f.result.key
+    out = cfg.out or Path("models") / f"{key.backbone}-{head.kind}"
+    bundle = Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head,
+                    {k: v for k, v in report.items() if k not in ("head", "backbone", "classes")}
+                    | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction, "seed": cfg.head.seed})
+    return report | {"model_path": str(save(bundle, out))}
