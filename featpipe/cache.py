@@ -122,8 +122,7 @@ class Cache:
                 self._check_attrs(f)
                 sha = [s.decode() for s in f["sha256"][:]]
                 emb = f["embeddings"][:]
-                paths = [p.decode() if isinstance(p, bytes) else p for p in f["path"][:]]
-                labels = [p.decode() if isinstance(p, bytes) else p for p in f["label"][:]]
+                paths, labels = _os_strings(f["path"][:]), _os_strings(f["label"][:])
                 if not (len(sha) == len(paths) == len(labels) == len(emb)) or emb.shape[1:] != (self.key.dim,):
                     raise ValueError("column lengths differ")
             return Rows(sha, emb.astype(np.float32, copy=False), paths, labels)
@@ -193,9 +192,9 @@ class Cache:
             f.create_dataset("sha256", data=np.array(rows.sha256, dtype="S64"), maxshape=(None,),
                              chunks=True, fletcher32=True)
             strings = h5py.string_dtype("utf-8")
-            f.create_dataset("path", data=np.array(rows.paths, dtype=object), dtype=strings, maxshape=(None,),
+            f.create_dataset("path", data=_os_bytes(rows.paths), dtype=strings, maxshape=(None,),
                              chunks=True)
-            f.create_dataset("label", data=np.array(rows.labels, dtype=object), dtype=strings, maxshape=(None,),
+            f.create_dataset("label", data=_os_bytes(rows.labels), dtype=strings, maxshape=(None,),
                              chunks=True)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -220,6 +219,17 @@ def merge(a: Rows, b: Rows) -> Rows:
     emb = np.concatenate([a.embeddings, b.embeddings[new]])
     return Rows(a.sha256 + [b.sha256[j] for j in new], emb, paths + [b.paths[j] for j in new],
                 labels + [b.labels[j] for j in new])
+
+
+def _os_bytes(names: list[str]) -> np.ndarray:
+    """File names are bytes on Linux and may not be UTF-8 (Python holds those as surrogates, which UTF-8 cannot
+    encode): store the original bytes, which are plain UTF-8 for every name that is valid UTF-8."""
+    return np.array([n.encode("utf-8", "surrogateescape") for n in names], dtype=object)
+
+
+def _os_strings(values) -> list[str]:
+    """Inverse of _os_bytes: the same str the scan produced, so an unchanged non-UTF-8 name is not 'moved'."""
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in values]
 
 
 def _ensure_writable_dir(d: Path) -> None:

@@ -131,9 +131,13 @@ def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:
 
 
 def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> Rows:
-    """Committed rows + new ones, with each reused row's path/label updated to where the file is now."""
+    """Committed rows + new ones, with each reused row's path/label updated to where the file is now.
+
+    A hash 'reused' only because the same bytes appeared twice in this run is in new_rows, not rows: skip it here.
+    """
     from featpipe.cache import merge
 
+    reused = {h: pl for h, pl in reused.items() if h in set(rows.sha256)}
     moved = Rows(list(reused), np.empty((0, rows.embeddings.shape[1]), np.float32),
                  [p for p, _ in reused.values()], [lbl for _, lbl in reused.values()])
     return merge(merge(rows, moved), new_rows)
