@@ -1,0 +1,118 @@
+"""Classify image files with a model bundle: Pillow decode (the bundle's preprocessing) -> backbone -> head.
+
+The backbone is the pretrained one whose weights sha256 the bundle records (so features match those the head was
+trained on), or the bundle's own `backbone.safetensors` when it is a fine-tuned bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featpipe import bundle as B
+from featpipe.decode import PilDecoder
+from featpipe.errors import UserError
+
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: Path
+    paths: list[Path]
+    top_k: int = 3
+    device: str = "auto"
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """{"model", "predictions": [{"path", "top": [{"class", "probability"}]}], "skipped": [{"path", "reason"}]}."""
+    if cfg.top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {cfg.top_k})")
+    bundle = B.load(cfg.model)
+    files = collect(cfg.paths)
+    embedder = _embedder(bundle, cfg.device)
+    decoder = PilDecoder(bundle.preprocessing)
+    predictions, skipped = [], []
+    for start in range(0, len(files), BATCH):
+        pixels, ok, reasons = _decode(files[start:start + BATCH], decoder)
+        skipped += [{"path": str(f), "reason": r} for f, r in reasons]
+        if ok:
+            proba = bundle.head.predict_proba(embedder(pixels))
+            predictions += [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
+    return {"model": str(bundle.path), "predictions": predictions, "skipped": skipped}
+
+
+def collect(paths: list[Path]) -> list[Path]:
+    """Files as given, folders recursively (sorted, hidden entries skipped); a path that does not exist is an error."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    return files
+
+
+def _embedder(bundle: B.Bundle, device: str):
+    from featpipe import registry
+    from featpipe.backbone import load
+    from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
+
+    spec = registry.resolve(bundle.backbone)
+    if spec.preprocessing != bundle.preprocessing:
+        raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
+                        f"{spec.name!r}; refit it with `featpipe fit-head`")
+    configure_threads()
+    dev = resolve_device(device)
+    if bundle.finetuned:
+        return Embedder(_finetuned(spec, bundle), dev, resolve_precision("auto", dev))
+    loaded = load(spec)
+    if loaded.weights_sha256 != bundle.weights_sha256:
+        raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
+                        f"{bundle.weights_sha256[:12]}…, but this machine has {loaded.weights_sha256[:12]}…")
+    return Embedder(loaded.model, dev, resolve_precision("auto", dev))
+
+
+def _finetuned(spec, bundle: B.Bundle):
+    """Architecture from the registry, every weight from backbone.safetensors (Backbone.state_dict() keys)."""
+    from featpipe.backbone import load
+
+    model = load(spec, pretrained=False).model
+    state = {k.removeprefix("body."): v for k, v in bundle.backbone_state().items()
+             if not k.startswith("imagenet_head.")}
+    try:
+        model.body.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"model bundle {bundle.path}: {B.BACKBONE_FILE} does not fit {spec.arch}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def _decode(files: list[Path], decoder) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+    """Read, probe and Pillow-decode each file; anything unreadable becomes (path, reason), never an exception."""
+    from featpipe.dataset import ImageFile
+    from featpipe.decode import probe
+    from featpipe.extract import read_file
+
+    def one(f: Path) -> np.ndarray | str:
+        data, err = read_file(ImageFile(f, ""))
+        return err or probe(data).skip_reason or decoder.decode_one(data)
+
+    results = list(decoder.pool.map(one, files))
+    ok = [f for f, r in zip(files, results) if not isinstance(r, str)]
+    reasons = [(f, r) for f, r in zip(files, results) if isinstance(r, str)]
+    crop = decoder.pre.crop
+    rows = [r for r in results if not isinstance(r, str)]
+    return (np.stack(rows) if rows else np.empty((0, crop, crop, 3), np.uint8)), ok, reasons
+
+
+def _top(p: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    order = np.argsort(-p, kind="stable")[:k]
+    return [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order]
