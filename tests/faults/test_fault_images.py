@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_json
 from PIL import Image
 
-import faultkit as fk
+from tests.conftest import run_json
+from tests.faults import faultkit as fk
 
 SKIP = "skip"  # expected outcome: listed in "skipped" with a reason
 # variant file -> the reference picture (in class "ref") its embedding must match
