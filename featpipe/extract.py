@@ -27,6 +27,7 @@ DEFAULT_CACHE_DIR = Path("cache")
 DEVICES = ("auto", "cpu", "cuda")
 DECODERS = ("auto", "dali", "pil")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -39,14 +40,21 @@ class ExtractConfig:
     precision: str = "auto"
     batch_size: int | None = None
     weights: Path | None = None
+    engine: str = "local"
+    ray_address: str | None = None  # --engine ray: join this cluster instead of starting a local Ray
+    workers: int | None = None  # --engine ray: embedding actors (default: one per GPU, else one per CPU)
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
-                                     ("--precision", self.precision, PRECISIONS)):
+                                     ("--precision", self.precision, PRECISIONS), ("--engine", self.engine, ENGINES)):
             if value not in allowed:
                 raise UserError(f"{flag} must be one of {', '.join(allowed)} (got {value!r})")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError("--batch-size must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise UserError("--workers must be at least 1")
+        if self.engine != "ray" and (self.ray_address is not None or self.workers is not None):
+            raise UserError("--ray-address and --workers need --engine ray")
 
 
 @dataclass
@@ -101,28 +109,38 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
     t0 = time.perf_counter()
     spec = registry.resolve(cfg.backbone)
-    root, files, _classes = scan(cfg.data_dir)
+    root, files, classes = scan(cfg.data_dir)
     key = CacheKey(spec.name, spec.weights_sha256(cfg.weights), spec.preprocessing, spec.dim)
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:
         rows = cache.read()
         known = set(rows.sha256)
-        engine = _Engine(cfg, spec, key, timer)
+        engine = _make_engine(cfg, spec, key, timer)
         new_rows, skipped, reused = engine.run(files, known, cache, progress)
         final = _refresh(rows, new_rows, reused)
         if len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused):
             with timer("commit"):
                 cache.commit(final)
     present = set(final.sha256)
+    members = [m for m in engine.members if m.sha256 in present]
+    _require_every_class(classes, members, root)
     seconds = time.perf_counter() - t0
     return ExtractResult(
         images=len(files), computed=len(new_rows), reused=len(reused), skipped=skipped, seconds=round(seconds, 4),
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
         precision=engine.precision, stage_seconds=timer.totals(),
-        members=[m for m in engine.members if m.sha256 in present], key=key,
+        members=members, key=key,
     )
+
+
+def _require_every_class(classes: list[str], members: list["Member"], root: Path) -> None:
+    """A class with no usable image would silently vanish from every head: refuse (after the cache is saved)."""
+    empty = sorted(set(classes) - {m.label for m in members})
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise UserError(f"class folder {root / empty[0]} has no valid image{more}")
 
 
 def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:
@@ -143,6 +161,15 @@ def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> 
     return merge(merge(rows, moved), new_rows)
 
 
+def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: "StageTimer") -> "_Engine":
+    """The Ray engine swaps only the decode+forward stages; its module (and Ray) load only when asked for."""
+    if cfg.engine == "ray":
+        from featpipe.ray_engine import RayEngine
+
+        return RayEngine(cfg, spec, key, timer)
+    return _Engine(cfg, spec, key, timer)
+
+
 class StageTimer:
     """Wall seconds per stage, summed across threads (stages overlap, so they add up to more than the total)."""
 
@@ -158,10 +185,14 @@ class StageTimer:
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
-                with timer._lock:
-                    timer._t[stage] = timer._t.get(stage, 0.0) + time.perf_counter() - self.t
+                timer.add(stage, time.perf_counter() - self.t)
 
         return _Ctx()
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Also for seconds measured elsewhere (Ray actors report their decode/forward time)."""
+        with self._lock:
+            self._t[stage] = self._t.get(stage, 0.0) + seconds
 
     def totals(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self._t.items()}
@@ -269,27 +300,20 @@ class _Engine:
 
     def _start_runtime(self):
         """Device, precision, model and decoder, built once, on the first batch that needs them."""
-        from featpipe.backbone import load
-        from featpipe.decode import make_decoder
-        from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
-
-        configure_threads()
-        device = resolve_device(self.cfg.device)
-        self.precision = resolve_precision(self.cfg.precision, device)
-        with self.timer("load_model"):
-            self.embedder = Embedder(load(self.spec, self.cfg.weights).model, device, self.precision)
-        bs = self.cfg.batch_size or 32
-        decoder = make_decoder(self.cfg.decoder, self.spec.preprocessing, bs,
-                               (device.index or 0) if device.type == "cuda" else None)
-        self.decoder_name, self.device_name = decoder.name, str(device)
+        self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer)
+        self.decoder_name, self.device_name = decoder.name, str(self.embedder.device)
+        self.precision = self.embedder.precision
         return decoder
 
     def _forward(self, batch: list[Item], pixels, reasons: list[str | None], written: queue.Queue) -> int:
+        return self._emit(batch, embed_decoded(self.embedder, pixels, reasons, self.timer), reasons, written)
+
+    def _emit(self, batch: list[Item], emb: np.ndarray | None, reasons: list[str | None],
+              written: queue.Queue) -> int:
+        """Record skip reasons and queue the decoded images' rows for the writer (shared with the Ray engine)."""
         ok = [it for it, r in zip(batch, reasons) if r is None]
         self.skipped.extend({"path": str(it.file.path), "reason": r} for it, r in zip(batch, reasons) if r)
         if ok:
-            with self.timer("forward"):
-                emb = self.embedder(pixels)
             written.put(Rows([it.sha256 for it in ok], emb, [str(it.file.path) for it in ok],
                              [it.file.label for it in ok]))
         return len(batch)
@@ -299,6 +323,30 @@ class _Engine:
             with self.timer("write"):
                 cache.append(rows)
             out.append(rows)
+
+
+def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):
+    """(Embedder, decoder) for cfg: one recipe for the local engine and every Ray actor."""
+    from featpipe.backbone import load
+    from featpipe.decode import make_decoder
+    from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
+
+    configure_threads()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    with timer("load_model"):
+        embedder = Embedder(load(spec, cfg.weights).model, device, precision)
+    decoder = make_decoder(cfg.decoder, spec.preprocessing, cfg.batch_size or 32,
+                           (device.index or 0) if device.type == "cuda" else None)
+    return embedder, decoder
+
+
+def embed_decoded(embedder, pixels, reasons: list[str | None], timer: StageTimer) -> np.ndarray | None:
+    """Embeddings of a decoded batch; None when every image failed to decode (the model never sees an empty batch)."""
+    if None not in reasons:
+        return None
+    with timer("forward"):
+        return embedder(pixels)
 
 
 def _concat(parts: list[Rows], dim: int) -> Rows:

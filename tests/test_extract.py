@@ -1,0 +1,110 @@
+"""featpipe extract end to end: real photos, real weights, real HDF5, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from tests.conftest import run_cli, run_json
+
+KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
+        "decoder", "device", "precision"}
+
+
+def read_h5(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {h.decode(): e for h, e in zip(f["sha256"][:], f["embeddings"][:])}
+
+
+def test_cold_then_warm_run_reuses_everything(tmp_path, small_data):
+    cold = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert KEYS <= cold.keys()
+    assert (cold["images"], cold["computed"], cold["reused"], cold["skipped"]) == (20, 20, 0, [])
+    assert (cold["backbone"], cold["dim"], cold["device"]) == ("mobilenet_v2", 1280, "cpu")
+    warm = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert (warm["computed"], warm["reused"], warm["cache_file"]) == (0, 20, cold["cache_file"])
+    with h5py.File(cold["cache_file"], "r") as f:  # documented format, plain h5py
+        assert f["embeddings"].shape == (20, 1280) and f["sha256"].shape == (20,)
+        assert f.attrs["backbone"] == "mobilenet_v2" and f.attrs["weights_sha256"].startswith("b0353104")
+        assert sorted(set(f["label"].asstr()[:])) == sorted(p.name for p in small_data.iterdir())
+
+
+def test_changed_file_recomputes_exactly_one_and_moves_are_reused(tmp_path, small_data):
+    run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    victim = sorted((small_data / "tools").iterdir())[0]
+    Image.open(victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim, "JPEG", quality=90)
+    moved = sorted((small_data / "fishes").iterdir())[0]
+    moved.rename(small_data / "animals" / "renamed.jpg")
+    res = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert (res["computed"], res["reused"]) == (1, 19)
+    with h5py.File(res["cache_file"], "r") as f:
+        paths = dict(zip(f["sha256"].asstr()[:], f["path"].asstr()[:]))
+    assert str(small_data / "animals" / "renamed.jpg") in paths.values()  # row refreshed to where it lives now
+    assert len(paths) == 21  # the old version of the changed file stays cached (content-addressed)
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path, small_data):
+    good = sorted((small_data / "tools").iterdir())[0].read_bytes()
+    (small_data / "tools" / "empty.jpg").write_bytes(b"")
+    (small_data / "tools" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (small_data / "tools" / "notes.txt").write_text("not an image")
+    res = run_json("extract", small_data, "--cache-dir", tmp_path / "c", "--decoder", "dali")
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in res["skipped"]}
+    assert set(reasons) == {"empty.jpg", "cut.jpg", "notes.txt"}, reasons
+    assert (res["computed"], res["images"]) == (20, 23)
+    assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
+
+
+def test_decoders_agree_per_image(tmp_path, shipped):
+    by = {d: read_h5(run_json("extract", "--decoder", d, "--precision", "fp32", "--cache-dir",
+                              tmp_path / d)["cache_file"]) for d in ("pil", "dali")}
+    assert by["pil"].keys() == by["dali"].keys() and len(by["pil"]) == 196
+    a = np.stack([by["pil"][k] for k in sorted(by["pil"])])
+    b = np.stack([by["dali"][k] for k in sorted(by["pil"])])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.98, cos.min()
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, shipped):
+    cache = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "featpipe", "extract", "--cache-dir", cache, "--batch-size", "8",
+                             "--decoder", "pil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    journal = None
+    while time.time() < deadline and proc.poll() is None:  # kill once some batches are journaled
+        journal = next(cache.glob("*.journal"), None) if cache.exists() else None
+        if journal is not None and journal.stat().st_size > 3 * 8 * 1280 * 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert journal is not None, "extract finished before it could be killed"
+    res = run_json("extract", "--cache-dir", cache, "--decoder", "pil")
+    assert 0 < res["reused"] < 196 and res["computed"] + res["reused"] == 196
+    assert len(read_h5(res["cache_file"])) == 196 and not list(cache.glob("*.journal"))
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, small_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_valid = tmp_path / "novalid"
+    (no_valid / "a").mkdir(parents=True)
+    (no_valid / "a" / "x.jpg").write_text("text")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cases = [(["extract", tmp_path / "missing"], "not found"), (["extract", empty], "no class folders"),
+             (["extract", no_valid, "--cache-dir", tmp_path / "c"], "no valid image"),
+             (["extract", small_data, "-b", "mobilenet_v9"], "did you mean"),
+             (["extract", small_data, "--cache-dir", ro], "not writable")]
+    for args, msg in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

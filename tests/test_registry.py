@@ -1,0 +1,75 @@
+"""One contract suite over every registry entry whose weights are available (timm-style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featpipe import backbone as B
+from featpipe import registry
+from featpipe.decode import PilDecoder, probe
+from featpipe.errors import UserError
+from tests.conftest import run_cli
+
+AVAILABLE = [name for name, spec in registry.REGISTRY.items() if spec.weights_available()]
+# ImageNet-1k indices of what the photo shows, with a few neighbours a good model may pick instead.
+EXPECTED = {"animals/animals_bison.jpg": {347, 346, 345},  # bison, water buffalo, ox
+            "tools/tools_hammer3.jpg": {587, 596}}  # hammer, hatchet
+
+
+def test_offline_entries_are_all_available_here():
+    assert set(AVAILABLE) == {"mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_backbone_contract(name, shipped):
+    spec = registry.resolve(name)
+    loaded = B.load(spec)  # strict load inside; positional remap asserts every shape
+    assert loaded.weights_sha256 == spec.weights_sha256()
+    pre = spec.preprocessing
+    data = [(shipped / rel).read_bytes() for rel in EXPECTED]
+    pixels, reasons = PilDecoder(pre).decode(data, [probe(d) for d in data])
+    assert reasons == [None] * len(data) and pixels.shape == (len(data), pre.crop, pre.crop, 3)
+    with torch.inference_mode():
+        emb = loaded.model(torch.from_numpy(pixels))
+        top5 = loaded.model.imagenet_head(emb).topk(5).indices.tolist()
+    assert emb.shape == (len(data), spec.dim)
+    for (rel, want), top in zip(EXPECTED.items(), top5):
+        assert want & set(top), f"{name}: {rel} top-5 {top} misses {want}"
+    blocks = loaded.model.blocks()
+    assert len(blocks) >= 5 and all(any(True for _ in b.parameters()) for b in blocks)
+
+
+def test_mobilenet_weights_hash_matches_torchvision_name():
+    spec = registry.resolve("mobilenet_v2")
+    assert spec.weights_sha256().startswith("b0353104")
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(UserError, match="did you mean.*mobilenet_v2"):
+        registry.resolve("mobilenet_v3x")
+
+
+def test_other_torchvision_names_resolve_with_their_own_preprocessing():
+    spec = registry.resolve("resnet50")
+    assert (spec.library, spec.dim, spec.preprocessing.crop, spec.preprocessing.resize) == ("torchvision", 2048,
+                                                                                            224, 232)
+
+
+def test_local_checkpoint_with_weights_flag(tmp_path, small_data):
+    """Users with a local checkpoint: any torchvision name + --weights PATH (here a saved random-init resnet18)."""
+    import torchvision
+
+    ckpt = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), ckpt)
+    proc = run_cli("extract", small_data, "-b", "resnet18", "--weights", ckpt, "--cache-dir", tmp_path / "c",
+                   "--json", check=True)
+    assert '"dim": 512' in proc.stdout and '"computed": 20' in proc.stdout
+
+
+def test_offline_without_weights_fails_with_one_line(tmp_path, small_data):
+    proc = run_cli("extract", small_data, "-b", "resnet50", "--cache-dir", tmp_path / "c",
+                   env={"TORCH_HOME": str(tmp_path / "empty-hub")}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--weights PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr
