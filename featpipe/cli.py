@@ -36,6 +36,12 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf
                                            "has bf16 units: AMX/AVX512-BF16 CPUs, recent GPUs).")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (state dict) for the "
                                                     "backbone, instead of the packaged/hub weights.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local | ray (decode + forward on Ray actors; needs the "
+                                        "ray extra).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: join this Ray cluster "
+                                                      "(e.g. HEAD:6379 or auto) instead of starting a local Ray.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="--engine ray: embedding actors (default: one "
+                                                   "per GPU of the cluster, else one per CPU).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
 
@@ -57,12 +63,16 @@ def extract(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass "
                                                       "(default 32).")] = None,
     weights: WeightsOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
     from featpipe.extract import ExtractConfig
 
-    cfg = ExtractConfig(data_dir, backbone, cache_dir, device, decoder, precision, batch_size, weights)
+    cfg = ExtractConfig(data_dir, backbone, cache_dir, device, decoder, precision, batch_size, weights,
+                        engine=engine, ray_address=ray_address, workers=workers)
     res = run_extract(cfg)
     _emit(res.to_json(), as_json, f"cache: {res.cache_file}")
 

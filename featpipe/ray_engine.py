@@ -1,0 +1,204 @@
+"""`featpipe extract --engine ray`: decode + forward on a pool of Ray actors, everything else as in the local engine.
+
+The driver keeps the local engine's reader (read once, sha256, probe, cache lookup) and its single writer thread
+(Cache.append per batch, commit at the end); only the middle stage changes: instead of decoding and running the
+model in-process, it ships each batch of missing images' bytes to the least busy actor and passes (embedding,
+skip reason) results on as they finish. Actors build their model and decoder with the same `start_runtime`.
+
+Why actors driven by hand rather than Ray Data's `from_items(...).map_batches(cls, concurrency=N)`: Ray Data wants
+the whole input up front (from_items puts every record in the object store before the first batch runs), while
+here the reader streams: reading, hashing and probing overlap compute, and only `2 x workers` batches of bytes are
+ever in flight, so driver memory and the object store stay a few batches deep on any dataset size. Ray Data's
+streaming executor also costs extra processes and seconds of start-up that a 2-core machine feels. What Ray Data
+would add (retries of a dead worker) comes from actor options: `max_restarts` + `max_task_retries` re-run a batch
+whose actor died on the restarted actor, which reloads the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.cache import CacheKey
+from featpipe.decode import Probe
+from featpipe.errors import UserError
+from featpipe.extract import _DONE, ExtractConfig, Item, StageTimer, _Engine, embed_decoded, start_runtime
+
+OBJECT_STORE_BYTES = 200 * 2**20  # a local Ray holds only a few batches of encoded images at a time
+RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
+IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: an actor never waits for the driver's round trip
+DIE_ONCE_ENV = "FEATPIPE_RAY_DIE_ONCE"  # test hook, see _die_once
+_SOCKET_PATH_ROOM = 107 - 60  # AF_UNIX path limit minus Ray's "session_<date>_<pid>/sockets/plasma_store"
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install featpipe[ray]") from None
+    return ray
+
+
+class EmbedWorker:
+    """One Ray actor: model and decoder built once (actor start), then embeds batches of encoded bytes."""
+
+    def __init__(self, cfg: ExtractConfig, spec, die_once: str | None) -> None:
+        import ray
+        import torch
+
+        self.timer = StageTimer()
+        self.embedder, self.decoder = start_runtime(cfg, spec, self.timer)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if self.embedder.device.type == "cpu" and cpus:
+            torch.set_num_threads(max(1, int(cpus)))  # start_runtime sized threads for the whole machine
+        self.die_once = die_once
+
+    def describe(self) -> tuple[str, str, str, dict]:
+        return self.decoder.name, str(self.embedder.device), self.embedder.precision, self.timer.totals()
+
+    def embed(self, data: list[bytes], probes: list[Probe]) -> tuple[np.ndarray | None, list[str | None], dict]:
+        """(embeddings of the decodable images, per-image skip reason or None, this batch's stage seconds)."""
+        _die_once(self.die_once)
+        timer = StageTimer()
+        with timer("decode"):
+            pixels, reasons = self.decoder.decode(data, probes)
+        return embed_decoded(self.embedder, pixels, reasons, timer), reasons, timer.totals()
+
+
+def _die_once(marker: str | None) -> None:
+    """Test hook ($FEATPIPE_RAY_DIE_ONCE=<marker path>): the first actor to create the marker exits abruptly, as an
+    OOM-killed or crashed worker would; the marker then keeps its restarted self and its peers alive."""
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+class RayEngine(_Engine):
+    """The local engine with stage 2 (decode, and via `_forward` the model) replaced by Ray actors.
+
+    Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray.
+    """
+
+    def __init__(self, cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer):
+        super().__init__(cfg, spec, key, timer)
+        self.ray = _import_ray()
+        self.actors: list = []
+        self.in_flight: dict = {}  # ObjectRef -> (batch, actor)
+        self.started_ray = False
+
+    def run(self, *args):
+        """The local engine's run; Ray's driver thread prints raylet events ("worker died, retrying") to stdout,
+        which `--json` reserves for its one object, so they go to stderr until Ray is shut down."""
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                return super().run(*args)
+            finally:
+                if self.started_ray:
+                    self.ray.shutdown()
+
+    def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
+        """Stage 2 on Ray: keep every actor busy with batches from the reader, pass results on as they finish."""
+        eof = False
+        while not eof or self.in_flight:
+            room = not eof and len(self.in_flight) < IN_FLIGHT_PER_WORKER * max(1, len(self.actors))
+            if room:
+                eof = self._submit_next(encoded, decoded)
+            if self.in_flight:
+                self._collect(decoded, block=not room)
+        decoded.put(_DONE)
+
+    def _submit_next(self, encoded: queue.Queue, decoded: queue.Queue) -> bool:
+        """Take one reader message (waiting briefly if results are due); True once the reader is done."""
+        try:
+            msg = encoded.get(timeout=0.02 if self.in_flight else None)
+        except queue.Empty:
+            return False
+        if msg is _DONE:
+            return True
+        batch, settled = msg
+        if settled:
+            decoded.put(settled)
+        if batch:
+            if not self.actors:
+                self._start_actors()
+            actor = min(self.actors, key=lambda a: sum(b is a for _, b in self.in_flight.values()))
+            ref = actor.embed.remote([it.data for it in batch], [it.probe for it in batch])
+            self.in_flight[ref] = (batch, actor)
+        return False
+
+    def _collect(self, decoded: queue.Queue, block: bool) -> None:
+        ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
+        for ref in ready:
+            batch, _actor = self.in_flight.pop(ref)
+            emb, reasons, seconds = self.ray.get(ref)
+            for stage, s in seconds.items():
+                self.timer.add(stage, s)
+            decoded.put((batch, emb, reasons))
+
+    def _forward(self, batch: list[Item], emb, reasons: list[str | None], written: queue.Queue) -> int:
+        return self._emit(batch, emb, reasons, written)
+
+    def _start_actors(self) -> None:
+        ray = self.ray
+        with self.timer("ray_start"):
+            self._connect()
+            gpu = self.cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+            if self.cfg.device == "cuda" and not gpu:
+                raise UserError("--device cuda requested but the Ray cluster has no GPU")
+            n = self._worker_count(gpu)
+            cls = ray.remote(EmbedWorker).options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=RETRIES,
+                                                  max_task_retries=RETRIES)
+            self.actors = [cls.remote(self.cfg, self.spec, os.environ.get(DIE_ONCE_ENV)) for _ in range(n)]
+            try:
+                described = ray.get([a.describe.remote() for a in self.actors])
+            except ray.exceptions.RayError as e:
+                raise UserError(f"Ray workers failed to start: {str(e).strip().splitlines()[-1]}") from None
+        self.decoder_name, self.device_name, self.precision = (
+            ",".join(sorted({d[i] for d in described})) for i in range(3))
+        self.timer.add("load_model", max(d[3].get("load_model", 0.0) for d in described))
+
+    def _worker_count(self, gpu: bool) -> int:
+        """--workers, else one actor per GPU (or CPU); more than the cluster can place would wait forever."""
+        have = int(self.ray.cluster_resources().get("GPU" if gpu else "CPU", 0))
+        n = self.cfg.workers or max(1, have)
+        if n > have:
+            raise UserError(f"--workers {n} needs {n} {'GPUs' if gpu else 'CPUs'}; the Ray cluster has {have}")
+        return n
+
+    def _connect(self) -> None:
+        """Join --ray-address, or start a small local Ray (shut down after the run); reuse one already running."""
+        import logging
+
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+        if self.cfg.ray_address:
+            try:
+                ray.init(address=self.cfg.ray_address, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot join the Ray cluster at {self.cfg.ray_address}: {e}") from None
+        else:
+            cpus = max(self.cfg.workers or 0, len(os.sched_getaffinity(0)))
+            ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                     _temp_dir=str(ray_temp_dir(self.cfg.cache_dir)), **quiet)
+        self.started_ray = True
+
+
+def ray_temp_dir(cache_dir: Path) -> Path:
+    """`<cache dir>/.ray` (session logs next to the cache), or a short /tmp dir when that path would push Ray's
+    unix sockets past the AF_UNIX path limit."""
+    d = Path(cache_dir).resolve() / ".ray"
+    if len(str(d)) > _SOCKET_PATH_ROOM:
+        d = Path("/tmp") / f"featpipe-ray-{os.getuid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d

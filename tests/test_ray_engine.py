@@ -1,0 +1,107 @@
+"""`--engine ray` on a local 2-actor Ray: the local engine's rows and skips, resumable, and a dying worker is retried.
+
+Ray start-up is slow on small machines, so one Ray run (with one actor killed mid-run) backs most tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featpipe.ray_engine import DIE_ONCE_ENV, ray_temp_dir
+from tests.conftest import make_subset, run_cli, run_json
+
+pytest.importorskip("ray")
+
+# Like-for-like on both engines; 4 images per batch so both actors get work.
+SAME = ("--decoder", "pil", "--precision", "fp32", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, shipped):
+    """20 real photos, a garbage .jpg (skipped by the driver's probe) and a truncated JPEG (fails in the decoder)."""
+    d = make_subset(shipped, tmp_path_factory.mktemp("ray-data") / "data", 4)
+    first = sorted((d / "animals").iterdir())[0]
+    (d / "animals" / "zz_garbage.jpg").write_bytes(b"this is not a jpeg\n" * 20)
+    (d / "animals" / "zz_truncated.jpg").write_bytes(first.read_bytes()[:4000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def local_run(data, tmp_path_factory):
+    return run_json("extract", data, "--cache-dir", tmp_path_factory.mktemp("local-cache"), *SAME)
+
+
+@pytest.fixture(scope="module")
+def ray_run(data, tmp_path_factory):
+    """One Ray run in which the first actor to get a batch dies (os._exit) once and is restarted."""
+    marker = tmp_path_factory.mktemp("ray-hook") / "died"
+    cache = tmp_path_factory.mktemp("ray-cache")
+    res = run_json("extract", data, "--engine", "ray", "--workers", "2", "--cache-dir", cache, *SAME,
+                   env={DIE_ONCE_ENV: str(marker)})
+    return res, marker, cache
+
+
+def rows(cache_file: str) -> dict[bytes, np.ndarray]:
+    with h5py.File(cache_file, "r") as f:
+        return dict(zip(f["sha256"][:], f["embeddings"][:]))
+
+
+def test_same_hashes_and_embeddings_as_local(local_run, ray_run):
+    res, _, _ = ray_run
+    want, got = rows(local_run["cache_file"]), rows(res["cache_file"])
+    assert set(got) == set(want) and len(got) == local_run["computed"] == res["computed"] == 20
+    for sha, e in got.items():
+        w = want[sha]
+        assert float(e @ w / (np.linalg.norm(e) * np.linalg.norm(w))) >= 0.999, sha
+    assert (res["decoder"], res["device"], res["precision"]) == ("pil", "cpu", "fp32")
+
+
+def test_corrupt_files_skipped_and_listed_like_local(local_run, ray_run):
+    res, _, _ = ray_run
+    assert res["skipped"] == local_run["skipped"]
+    assert {s["path"].rsplit("/", 1)[1] for s in res["skipped"]} >= {"zz_garbage.jpg"}
+    assert res["images"] == 22
+
+
+def test_run_survives_a_worker_dying(ray_run):
+    res, marker, _ = ray_run
+    assert marker.exists(), "the test hook never fired: no actor died"
+    assert res["computed"] == 20 and res["computed"] + len(res["skipped"]) == res["images"]
+
+
+def test_second_run_computes_nothing_and_starts_no_ray(data, ray_run, tmp_path):
+    """Without the truncated file (never cached, so re-tried each run, as locally) nothing is left to compute."""
+    _, _, cache = ray_run
+    again_data = tmp_path / "data"
+    shutil.copytree(data, again_data)
+    (again_data / "animals" / "zz_truncated.jpg").unlink()
+    again = run_json("extract", again_data, "--engine", "ray", "--cache-dir", cache, *SAME)
+    assert (again["computed"], again["reused"], len(again["skipped"])) == (0, 20, 1)
+    assert "ray_start" not in again["stage_seconds"]
+
+
+def test_missing_ray_is_a_user_error(small_data, tmp_path):
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    proc = run_cli("extract", small_data, "--engine", "ray", "--cache-dir", tmp_path / "c",
+                   env={"PYTHONPATH": str(fake.parent)})
+    assert proc.returncode == 2 and "pip install featpipe[ray]" in proc.stderr
+
+
+def test_ray_flags_need_engine_ray(small_data, tmp_path):
+    proc = run_cli("extract", small_data, "--workers", "2", "--cache-dir", tmp_path / "c")
+    assert proc.returncode == 2 and "--engine ray" in proc.stderr
+
+
+def test_ray_temp_dir_stays_within_the_unix_socket_limit(tmp_path):
+    short = Path(tempfile.mkdtemp(prefix="fp-", dir="/tmp"))
+    assert ray_temp_dir(short) == short / ".ray"
+    deep = ray_temp_dir(tmp_path / ("x" * 80))
+    assert deep.is_dir() and len(str(deep)) < 40
