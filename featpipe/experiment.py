@@ -1,0 +1,229 @@
+"""The experiment: scratch vs frozen-backbone head vs fine-tuned last blocks, per backbone, on one shared split.
+
+Per backbone the images are extracted once (cached embeddings for the head and the fine-tune warm start) and
+decoded once (uint8 in memory for fine-tune and scratch); those one-time costs are timed apart from training.
+Every pretrained backbone's weights are checked before any work, so a config naming an unavailable one stops at
+once instead of after an hour of the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from featpipe import __version__, registry
+from featpipe.errors import UserError
+from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
+from featpipe.train import TrainConfig, decode_images, finetune, scan_images, scratch
+
+METHODS = ("scratch", "head", "finetune")
+DEFAULT_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+TUTORIAL_MIN_VAL = 0.80
+TUTORIAL_MAX_SECONDS = 30 * 60
+
+
+@dataclass
+class ExperimentConfig:
+    data_dir: Path | None = None
+    backbones: list[str] = field(default_factory=lambda: list(DEFAULT_BACKBONES))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    out: Path = Path("reports/experiment")
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    device: str = "auto"
+    val_fraction: float = 0.2
+    seed: int = 0
+    cv: int = 5  # head: K-fold CV on the training split (fewer folds when the smallest class is smaller)
+    head: str = "logistic"
+    # TrainConfig overrides; what is not given takes TrainConfig's defaults (scratch: lr_head is its only lr)
+    finetune: dict = field(default_factory=lambda: {"epochs": 3, "unfreeze_blocks": 3})
+    scratch: dict = field(default_factory=lambda: {"epochs": 3})
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise UserError("--backbones must name at least one backbone")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise UserError(f"--methods must be a comma-separated subset of {','.join(METHODS)} (got "
+                            f"{','.join(self.methods) or 'nothing'})")
+        for section in ("finetune", "scratch"):
+            self.train_config(section, self.backbones[0])  # unknown keys / bad values fail before any work
+
+    def train_config(self, method: str, backbone: str) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "backbone", "cache_dir", "device",
+                                                                     "val_fraction", "seed", "out"}
+        given = getattr(self, method)
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise UserError(f"[{method}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        out = self.out / "models" / f"{backbone}-finetuned"
+        return TrainConfig(self.data_dir, backbone, self.cache_dir, self.device, val_fraction=self.val_fraction,
+                           seed=self.seed, out=out, **given)
+
+    def resolved(self) -> dict:
+        """Every setting actually used, defaults filled in: what report.json records."""
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        d["data_dir"] = str(self.data_dir) if self.data_dir else "shipped:gcompris-photos"
+        for method in ("finetune", "scratch"):
+            t = dataclasses.asdict(self.train_config(method, self.backbones[0]))
+            d[method] = {k: v for k, v in t.items() if k in TRAIN_KEYS[method]}
+        return d
+
+
+TRAIN_KEYS = {"finetune": ("epochs", "unfreeze_blocks", "lr_head", "lr_backbone", "weight_decay", "batch_size",
+                           "patience", "min_scale"),
+              "scratch": ("epochs", "lr_head", "weight_decay", "batch_size", "patience", "min_scale")}
+
+
+def read_config(path: Path) -> dict:
+    """A pipelines/*.toml file -> ExperimentConfig keyword arguments ([experiment] keys + [finetune]/[scratch])."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read config {path}: {e}") from None
+    kw = dict(doc.pop("experiment", {}))
+    for section in ("finetune", "scratch"):
+        if section in doc:
+            kw[section] = doc.pop(section)
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(kw) - known) + [f"[{s}]" for s in doc]
+    if unknown:
+        raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)}")
+    for key in ("data_dir", "out", "cache_dir"):
+        if key in kw:
+            kw[key] = Path(kw[key])
+    return kw
+
+
+def check_weights(cfg: ExperimentConfig) -> list:
+    """Resolve every backbone and, if a pretrained method is asked for, make sure its weights load offline."""
+    from featpipe.backbone import _offline_message
+
+    specs = [registry.resolve(name) for name in cfg.backbones]
+    if {"head", "finetune"} & set(cfg.methods):
+        for spec in specs:
+            if not spec.weights_available():
+                raise _offline_message(spec, "not packaged and not in torch's hub cache")
+    return specs
+
+
+def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """Run every method x backbone; write report.json, report.md, report.png and confusion.png under cfg.out."""
+    from featpipe.dataset import scan
+    from featpipe.embed import configure_threads, resolve_device
+
+    t_start = time.perf_counter()
+    specs = check_weights(cfg)
+    scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
+    device = str(resolve_device(cfg.device))
+    configure_threads()
+    results, backbones, preds = [], {}, {}
+    for spec in specs:
+        info, rows = run_backbone(cfg, spec, log)
+        backbones[spec.name] = info
+        for r, pred in rows:
+            results.append(r)
+            preds[(r["method"], r["backbone"])] = pred
+    by_key = {(r["method"], r["backbone"]): r for r in results}
+    best = max(results, key=lambda r: (r["val_accuracy"], -r["train_seconds"]))
+    first = next(iter(backbones.values()))
+    y_val = first["y_val"]
+    report = {
+        "results": results, "device": device, "featpipe_version": __version__, "backbones": {
+            k: {kk: vv for kk, vv in v.items() if kk != "y_val"} for k, v in backbones.items()},
+        "dataset": {"classes": first["classes"], "images_per_class": first["images_per_class"],
+                    "n_train": first["n_train"], "n_val": first["n_val"]},
+        "timings": {"one_time": {k: {"extract_seconds": v["extract_seconds"], "decode_seconds": v["decode_seconds"]}
+                                 for k, v in backbones.items()},
+                    "training": {f"{r['method']}/{r['backbone']}": r["train_seconds"] for r in results},
+                    "total_seconds": None},
+        "best": {"method": best["method"], "backbone": best["backbone"], "val_accuracy": best["val_accuracy"],
+                 "confusion": confusion(y_val, preds[(best["method"], best["backbone"])], len(first["classes"]))},
+        "config": cfg.resolved(),
+    }
+    for r in results:
+        scratch_r = by_key.get(("scratch", r["backbone"]))
+        r["speedup_vs_scratch"] = round(scratch_r["train_seconds"] / r["train_seconds"], 2) if scratch_r and \
+            r["train_seconds"] > 0 else None
+    report["timings"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    from featpipe.report import write
+
+    return write(report, cfg.out)
+
+
+def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
+    """One backbone: extract (if a pretrained method runs), decode (if a trained one does), then each method."""
+    from featpipe.features import load_features
+
+    features, images, extract_seconds = None, None, 0.0
+    if {"head", "finetune"} & set(cfg.methods):
+        t0 = time.perf_counter()
+        features = load_features(ExtractConfig(cfg.data_dir, spec.name, cfg.cache_dir, cfg.device))
+        extract_seconds = time.perf_counter() - t0
+    if {"scratch", "finetune"} & set(cfg.methods):
+        if features is not None:
+            images = decode_images(features.paths, features.y, features.classes, spec.preprocessing,
+                                   cfg.val_fraction, cfg.seed)
+        else:
+            images = scan_images(cfg.train_config("scratch", spec.name))
+    classes = (features or images).classes
+    y = features.y if features is not None else images.y.numpy()
+    from featpipe.splits import val_split
+
+    split = val_split(y, classes, cfg.val_fraction, cfg.seed)
+    rows = []
+    for method in [m for m in METHODS if m in cfg.methods]:
+        log(f"== {method} / {spec.name}")
+        if method == "head":
+            rows.append(run_head(cfg, features, split))
+            continue
+        tc = cfg.train_config(method, spec.name)
+        res = finetune(tc, log, features, images) if method == "finetune" else scratch(tc, log, images)
+        rows.append((res.to_json() | {"only_last_layers_trained": method == "finetune"}, res.val_pred))
+    for r, _ in rows:
+        r["meets_tutorial_task"] = bool(r["val_accuracy"] >= TUTORIAL_MIN_VAL and r["train_seconds"] <
+                                        TUTORIAL_MAX_SECONDS and r["only_last_layers_trained"])
+    key = features.result.key if features is not None else None
+    info = {"weights_sha256": key.weights_sha256 if key else "random-init",
+            "preprocessing": json.loads(spec.preprocessing.to_json()),
+            "extract_seconds": round(extract_seconds, 2),
+            "decode_seconds": images.decode_seconds if images is not None else 0.0,
+            "classes": classes, "images_per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+            "n_train": int(len(split.train)), "n_val": int(len(split.val)), "y_val": y[split.val]}
+    return info, rows
+
+
+def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
+    """Fit the head on the training split's cached features (timed), score it, and K-fold CV it on that split."""
+    from featpipe.heads import HeadConfig, accuracy, cross_validate, fit_head
+
+    hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
+    tr, va = split.train, split.val
+    t0 = time.perf_counter()
+    head = fit_head(f.X[tr], f.y[tr], len(f.classes), hc)
+    seconds = time.perf_counter() - t0
+    k = min(cfg.cv, int(np.bincount(f.y[tr]).min()))
+    cv = cross_validate(f.X[tr], f.y[tr], f.classes, k, hc) if k >= 2 else (None, None)
+    pred = head.predict_proba(f.X[va]).argmax(1)
+    r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X[tr], f.y[tr]), 4),
+         "val_accuracy": round(float((pred == f.y[va]).mean()), 4), "train_seconds": round(seconds, 3),
+         "cv_accuracy_mean": None if cv[0] is None else round(cv[0], 4),
+         "cv_accuracy_std": None if cv[1] is None else round(cv[1], 4), "cv_folds": k if k >= 2 else None,
+         "history": [], "hyperparameters": {"head": hc.kind, **head.params}, "n_train": int(len(tr)),
+         "n_val": int(len(va)), "only_last_layers_trained": True}
+    return r, pred
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> list[list[int]]:
+    m = np.zeros((n, n), dtype=int)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m.tolist()
