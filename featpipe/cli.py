@@ -157,6 +157,107 @@ def predict(
     lines += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
     _emit(r, as_json, "\n".join(lines))
 
+
+ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Stratified validation share (same split for "
+                                               "every method and backbone).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Split, augmentation and initialisation seed.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Most epochs (early stopping on val accuracy).")]
+
+
+def _train_summary(res) -> str:
+    return (f"{res.method} {res.backbone}: train acc {res.train_accuracy:.3f}, val acc {res.val_accuracy:.3f}, "
+            f"best epoch {res.best_epoch}/{res.epochs_run}, {res.train_seconds:.1f} s"
+            + (f"\nmodel: {res.model_path}" if res.model_path else ""))
+
+
+@app.command()
+def finetune(
+    data_dir: DataDir = None,
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    unfreeze_blocks: Annotated[int, typer.Option("--unfreeze-blocks", min=1, help="Train the last N blocks of the "
+                                                 "backbone (and the head); the rest stays frozen.")] = 3,
+    epochs: EpochsOpt = 3,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
+                                                "models/<backbone>-finetuned).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the last blocks of a pretrained backbone, head warm-started from the cached-feature head; saves a
+    bundle `featpipe predict` loads."""
+    from featpipe.train import TrainConfig, finetune as run
+
+    res = run(TrainConfig(data_dir, backbone, cache_dir, device, epochs=epochs, unfreeze_blocks=unfreeze_blocks,
+                          val_fraction=val_fraction, seed=seed, out=out))
+    _emit(res.to_json(), as_json, _train_summary(res))
+
+
+@app.command()
+def scratch(
+    data_dir: DataDir = None,
+    backbone: BackboneOpt = "mobilenet_v2",
+    device: DeviceOpt = "auto",
+    epochs: EpochsOpt = 3,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat."""
+    from featpipe.train import TrainConfig, scratch as run
+
+    res = run(TrainConfig(data_dir, backbone, device=device, epochs=epochs, val_fraction=val_fraction, seed=seed))
+    _emit(res.to_json(), as_json, _train_summary(res))
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def experiment(
+    data_dir: DataDir = None,
+    backbones: Annotated[Optional[str], typer.Option("--backbones", help="Comma-separated backbone names "
+                                                     "[default: mobilenet_v2,efficientnet_lite0].",
+                                                     show_default=False)] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated subset of "
+                                                   "scratch,head,finetune [default: all].", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report dir [default: reports/experiment].",
+                                                show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file (pipelines/*.toml); flags override "
+                                                   "it.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the HDF5 embedding caches live "
+                                                      "[default: cache].", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda [default: auto].",
+                                                  show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Scratch vs head vs fine-tune per backbone on one split: report.json, report.md, report.png, confusion.png."""
+    _run_experiment(config, {"data_dir": data_dir, "backbones": _csv(backbones), "methods": _csv(methods),
+                             "out": out, "cache_dir": cache_dir, "device": device}, as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Report dir.")] = Path("reports/demo"),
+    cache_dir: CacheDirOpt = Path("cache"),
+    as_json: JsonOpt = False,
+) -> None:
+    """The experiment on the shipped dataset with the default settings (a few minutes on a laptop CPU)."""
+    _run_experiment(None, {"out": out, "cache_dir": cache_dir}, as_json)
+
+
+def _run_experiment(config: Optional[Path], flags: dict, as_json: bool) -> None:
+    from featpipe.experiment import ExperimentConfig, read_config, run
+    from featpipe.report import table
+
+    kw = read_config(config) if config else {}
+    kw.update({k: v for k, v in flags.items() if v is not None})
+    report = run(ExperimentConfig(**kw))
+    _emit(report, as_json, table(report) + f"\n\nreport: {report['files']['report.md']}")
+
+
 def main() -> None:
     """Entry point: usage errors and UserError become one line on stderr with exit code 2."""
     command = typer.main.get_command(app)
