@@ -155,7 +155,8 @@ def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> 
     """
     from featpipe.cache import merge
 
-    reused = {h: pl for h, pl in reused.items() if h in set(rows.sha256)}
+    committed = set(rows.sha256)
+    reused = {h: pl for h, pl in reused.items() if h in committed}
     moved = Rows(list(reused), np.empty((0, rows.embeddings.shape[1]), np.float32),
                  [p for p, _ in reused.values()], [lbl for _, lbl in reused.values()])
     return merge(merge(rows, moved), new_rows)
