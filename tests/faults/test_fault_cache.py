@@ -1,0 +1,137 @@
+"""The cache under abuse: corrupted or truncated files, torn journals, two writers at once, files that change."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featpipe.cache import Rows
+from featpipe.extract import ExtractConfig, extract
+from tests.conftest import make_subset, run_cli, run_json
+from tests.faults import faultkit as fk
+
+ARGS = ("--decoder", "pil", "--precision", "fp32", "--batch-size", "8")
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, shipped) -> tuple[Path, Path]:
+    """(data, cache) of one clean run on 20 real photos: the reference every repaired cache must equal."""
+    root = tmp_path_factory.mktemp("corrupt")
+    data = make_subset(shipped, root / "data", 4)
+    run_json("extract", data, "--cache-dir", root / "cache", *ARGS, timeout=300)
+    return data, root / "cache"
+
+
+def by_sha(rows: Rows) -> dict[str, np.ndarray]:
+    return {h: rows.embeddings[i] for i, h in enumerate(rows.sha256)}
+
+
+def damaged_copy(fresh: tuple[Path, Path], tmp_path: Path, damage) -> tuple[Path, Path]:
+    data, cache = fresh
+    copy = tmp_path / "cache"
+    copy.mkdir()
+    h5 = next(cache.glob("*.h5"))
+    (copy / h5.name).write_bytes(h5.read_bytes())
+    damage(copy / h5.name)
+    return data, copy
+
+
+def truncate(h5: Path) -> None:
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+
+
+def scribble_on_embeddings(h5: Path) -> None:
+    """Overwrite bytes in the middle of the first embeddings chunk: only fletcher32 can tell."""
+    with h5py.File(h5, "r") as f:
+        info = f["embeddings"].id.get_chunk_info(0)
+    with open(h5, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(random.Random(0).randbytes(64))
+
+
+@pytest.mark.parametrize("damage", [truncate, scribble_on_embeddings])
+def test_corrupt_cache_is_moved_aside_and_rebuilt(fresh, tmp_path, damage):
+    data, cache = damaged_copy(fresh, tmp_path, damage)
+    proc = run_cli("extract", data, "--cache-dir", cache, *ARGS, "--json", timeout=300, check=True)
+    said = [line for line in proc.stderr.splitlines() if "corrupt" in line]
+    assert len(said) == 1 and "moved to" in said[0], proc.stderr
+    assert len(list(cache.glob("*.h5.corrupt-*"))) == 1
+    assert json.loads(proc.stdout)["computed"] == 20
+    want, got = by_sha(fk.read_rows(fresh[1])), by_sha(fk.read_rows(cache))
+    assert got.keys() == want.keys()
+    for h in want:
+        np.testing.assert_allclose(got[h], want[h], rtol=0, atol=1e-5)
+
+
+def test_torn_journal_tail_is_ignored(fresh, tmp_path):
+    """Three rows only in the journal, then garbage (a kill mid-record): the rows count, the garbage does not."""
+    data, cache = damaged_copy(fresh, tmp_path, lambda h5: None)
+    c = fk.cache_for(cache)
+    rows = c.read()
+    head, tail = (Rows(rows.sha256[s], rows.embeddings[s], rows.paths[s], rows.labels[s])
+                  for s in (slice(0, 17), slice(17, None)))
+    with c:
+        c.commit(head)
+        c.append(tail)
+    with open(c.journal, "ab") as fh:
+        fh.write(b"FPJ1" + random.Random(1).randbytes(300))
+    assert sorted(c.read().sha256) == sorted(rows.sha256)
+    res = run_json("extract", data, "--cache-dir", cache, *ARGS, timeout=300)
+    assert res["computed"] == 0 and res["reused"] == 20
+    assert sorted(fk.read_rows(cache).sha256) == sorted(rows.sha256) and not c.journal.exists()
+
+
+def popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "featpipe", "extract", *map(str, args), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[dict, str]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out), err
+
+
+def test_two_runs_on_one_cache_take_turns(tmp_path, shipped):
+    data = make_subset(shipped, tmp_path / "data", 12)
+    cache = tmp_path / "cache"
+    first = popen(data, "--cache-dir", cache, "--batch-size", "8")
+    while not list(cache.glob("*.lock")) and first.poll() is None:  # the first run holds the lock
+        pass
+    second = popen(data, "--cache-dir", cache, "--batch-size", "8")
+    (a, _), (b, err) = finish(first), finish(second)
+    assert "waiting for another run" in err
+    assert a["computed"] == 60 and b["computed"] == 0 and b["reused"] == 60
+    rows = fk.read_rows(cache)
+    assert len(rows) == len(set(rows.sha256)) == 60
+
+
+def test_two_backbones_run_side_by_side(small_data, tmp_path):
+    cache = tmp_path / "cache"
+    runs = [popen(small_data, "--cache-dir", cache, "--backbone", b, *ARGS)
+            for b in ("mobilenet_v2", "efficientnet_lite0")]
+    (a, err_a), (b, err_b) = (finish(p) for p in runs)
+    assert a["cache_file"] != b["cache_file"] and a["computed"] == b["computed"] == 20
+    assert "waiting" not in err_a + err_b
+
+
+def test_changed_deleted_and_other_backbone(small_data, tmp_path):
+    cfg = ExtractConfig(small_data, cache_dir=tmp_path / "cache", decoder="pil", precision="fp32")
+    first = extract(cfg)
+    assert first.computed == 20
+    changed, gone = sorted(small_data.glob("*/*.jpg"))[:2]
+    changed.write_bytes(changed.read_bytes() + b"\0")  # same picture, new bytes: a new row
+    gone.unlink()
+    again = extract(cfg)
+    assert again.computed == 1 and again.reused == 18
+    assert str(gone) not in {m.path for m in again.members} and len(again.members) == 19
+    other = extract(ExtractConfig(small_data, backbone="efficientnet_lite0", cache_dir=cfg.cache_dir,
+                                  decoder="pil", precision="fp32"))
+    assert other.cache_file != first.cache_file and other.computed == 19
