@@ -44,7 +44,7 @@ class ExperimentConfig:
     head: str = "logistic"
     # TrainConfig overrides; what is not given takes TrainConfig's defaults (scratch: lr_head is its only lr)
     finetune: dict = field(default_factory=lambda: {"epochs": 3, "unfreeze_blocks": 3})
-    scratch: dict = field(default_factory=lambda: {"epochs": 3})
+    scratch: dict = field(default_factory=lambda: {"epochs": 2})
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -106,13 +106,14 @@ def read_config(path: Path) -> dict:
 
 def check_weights(cfg: ExperimentConfig) -> list:
     """Resolve every backbone and, if a pretrained method is asked for, make sure its weights load offline."""
-    from featpipe.backbone import _offline_message
-
     specs = [registry.resolve(name) for name in cfg.backbones]
     if {"head", "finetune"} & set(cfg.methods):
         for spec in specs:
             if not spec.weights_available():
-                raise _offline_message(spec, "not packaged and not in torch's hub cache")
+                hint = spec.install_hint or (f"run `featpipe extract --backbone {spec.name}` once with network "
+                                             f"access to cache them")
+                raise UserError(f"pretrained weights for {spec.name!r} are not available offline (not packaged, not "
+                                f"in torch's hub cache); {hint}, or leave it out of --backbones")
     return specs
 
 
