@@ -1,0 +1,46 @@
+"""Misusing `featpipe extract`: one line on stderr, exit code 2, nothing on stdout, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def one_line_error(*args: str) -> str:
+    proc = run_cli("extract", *args, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--bogus",), "--bogus"),
+    (("--batch-size", "x"), "batch-size"),
+    (("--batch-size", "0"), "batch-size"),
+    (("--decoder", "gpu"), "--decoder"),
+    (("/no/such/dir",), "not found"),
+    (("--backbone", "mobilenet_v22"), "mobilenet_v2"),  # the close name is suggested
+    (("--backbone", "efficientnet_lite9"), "efficientnet_lite"),
+])
+def test_bad_arguments(args, says):
+    assert says in one_line_error(*args)
+
+
+def test_data_dir_without_class_folders(tmp_path):
+    (tmp_path / "loose.jpg").write_bytes(b"")
+    assert "no class folders" in one_line_error(str(tmp_path))
+    assert "not a directory" in one_line_error(str(tmp_path / "loose.jpg"))
+
+
+def test_read_only_cache_dir(small_data, tmp_path):
+    """Mode 555 means read-only even to root (who could write anyway): refused before any work."""
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        assert "not writable" in one_line_error(str(small_data), "--cache-dir", str(cache))
+        assert list(cache.iterdir()) == []
+    finally:
+        cache.chmod(0o755)
