@@ -95,7 +95,7 @@ def one_thread():
 
 def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
     with one_thread():
-        return (fit_logistic if cfg.kind == "logistic" else fit_mlp)(X, y, n_classes, cfg)
+        return (_fit_logistic if cfg.kind == "logistic" else _fit_mlp)(X, y, n_classes, cfg)
 
 
 def accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
@@ -112,7 +112,7 @@ def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg
 
 # ---- logistic ------------------------------------------------------------------------------------------------
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
     mean, scale = _standardiser(X)
     Z = (X - mean) / scale
     C, cv_acc = _choose_C(Z, y, cfg)
@@ -167,7 +167,7 @@ def _full_rows(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- mlp -----------------------------------------------------------------------------------------------------
 
-def fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+def _fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
     """One hidden layer + dropout, Adam, full batch; early stopping on an inner stratified split (best-loss
     weights kept). Classes too small for an inner split: fixed max_epochs, no early stopping."""
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,158 @@
+"""Heads on cached features: splits, the logistic/MLP heads, fit-head's CLI contract and accuracy on real photos."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from featpipe.errors import UserError
+from featpipe.extract import ExtractConfig
+from featpipe.features import Features, from_result, load_features
+from featpipe.heads import HeadConfig, accuracy, fit_head
+from featpipe.splits import check_folds, kfold, val_split
+from tests.conftest import run_cli, run_json
+
+KEYS = {"head", "backbone", "train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "fit_seconds",
+        "n_train", "n_val", "classes", "model_path"}
+
+
+@pytest.fixture(scope="module")
+def feats(warm_cache) -> Features:
+    return load_features(ExtractConfig(cache_dir=warm_cache), progress=False)
+
+
+def test_features_follow_paths_not_cache_order(feats, warm_cache):
+    """Rows sorted by path whatever order extract listed members in: splits are the same for every backbone."""
+    shuffled = dataclasses.replace(feats.result, members=list(reversed(feats.result.members)))
+    again = from_result(ExtractConfig(cache_dir=warm_cache), shuffled)
+    assert again.paths == feats.paths == sorted(feats.paths)
+    np.testing.assert_array_equal(again.X, feats.X)
+    assert feats.X.dtype == np.float32 and feats.X.shape == (196, 1280)
+    assert feats.classes == ["animals", "fishes", "monuments", "renewable_energy", "tools"]
+
+
+def test_val_split_is_stratified_and_deterministic(feats):
+    a = val_split(feats.y, feats.classes, 0.2, seed=0)
+    b = val_split(feats.y, feats.classes, 0.2, seed=0)
+    np.testing.assert_array_equal(a.val, b.val)
+    assert not set(a.train) & set(a.val) and len(a.train) + len(a.val) == len(feats.y)
+    for c, n in enumerate(np.bincount(feats.y)):
+        assert np.sum(feats.y[a.val] == c) == round(0.2 * n)
+    assert not np.array_equal(val_split(feats.y, feats.classes, 0.2, seed=1).val, a.val)
+
+
+def test_split_and_folds_refuse_tiny_classes():
+    y = np.array([0, 0, 0, 1])
+    with pytest.raises(UserError, match="'b' has 1 image"):
+        val_split(y, ["a", "b"], 0.2, 0)
+    with pytest.raises(UserError, match="class 'b' has 1"):
+        check_folds(y, ["a", "b"], 2)
+    assert len(kfold(np.array([0, 0, 1, 1]), 2, 0)) == 2
+
+
+def test_logistic_module_folds_scaler_and_matches_sklearn(feats):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = feats.X[::2], feats.y[::2]
+    head = fit_head(X, y, len(feats.classes), HeadConfig("logistic"))
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=head.params["C"], max_iter=1000)).fit(X, y)
+    np.testing.assert_allclose(head.predict_proba(feats.X), ref.predict_proba(feats.X), atol=1e-3)
+    module = head.as_torch_module()
+    assert isinstance(module, torch.nn.Linear)
+    a = head.arrays
+    manual = ((feats.X - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
+    np.testing.assert_allclose(module(torch.from_numpy(feats.X)).detach().numpy(), manual, rtol=1e-3, atol=1e-3)
+
+
+def test_binary_head_matches_sigmoid(feats):
+    from sklearn.linear_model import LogisticRegression
+
+    keep = feats.y < 2
+    X, y = feats.X[keep], feats.y[keep]
+    head = fit_head(X, y, 2, HeadConfig("logistic", Cs=(0.1,)))
+    Z = (X - head.arrays["mean"]) / head.arrays["scale"]
+    ref = LogisticRegression(C=0.1, max_iter=1000).fit(Z, y)
+    np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(Z), atol=1e-3)
+
+
+def test_mlp_head_module_and_arrays(feats):
+    split = val_split(feats.y, feats.classes, 0.2, 0)
+    head = fit_head(feats.X[split.train], feats.y[split.train], 5, HeadConfig("mlp", max_epochs=100))
+    assert accuracy(head, feats.X[split.val], feats.y[split.val]) >= 0.8
+    assert {k: v.shape for k, v in head.arrays.items()} == {
+        "mean": (1280,), "scale": (1280,), "w1": (256, 1280), "b1": (256,), "w2": (5, 256), "b2": (5,)}
+    logits = head.as_torch_module().eval()(torch.from_numpy(feats.X[:4]))
+    np.testing.assert_allclose(torch.softmax(logits, 1).detach().numpy(), head.predict_proba(feats.X[:4]), atol=1e-5)
+
+
+def test_logistic_sweep_is_fast_on_600_rows(feats, capsys):
+    """~600 x 1280 (the real features tiled with noise): the 11-C x 5-fold sweep plus final fit in seconds."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([feats.X + 0.1 * feats.X.std(0) * rng.standard_normal(feats.X.shape, np.float32)
+                        for _ in range(3)])
+    y = np.tile(feats.y, 3)
+    timings = {}
+    for name, (Xn, yn) in {"196": (feats.X, feats.y), "588": (X, y)}.items():
+        t0 = time.perf_counter()
+        fit_head(Xn, yn, 5, HeadConfig())
+        timings[name] = round(time.perf_counter() - t0, 2)
+    with capsys.disabled():
+        print(f"\nlogistic sweep seconds (rows x 1280): {timings}")
+    assert timings["588"] < 30  # a few seconds on 2 idle cores; generous for a loaded CI box
+
+
+def test_fit_head_logistic_cli(warm_cache, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    r = run_json("fit-head", "--cache-dir", warm_cache, "--cv", "5", "--out", out)
+    with capsys.disabled():
+        print(f"\nfit-head logistic: {r}")
+    assert set(r) == KEYS and r["head"] == "logistic" and r["backbone"] == "mobilenet_v2"
+    assert r["cv_accuracy_mean"] >= 0.90 and r["val_accuracy"] >= 0.85
+    assert (r["n_train"], r["n_val"]) == (156, 40) and Path(r["model_path"]) == out
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "head.safetensors"]
+    for f in out.iterdir():  # no pickle: protocol-2+ pickles start with 0x80, zip-pickles (torch.save) with PK
+        assert not f.read_bytes().startswith((b"\x80", b"PK"))
+    assert set(load_file(str(out / "head.safetensors"))) == {"mean", "scale", "w1", "b1"}
+
+
+def test_fit_head_mlp_cli(warm_cache, tmp_path):
+    r = run_json("fit-head", "--cache-dir", warm_cache, "--head", "mlp", "--out", tmp_path / "m")
+    assert set(r) == KEYS and r["head"] == "mlp" and r["cv_accuracy_mean"] is None and r["cv_accuracy_std"] is None
+    assert r["val_accuracy"] > 0.8
+
+
+def test_fit_head_cv_larger_than_smallest_class_is_one_line(warm_cache, tmp_path):
+    proc = run_cli("fit-head", "--cache-dir", warm_cache, "--cv", "30", "--out", tmp_path / "x")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("featpipe: error: --cv 30") and "'animals' has 19" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_head_and_fraction_are_user_errors(feats):
+    with pytest.raises(UserError, match="--head must be one of"):
+        HeadConfig("svm")
+    with pytest.raises(UserError, match="--val-fraction"):
+        val_split(feats.y, feats.classes, 1.5, 0)
+
+
+def test_fit_head_class_without_valid_image(shipped, tmp_path):
+    """Two real photos in one class, only a text file in the other: exit 2 naming the empty class."""
+    data = tmp_path / "data"
+    (data / "fishes").mkdir(parents=True)
+    (data / "tools").mkdir()
+    for f in sorted((shipped / "tools").iterdir())[:2]:
+        shutil.copy(f, data / "tools" / f.name)
+    (data / "fishes" / "notes.jpg").write_text("not an image")
+    proc = run_cli("fit-head", data, "--cache-dir", tmp_path / "c", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and "fishes" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,106 @@
+"""Model bundles and `featpipe predict`: round trip against the in-process head, tampering, fine-tuned hook."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featpipe import bundle as B
+from featpipe.errors import UserError
+from featpipe.extract import ExtractConfig
+from featpipe.features import load_features
+from featpipe.predict import PredictConfig, predict
+from tests.conftest import run_cli, run_json
+
+
+@pytest.fixture(scope="module")
+def model(warm_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "logistic"
+    run_json("fit-head", "--cache-dir", warm_cache, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample(shipped) -> list[Path]:
+    """Two photos of each class (the first and last by name)."""
+    return [p for d in sorted(x for x in shipped.iterdir() if x.is_dir()) for p in sorted(d.iterdir())[::-1][:2]]
+
+
+def _in_process_top1(model: Path, warm_cache: Path, paths: list[Path]) -> list[str]:
+    f = load_features(ExtractConfig(cache_dir=warm_cache), progress=False)
+    b = B.load(model)
+    rows = [f.paths.index(str(p)) for p in paths]
+    return [b.classes[i] for i in b.head.predict_proba(f.X[rows]).argmax(1)]
+
+
+def test_predict_cli_matches_in_process_head(model, warm_cache, sample, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(sample[0].read_bytes()[:200])  # a truncated JPEG beside the good ones
+    r = run_json("predict", model, *sample, bad, "--top-k", "2")
+    assert r["model"] == str(model)
+    assert [p["path"] for p in r["predictions"]] == [str(p) for p in sample]
+    assert [s["path"] for s in r["skipped"]] == [str(bad)] and r["skipped"][0]["reason"]
+    for p in r["predictions"]:
+        assert len(p["top"]) == 2 and p["top"][0]["probability"] >= p["top"][1]["probability"]
+        assert set(p["top"][0]) == {"class", "probability"}
+    assert [p["top"][0]["class"] for p in r["predictions"]] == _in_process_top1(model, warm_cache, sample)
+
+
+def _tampered(model: Path, tmp_path: Path) -> Path:
+    copy = Path(shutil.copytree(model, tmp_path / "tampered"))
+    data = bytearray((copy / B.HEAD_FILE).read_bytes())
+    data[-5] ^= 0x01
+    (copy / B.HEAD_FILE).write_bytes(bytes(data))
+    return copy
+
+
+def test_tampered_bundle_is_exit_2_one_line(model, sample, tmp_path):
+    proc = run_cli("predict", _tampered(model, tmp_path), sample[0])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "head.safetensors is corrupt or was modified" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "drop_manifest", "bad_json", "drop_file_entry"])
+def test_damaged_bundles_are_user_errors(model, tmp_path, damage):
+    copy = Path(shutil.copytree(model, tmp_path / damage))
+    manifest = copy / B.MANIFEST
+    if damage == "truncate":
+        (copy / B.HEAD_FILE).write_bytes((copy / B.HEAD_FILE).read_bytes()[:100])
+    elif damage == "drop_manifest":
+        manifest.unlink()
+    elif damage == "bad_json":
+        manifest.write_text("{not json")
+    else:
+        m = json.loads(manifest.read_text())
+        m["files"] = {}
+        manifest.write_text(json.dumps(m))
+    with pytest.raises(UserError):
+        B.load(copy)
+
+
+def test_finetuned_bundle_loads_backbone_safetensors(model, sample, tmp_path):
+    """The fine-tune hook: same weights stored as backbone.safetensors give the same predictions."""
+    from featpipe import registry
+    from featpipe.backbone import load
+
+    b = B.load(model)
+    state = load(registry.resolve(b.backbone)).model.state_dict()
+    ft = B.save(b, tmp_path / "ft", backbone_state=state)
+    assert json.loads((ft / B.MANIFEST).read_text())["finetuned"] is True
+    assert B.load(ft).finetuned
+    cfg = PredictConfig(model, sample[:3], top_k=5, device="cpu")
+    plain, tuned = predict(cfg), predict(PredictConfig(ft, cfg.paths, 5, "cpu"))
+    for p, q in zip(plain["predictions"], tuned["predictions"]):
+        np.testing.assert_allclose([t["probability"] for t in p["top"]], [t["probability"] for t in q["top"]],
+                                   atol=1e-5)
+
+
+def test_predict_missing_path_and_bad_model(model, tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        predict(PredictConfig(model, [tmp_path / "nope.jpg"]))
+    with pytest.raises(UserError, match="not a model bundle"):
+        predict(PredictConfig(tmp_path, [tmp_path]))
