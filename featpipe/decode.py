@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featpipe.preprocess import Preprocessing
 
+MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -52,7 +53,9 @@ def probe(data: bytes) -> Probe:
         w, h = h, w
     # JPEG entropy data byte-stuffs 0xFF, so a final EOI marker near the end means the scan was not cut short.
     complete = data.rfind(b"\xff\xd9") >= len(data) - 1024
-    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete, None, (w, h))
+    # DALI resizes the whole image before cropping: a 1 x 20000 strip would become 256 x 5 million pixels.
+    squat = max(w, h) <= MAX_ASPECT * min(w, h)
+    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h))
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -89,9 +92,17 @@ def pil_decode(data: bytes, pre: Preprocessing) -> np.ndarray:
         tw, th = resized_size(*im.size, pre.resize)
         im.draft(None, (2 * tw, 2 * th))  # DCT scaling, leaving >= 2x for the antialiased resize to smooth
     im = to_rgb(ImageOps.exif_transpose(im))
-    im = im.resize(resized_size(*im.size, pre.resize), _RESAMPLE[pre.interpolation])
-    top, left = crop_corner(im.height, im.width, pre.crop)
-    return np.asarray(im.crop((left, top, left + pre.crop, top + pre.crop)))
+    return np.asarray(resize_crop(im, pre))
+
+
+def resize_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
+    """Resize then centre-crop, computing only the crop's pixels: the same pixels as resizing the whole image
+    (Pillow's filter taps come from the full source, not the box), without allocating a huge resized strip."""
+    w, h = resized_size(*im.size, pre.resize)
+    top, left = crop_corner(h, w, pre.crop)
+    sx, sy = im.width / w, im.height / h
+    box = (left * sx, top * sy, (left + pre.crop) * sx, (top + pre.crop) * sy)
+    return im.resize((pre.crop, pre.crop), _RESAMPLE[pre.interpolation], box=box)
 
 
 def crop_corner(h: int, w: int, crop: int) -> tuple[int, int]:

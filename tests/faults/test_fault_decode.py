@@ -143,3 +143,11 @@ def test_cli_survives_a_folder_of_hostile_files(tmp_path, jpeg, shipped):
     res = run_json("extract", data.parent, "--cache-dir", tmp_path / "cache", "--decoder", "dali", timeout=300)
     assert res["images"] == 25 and res["computed"] + len(res["skipped"]) == 25
     assert str(data / "real.jpg") not in {s["path"] for s in res["skipped"]}
+
+
+def test_extreme_aspect_ratio_decodes_without_a_huge_resize():
+    """1 x 30000 would resize to 256 x 7.68 million pixels (~8 GB) before cropping: only the crop is computed."""
+    strip = Image.new("RGB", (1, 30_000), (90, 120, 150))
+    out = PilDecoder(PRE, 1).decode_one(fk.png_bytes(strip))
+    assert not isinstance(out, str) and out.shape == (PRE.crop, PRE.crop, 3) and (out == (90, 120, 150)).all()
+    assert not probe(fk.jpeg_bytes(Image.new("RGB", (30_000, 8)))).dali_ok  # DALI would resize all of it
