@@ -17,6 +17,7 @@ whose actor died on the restarted actor, which reloads the model.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import sys
@@ -140,6 +141,9 @@ class RayEngine(_Engine):
         for ref in ready:
             batch, _actor = self.in_flight.pop(ref)
             emb, reasons, seconds = self.ray.get(ref)
+            # ray.get maps large arrays zero-copy from the object store; such a view must not outlive
+            # ray.shutdown() (releasing it then kills the driver), so the rows get their own copy.
+            emb = None if emb is None else np.array(emb)
             for stage, s in seconds.items():
                 self.timer.add(stage, s)
             decoded.put((batch, emb, reasons))
@@ -176,8 +180,6 @@ class RayEngine(_Engine):
 
     def _connect(self) -> None:
         """Join --ray-address, or start a small local Ray (shut down after the run); reuse one already running."""
-        import logging
-
         ray = self.ray
         if ray.is_initialized():
             return
