@@ -238,7 +238,7 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
             f"val acc {val_acc:.3f} ({elapsed:.1f} s)")
         if val_acc > best["val_accuracy"]:
             best, best_state, best_epoch = history[-1], copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= cfg.patience:
+        elif epoch - best_epoch >= cfg.patience and epoch < cfg.epochs:
             log(f"  early stop: no better val accuracy for {cfg.patience} epochs")
             break
     model.load_state_dict(best_state)
@@ -272,11 +272,14 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     `unfreeze_blocks` blocks and the head trained together (backbone at lr_backbone, head at lr_head).
 
     `features`/`images` let `featpipe experiment` share one extraction and one decode across methods."""
+    from featpipe.dataset import scan
     from featpipe.extract import ExtractConfig
     from featpipe.features import load_features
     from featpipe.heads import HeadConfig, fit_head
 
     spec = registry.resolve(cfg.backbone)
+    if features is None:
+        scan(cfg.data_dir)  # a bad DATA_DIR fails before extraction starts
     features = features or load_features(ExtractConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device))
     images = images or decode_images(features.paths, features.y, features.classes, spec.preprocessing,
                                      cfg.val_fraction, cfg.seed)

@@ -1,0 +1,113 @@
+"""`featpipe experiment`: a short real run on small data, report files agreeing with each other, configs, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, run_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_experiment_writes_consistent_reports(small_data, tmp_path):
+    config = tmp_path / "quick.toml"
+    config.write_text('[experiment]\nout = "ignored-because-the-flag-wins"\ncv = 3\n'
+                      '[finetune]\nepochs = 1\nunfreeze_blocks = 2\n[scratch]\nepochs = 1\n')
+    out = tmp_path / "rep"
+    r = run_json("experiment", small_data, "--backbones", "mobilenet_v2", "--config", config, "--out", out,
+                 "--cache-dir", tmp_path / "cache")
+    for name in ("report.json", "report.md", "report.png", "confusion.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "report.json").read_text()) == r  # --json prints what report.json holds
+    assert [(x["method"], x["backbone"]) for x in r["results"]] == [
+        ("scratch", "mobilenet_v2"), ("head", "mobilenet_v2"), ("finetune", "mobilenet_v2")]
+    for x in r["results"]:
+        assert {"train_accuracy", "val_accuracy", "train_seconds", "history", "meets_tutorial_task"} <= x.keys()
+        assert x["meets_tutorial_task"] == (x["val_accuracy"] >= 0.8 and x["method"] != "scratch")
+    head = r["results"][1]
+    assert head["cv_folds"] == 3 and 0 <= head["cv_accuracy_std"] <= head["cv_accuracy_mean"] <= 1
+    assert len(r["results"][2]["history"]) == 2 and len(r["results"][0]["history"]) == 1
+    cfg = r["config"]
+    assert cfg["out"] == str(out) and cfg["cv"] == 3 and cfg["backbones"] == ["mobilenet_v2"]
+    assert cfg["finetune"]["epochs"] == 1 and cfg["finetune"]["lr_backbone"] < cfg["finetune"]["lr_head"]
+    assert r["dataset"]["images_per_class"] == {c: 4 for c in r["dataset"]["classes"]}
+    b = r["backbones"]["mobilenet_v2"]
+    assert len(b["weights_sha256"]) == 64 and b["preprocessing"]["crop"] == 224
+    assert set(r["timings"]["one_time"]["mobilenet_v2"]) == {"extract_seconds", "decode_seconds"}
+    assert sum(map(sum, r["best"]["confusion"])) == r["dataset"]["n_val"]
+    # the markdown table shows exactly the JSON's numbers
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and
+            not line.startswith("| method") and not line.startswith("| ---")]
+    assert len(rows) == 3
+    for line, x in zip(rows, r["results"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [x["method"], x["backbone"]]
+        assert float(cells[2]) == pytest.approx(x["train_accuracy"], abs=5e-4)
+        assert float(cells[3].split()[0]) == pytest.approx(x["val_accuracy"], abs=5e-4)
+        assert float(cells[4].removesuffix(" s")) == pytest.approx(x["train_seconds"], abs=5e-3)
+        if x["method"] == "head":
+            mean, std = map(float, re.findall(r"CV ([\d.]+) ± ([\d.]+)", cells[3])[0])
+            assert (mean, std) == pytest.approx((x["cv_accuracy_mean"], x["cv_accuracy_std"]), abs=5e-4)
+    assert "Fine-tuning mobilenet_v2 over its head" in (out / "report.md").read_text()
+
+
+def test_bonus_resnet50_stops_at_once_offline(tmp_path):
+    t0 = time.perf_counter()
+    proc = run_cli("experiment", "--config", REPO / "pipelines" / "bonus-resnet50.toml", "--out", tmp_path / "rep",
+                   "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "'resnet50'" in proc.stderr and "offline" in proc.stderr
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "cache").exists()  # no work done first
+    assert time.perf_counter() - t0 < 120  # imports only (generous: CI cores are shared)
+
+
+def test_shipped_configs_parse():
+    from featpipe.experiment import ExperimentConfig, read_config
+
+    for path in sorted((REPO / "pipelines").glob("*.toml")):
+        cfg = ExperimentConfig(**read_config(path))
+        assert cfg.backbones and cfg.methods, path
+    tutorial = ExperimentConfig(**read_config(REPO / "pipelines" / "tutorial.toml"))
+    assert tutorial.backbones == ["mobilenet_v2"] and tutorial.val_fraction == 0.2
+    assert tutorial.train_config("finetune", "mobilenet_v2").lr_backbone == 1e-5
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    proc = run_cli("experiment", "--methods", "head,magic", "--out", tmp_path / "rep", "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1 and "--methods" in proc.stderr
+
+
+@pytest.mark.parametrize("kw, config, match", [
+    ({"backbones": ["mobilenet_v9"]}, None, "unknown backbone"),
+    ({"backbones": []}, None, "--backbones"),
+    ({}, "[finetune]\nlearning_rate = 1\n", "unknown key"),
+    ({}, "[finetune]\nepochs = 0\n", "--epochs"),
+    ({}, "[experiment]\nbackbones = [\n", "cannot read config"),
+    ({}, "[experment]\nseed = 1\n", "unknown key"),
+    ({"data_dir": Path("/nonexistent/data")}, None, "data directory not found"),
+])
+def test_bad_settings_are_user_errors(kw, config, match, tmp_path):
+    """In-process (the CLI's UserError -> one line, exit 2 is checked above): no import cost per case."""
+    from featpipe.errors import UserError
+    from featpipe.experiment import ExperimentConfig, read_config, run
+
+    with pytest.raises(UserError, match=match):
+        if config is not None:
+            (tmp_path / "bad.toml").write_text(config)
+            kw = read_config(tmp_path / "bad.toml") | kw
+        run(ExperimentConfig(**kw, out=tmp_path / "rep", cache_dir=tmp_path / "cache"))
+    assert not (tmp_path / "rep").exists()
+
+
+def test_missing_config_file_is_a_user_error():
+    from featpipe.errors import UserError
+    from featpipe.experiment import read_config
+
+    with pytest.raises(UserError, match="config file not found"):
+        read_config(Path("/nonexistent.toml"))

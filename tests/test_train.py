@@ -1,0 +1,111 @@
+"""Fine-tune and scratch: freezing rules as units, then short real runs through the CLI (real photos, real weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import run_cli, run_json
+from featpipe import registry
+from featpipe.backbone import load
+from featpipe.errors import UserError
+from featpipe.train import Classifier, TrainConfig, freeze_all_but_last, scratch
+
+HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_accuracy", "seconds"}
+RESULT_KEYS = {"method", "backbone", "train_accuracy", "val_accuracy", "train_seconds", "best_epoch", "epochs_run",
+               "history", "trainable_params", "total_params", "hyperparameters", "device", "precision", "n_train",
+               "n_val", "model_path"}
+
+
+@pytest.fixture(scope="module")
+def finetunable() -> tuple[Classifier, list[nn.Module]]:
+    torch.manual_seed(0)
+    backbone = load(registry.resolve("mobilenet_v2"), pretrained=False).model
+    trainable = freeze_all_but_last(backbone, 2)
+    return Classifier(backbone, nn.Linear(1280, 5), trainable), trainable
+
+
+def test_only_the_last_n_blocks_require_grad(finetunable):
+    model, trainable = finetunable
+    blocks = model.backbone.blocks()
+    assert trainable == blocks[-2:]
+    for block in blocks[:-2]:
+        assert not any(p.requires_grad for p in block.parameters())
+    for block in blocks[-2:]:
+        assert all(p.requires_grad for p in block.parameters())
+    in_blocks = {id(p) for b in blocks[-2:] for p in b.parameters()}
+    outside = [p for p in model.backbone.parameters() if id(p) not in in_blocks]
+    assert outside and not any(p.requires_grad for p in outside)
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_train_mode_keeps_frozen_parts_and_batchnorm_in_eval(finetunable):
+    model, trainable = finetunable
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    assert model.head.training and all(b.training for b in trainable)
+    assert not model.backbone.blocks()[0].training
+    before = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 96, 96, 3), dtype=torch.uint8))
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns)), "a BatchNorm updated its statistics"
+    model.eval()
+    assert not model.head.training
+
+
+def test_unfreezing_more_blocks_than_exist_is_a_user_error():
+    backbone = load(registry.resolve("mobilenet_v2"), pretrained=False).model
+    with pytest.raises(UserError, match="only 19 blocks"):
+        freeze_all_but_last(backbone, 99)
+
+
+def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path):
+    out = tmp_path / "ft"
+    r = run_json("finetune", small_data, "--cache-dir", tmp_path / "cache", "--epochs", "1", "--unfreeze-blocks",
+                 "2", "--out", out)
+    assert RESULT_KEYS <= r.keys() and r["method"] == "finetune"
+    assert [h["epoch"] for h in r["history"]] == [0, 1]  # 0 = the warm-started head before any fine-tuning
+    assert all(HISTORY_KEYS <= h.keys() for h in r["history"])
+    assert r["history"][1]["seconds"] > 0 and 0 <= r["history"][1]["train_accuracy"] <= 1
+    assert r["val_accuracy"] == max(h["val_accuracy"] for h in r["history"])  # best checkpoint kept
+    assert r["n_train"] == 15 and r["n_val"] == 5  # 4 per class, 20%: one per class held out
+    assert 0 < r["trainable_params"] < r["total_params"]
+    assert r["hyperparameters"]["lr_backbone"] < r["hyperparameters"]["lr_head"]
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["finetuned"] is True and (out / "backbone.safetensors").is_file()
+    one = sorted((small_data / "tools").iterdir())[0]
+    p = run_json("predict", out, one, "--top-k", "1")
+    assert len(p["predictions"]) == 1 and p["predictions"][0]["top"][0]["class"] in manifest["classes"]
+
+
+def test_scratch_end_to_end(small_data):
+    r = run_json("scratch", small_data, "--epochs", "1", "--seed", "3")
+    assert RESULT_KEYS <= r.keys() and r["method"] == "scratch" and r["model_path"] is None
+    assert [h["epoch"] for h in r["history"]] == [1] and HISTORY_KEYS <= r["history"][0].keys()
+    assert r["trainable_params"] == r["total_params"]
+    assert r["n_train"] + r["n_val"] == 20
+
+
+def test_bad_input_is_one_line_exit_2():
+    proc = run_cli("finetune", "/nonexistent/data", "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
+        "featpipe: error: data directory not found: /nonexistent/data"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"val_fraction": 1.5}, "--val-fraction"),
+    ({"val_fraction": 0.0}, "early stopping needs a validation share"),
+    ({"epochs": 0}, "--epochs"),
+    ({"device": "tpu"}, "--device"),
+    ({"backbone": "mobilenet_v9"}, "unknown backbone"),
+])
+def test_bad_settings_are_user_errors(kw, match):
+    """In-process (the CLI turns any UserError into one line + exit 2, checked above): no import cost per case."""
+    with pytest.raises(UserError, match=match):
+        scratch(TrainConfig(**kw))
