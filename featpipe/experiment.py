@@ -142,7 +142,8 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
         "results": results, "device": device, "featpipe_version": __version__, "backbones": {
             k: {kk: vv for kk, vv in v.items() if kk != "y_val"} for k, v in backbones.items()},
         "dataset": {"classes": first["classes"], "images_per_class": first["images_per_class"],
-                    "n_train": first["n_train"], "n_val": first["n_val"]},
+                    "n_train": first["n_train"], "n_val": first["n_val"],
+                    "majority_val_accuracy": round(float(np.bincount(y_val).max() / len(y_val)), 4)},
         "timings": {"one_time": {k: {"extract_seconds": v["extract_seconds"], "decode_seconds": v["decode_seconds"]}
                                  for k, v in backbones.items()},
                     "training": {f"{r['method']}/{r['backbone']}": r["train_seconds"] for r in results},

@@ -61,7 +61,8 @@ def verdicts(report: dict) -> list[str]:
         if n == 0:
             verdict = "did not help: same val accuracy as the head"
         elif diff > 0:
-            verdict = f"helped: +{diff:.3f} val accuracy ({n} more of {n_val} val images right)"
+            verdict = f"helped: +{diff:.3f} val accuracy ({n} more of {n_val} val images right" + (
+                ", within noise on a val set this small)" if n == 1 else ")")
         else:
             verdict = f"did not help: {diff:.3f} val accuracy ({n} fewer of {n_val} val images right)"
         out.append(f"- Fine-tuning {backbone} over its head {verdict}, at {ft['train_seconds']:.1f} s vs "
@@ -85,7 +86,9 @@ def markdown(report: dict) -> str:
         "Training time excludes one-time work shared by the methods (" + one_time + "); the head's time is its fit "
         "(C chosen by inner CV), fine-tune's includes that head fit plus its epochs. Speed-up = scratch's training "
         "time / this row's, same backbone.", "",
-        *verdicts(report), "",
+        *verdicts(report),
+        f"- Always answering the largest class scores {d['majority_val_accuracy']:.3f} on val: a row at or below that "
+        f"has learned nothing usable yet.", "",
         f"Best on validation: {best['method']} / {best['backbone']} ({best['val_accuracy']:.3f}). Tutorial task "
         f"(val ≥ 0.80 in under 30 min, training only the last layers) met by: {', '.join(met) or 'none'}.", "",
         f"Total wall time {t['total_seconds']:.1f} s.", "",
