@@ -23,10 +23,11 @@ from torchvision.transforms import v2
 
 from featpipe import registry
 from featpipe.backbone import Backbone, load
-from featpipe.decode import PilDecoder, crop_corner
+from featpipe.dataset import ImageFile
+from featpipe.decode import PilDecoder, crop_corner, probe
 from featpipe.embed import configure_threads, resolve_device, resolve_precision
 from featpipe.errors import UserError
-from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES
+from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
 from featpipe.preprocess import Preprocessing
 from featpipe.splits import Split, val_split
 
@@ -109,7 +110,7 @@ def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre:
     t0 = time.perf_counter()
     square = Preprocessing(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
     decoder = PilDecoder(square)
-    results = list(decoder.pool.map(lambda p: decoder.decode_one(Path(p).read_bytes()), paths))
+    results = list(decoder.pool.map(lambda p: _decode_file(decoder, p), paths))
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     for p, r in zip(paths, results):
         if isinstance(r, str):
@@ -121,6 +122,12 @@ def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre:
     pixels = torch.from_numpy(np.stack([results[i] for i in keep]))
     return Images(pixels, torch.from_numpy(y), classes, [paths[i] for i in keep], split, pre.crop,
                   round(time.perf_counter() - t0, 4))
+
+
+def _decode_file(decoder: PilDecoder, path: str) -> np.ndarray | str:
+    """The square uint8 image, or why not (unreadable, not an image, too large, corrupt): never an exception."""
+    data, err = read_file(ImageFile(Path(path), ""))
+    return err or probe(data).skip_reason or decoder.decode_one(data)
 
 
 def scan_images(cfg: TrainConfig) -> Images:

@@ -84,6 +84,7 @@ def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path):
 
 
 def test_scratch_end_to_end(small_data):
+    (small_data / "tools" / "notes.txt").write_text("not an image")  # skipped and listed, never fatal
     r = run_json("scratch", small_data, "--epochs", "1", "--seed", "3")
     assert RESULT_KEYS <= r.keys() and r["method"] == "scratch" and r["model_path"] is None
     assert [h["epoch"] for h in r["history"]] == [1] and HISTORY_KEYS <= r["history"][0].keys()
