@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import sys
 from pathlib import Path
 
@@ -185,6 +186,7 @@ class RayEngine(_Engine):
             return
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
         if self.cfg.ray_address:
+            _check_reachable(self.cfg.ray_address)
             try:
                 ray.init(address=self.cfg.ray_address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -194,6 +196,17 @@ class RayEngine(_Engine):
             ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                      _temp_dir=str(ray_temp_dir(self.cfg.cache_dir)), **quiet)
         self.started_ray = True
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries an unreachable head for minutes; a plain HOST:PORT that refuses a TCP connection fails now."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://…": left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray head at {address}: {e.strerror or e}") from None
 
 
 def ray_temp_dir(cache_dir: Path) -> Path:

@@ -96,6 +96,12 @@ def test_missing_ray_is_a_user_error(small_data, tmp_path):
     assert proc.returncode == 2 and "pip install featpipe[ray]" in proc.stderr
 
 
+def test_unreachable_ray_address_fails_fast(small_data, tmp_path):
+    proc = run_cli("extract", small_data, "--engine", "ray", "--ray-address", "127.0.0.1:1", "--cache-dir",
+                   tmp_path / "c", timeout=120)
+    assert proc.returncode == 2 and "cannot reach the Ray head at 127.0.0.1:1" in proc.stderr
+
+
 def test_ray_flags_need_engine_ray(small_data, tmp_path):
     proc = run_cli("extract", small_data, "--workers", "2", "--cache-dir", tmp_path / "c")
     assert proc.returncode == 2 and "--engine ray" in proc.stderr
