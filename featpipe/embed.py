@@ -39,6 +39,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def default_batch_size(device: torch.device) -> int:
+    """CPU: 32 (measured 16/32/64 within noise on mobilenet_v2 and efficientnet_lite0; bigger only adds latency
+    and memory). CUDA: 256, enough work per launch to keep a large GPU busy at these small input sizes."""
+    return 256 if device.type == "cuda" else 32
+
+
 def configure_threads() -> None:
     """One intra-op thread per core we may use (not per core the machine has: containers lie)."""
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -55,11 +61,39 @@ class Embedder:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) on any device -> float32 (N, dim) numpy embeddings."""
+        return np.asarray(self.submit(batch))
+
+    @torch.inference_mode()
+    def submit(self, batch: np.ndarray | torch.Tensor) -> "np.ndarray | Pending":
+        """Like __call__, but on CUDA returns at once: the caller queues the next batch while this one computes.
+
+        Host batches go up from pinned memory and embeddings come back into pinned memory, both asynchronously;
+        `np.asarray(result)` is the only synchronisation (extract's writer thread does it, off the compute thread).
+        """
         x = torch.as_tensor(batch)
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()
         x = x.to(self.device, non_blocking=True) if x.device != self.device else x
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.model(x)
-        return out.float().cpu().numpy()
+            out = self.model(x).float()
+        if self.device.type != "cuda":
+            return out.numpy()
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Pending(host, done)
+
+
+@dataclass
+class Pending:
+    """Embeddings still being copied from the GPU; numpy conversion waits for the copy."""
+
+    host: torch.Tensor
+    done: "torch.cuda.Event"
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        self.done.synchronize()
+        return self.host.numpy() if dtype is None else self.host.numpy().astype(dtype)

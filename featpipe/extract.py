@@ -216,6 +216,7 @@ class _Engine:
         self.reused: dict[str, tuple[str, str]] = {}
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
+        self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
 
     def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -255,7 +256,6 @@ class _Engine:
                 args[-1].put(_DONE)
 
     def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
-        bs = self.cfg.batch_size or 32
         batch: list[Item] = []
         settled = 0
         for f in files:
@@ -278,7 +278,7 @@ class _Engine:
                 continue
             known.add(digest)  # identical bytes twice in one run: embed once
             batch.append(Item(f, digest, data, p))
-            if len(batch) == bs:
+            if len(batch) >= self.batch_size:
                 encoded.put((batch, settled))
                 batch, settled = [], 0
         encoded.put((batch, settled))
@@ -304,10 +304,12 @@ class _Engine:
         self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer)
         self.decoder_name, self.device_name = decoder.name, str(self.embedder.device)
         self.precision = self.embedder.precision
+        self.batch_size = batch_size_for(self.cfg, self.embedder.device)
         return decoder
 
     def _forward(self, batch: list[Item], pixels, reasons: list[str | None], written: queue.Queue) -> int:
-        return self._emit(batch, embed_decoded(self.embedder, pixels, reasons, self.timer), reasons, written)
+        return self._emit(batch, embed_decoded(self.embedder, pixels, reasons, self.timer, wait=False), reasons,
+                          written)
 
     def _emit(self, batch: list[Item], emb: np.ndarray | None, reasons: list[str | None],
               written: queue.Queue) -> int:
@@ -321,6 +323,7 @@ class _Engine:
 
     def _write(self, written: queue.Queue, cache: Cache, out: list[Rows]) -> None:
         while (rows := written.get()) is not _DONE:
+            rows.embeddings = np.asarray(rows.embeddings)  # waits for an async GPU copy: here, not in compute
             with self.timer("write"):
                 cache.append(rows)
             out.append(rows)
@@ -337,17 +340,25 @@ def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):
     precision = resolve_precision(cfg.precision, device)
     with timer("load_model"):
         embedder = Embedder(load(spec, cfg.weights).model, device, precision)
-    decoder = make_decoder(cfg.decoder, spec.preprocessing, cfg.batch_size or 32,
+    decoder = make_decoder(cfg.decoder, spec.preprocessing, batch_size_for(cfg, device),
                            (device.index or 0) if device.type == "cuda" else None)
     return embedder, decoder
 
 
-def embed_decoded(embedder, pixels, reasons: list[str | None], timer: StageTimer) -> np.ndarray | None:
-    """Embeddings of a decoded batch; None when every image failed to decode (the model never sees an empty batch)."""
+def batch_size_for(cfg: ExtractConfig, device) -> int:
+    from featpipe.embed import default_batch_size
+
+    return cfg.batch_size or default_batch_size(device)
+
+
+def embed_decoded(embedder, pixels, reasons: list[str | None], timer: StageTimer, wait: bool = True):
+    """Embeddings of a decoded batch; None when every image failed to decode (the model never sees an empty batch).
+
+    wait=False may return a handle that np.asarray() resolves (CUDA: the GPU keeps computing meanwhile)."""
     if None not in reasons:
         return None
     with timer("forward"):
-        return embedder(pixels)
+        return embedder(pixels) if wait else embedder.submit(pixels)
 
 
 def _concat(parts: list[Rows], dim: int) -> Rows:

@@ -1,0 +1,44 @@
+"""bench/throughput.py --small runs end to end and reports every figure; every pipeline it times computes the same
+embeddings. Nothing here asserts a speed: CI machines are shared and noisy, bench/README.md holds the numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("forward_img_s", "extract_img_s", "naive_img_s", "cold_seconds", "warm_seconds", "head_fit_seconds",
+           "finetune_epoch_seconds", "extract_vs_forward", "extract_vs_naive", "cold_vs_warm")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--small", "--workdir", str(d),
+                           "--json", str(d / "out.json")], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extract / naive" in proc.stdout  # the human table
+    return json.loads((d / "out.json").read_text())
+
+
+def test_every_figure_is_reported(report):
+    for k in FIGURES:
+        assert isinstance(report[k], (int, float)) and report[k] > 0, (k, report[k])
+    assert report["decode_img_s"]["pil"] > 0 and all(v > 0 for v in report["decode_img_s"].values())
+    assert report["images"] == 200 and report["repeats"] == 1
+    m = report["machine"]
+    assert {"cpu", "cores_usable", "torch", "commit", "date"} <= set(m) and m["cores_usable"] >= 1
+
+
+def test_every_path_computes_the_same_embeddings(report):
+    """Pillow and DALI inside extract, and the naive torchvision pipeline (fp32): cosine >= 0.98 on every image."""
+    agreement = report["agreement_cosine"]
+    expected = {"naive_vs_pil"} | ({"pil_vs_dali", "naive_vs_dali"} if "dali-cpu" in report["decode_img_s"] else set())
+    assert expected <= set(agreement)
+    for name in expected:
+        assert agreement[name]["n"] == report["images"], name
+        assert agreement[name]["min"] >= 0.98, (name, agreement[name])
