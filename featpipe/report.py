@@ -135,9 +135,10 @@ def plot_confusion(report: dict, path: Path) -> None:
     m = best["confusion"]
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.imshow(m, cmap="Blues")
+    top = max(max(row) for row in m)
     for i, row in enumerate(m):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="black")
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
