@@ -218,11 +218,12 @@ def bench(args) -> dict:
             t.setdefault(f"forward@{b}", []).append(timed(forward_all, embedder, pixels, b)[0])
         for dec in extract_decoders:
             flag = "auto" if dec == auto else dec
-            out = run_extract(images, work / f"cache-{r}-{dec}", args, flag)
+            cache = Path(tempfile.mkdtemp(prefix=f"cache-{dec}-", dir=work))  # cold: always a new, empty dir
+            out = run_extract(images, cache, args, flag)
             t.setdefault(f"extract:{dec}", []).append(out["seconds"])
             cfgs[dec], stages[dec], names[dec] = out["cfg"], out["stages"], out["decoder"]
             if dec == auto:
-                t.setdefault("warm", []).append(run_extract(images, work / f"cache-{r}-{dec}", args, flag)["seconds"])
+                t.setdefault("warm", []).append(run_extract(images, cache, args, flag)["seconds"])
         seconds, naive_emb = naive(images, spec, 32)
         t.setdefault("naive", []).append(seconds)
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)

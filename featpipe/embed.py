@@ -40,9 +40,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """CPU: 32 (measured 16/32/64 within noise on mobilenet_v2 and efficientnet_lite0; bigger only adds latency
-    and memory). CUDA: 256, enough work per launch to keep a large GPU busy at these small input sizes."""
-    return 256 if device.type == "cuda" else 32
+    """CPU: 16, measured fastest of 16/32/64 for mobilenet_v2 and efficientnet_lite0 (activations stay in cache;
+    bench/README.md). CUDA: 256, enough work per launch to keep a large GPU busy at these small input sizes."""
+    return 256 if device.type == "cuda" else 16
 
 
 def configure_threads() -> None:
