@@ -68,8 +68,9 @@ def verdicts(report: dict) -> list[str]:
             verdict = (f"helped: val {start:.3f} -> {ft['val_accuracy']:.3f} ({n} more of {n_val} val images right"
                        + (", within noise on a val set this small)" if n == 1 else ")"))
         aside = "" if head["val_accuracy"] == start else (
-            f" (the head row's {head['val_accuracy']:.3f} scores that head on the cached features, not on freshly "
-            f"decoded pixels through the training model; the two disagree on borderline images)")
+            f" (the head row's {head['val_accuracy']:.3f} scores that head on the cached features from the extractor's "
+            f"forward; on the same pixels the training model's forward differs slightly in floating point, enough to "
+            f"flip a borderline image)")
         out.append(f"- Fine-tuning {backbone} {verdict}; {ft['train_seconds']:.1f} s vs {head['train_seconds']:.2f} s "
                    f"of training{aside}.")
     return out

@@ -2,8 +2,9 @@
 
 Every image is decoded once, through the extractor's Pillow path, into a uint8 square of side `resize` (the
 shorter side the backbone's preprocessing resizes to) and kept in memory; each training batch is augmented on
-tensors (RandomResizedCrop + horizontal flip), so an epoch costs only the network. Validation centre-crops that
-square, which is exactly the extractor's resize + centre crop: fine-tune, scratch and head see the same pixels.
+tensors (RandomResizedCrop + horizontal flip), so an epoch costs only the network. Validation images are also
+decoded once more with the backbone's own preprocessing (`pil_decode`), the extractor's exact pixels: fine-tune,
+scratch and the cached-feature head are scored on identical inputs.
 All three use featpipe.splits.val_split on the same path-sorted member list, so they are scored on the same images.
 """
 
@@ -67,7 +68,7 @@ class TrainConfig:
 
 @dataclass
 class Images:
-    """The decoded training set: uint8 (N, S, S, 3) squares, labels, and the shared split."""
+    """The decoded training set: uint8 (N, S, S, 3) squares, labels, the shared split, and the val crops."""
 
     pixels: torch.Tensor
     y: torch.Tensor
@@ -75,6 +76,7 @@ class Images:
     paths: list[str]
     split: Split
     crop: int
+    val_pixels: torch.Tensor  # uint8 (len(split.val), crop, crop, 3): the extractor's preprocessing exactly
     decode_seconds: float
 
 
@@ -120,7 +122,13 @@ def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre:
     y = labels[keep]
     split = val_split(y, classes, val_fraction, seed)
     pixels = torch.from_numpy(np.stack([results[i] for i in keep]))
-    return Images(pixels, torch.from_numpy(y), classes, [paths[i] for i in keep], split, pre.crop,
+    kept = [paths[i] for i in keep]
+    crop = PilDecoder(pre)
+    val = list(crop.pool.map(lambda i: _decode_file(crop, kept[i]), split.val))
+    if any(isinstance(v, str) for v in val):
+        raise UserError(f"a validation image changed while decoding: {next(v for v in val if isinstance(v, str))}")
+    return Images(pixels, torch.from_numpy(y), classes, kept, split, pre.crop,
+                  torch.from_numpy(np.stack(val)).reshape(-1, pre.crop, pre.crop, 3),
                   round(time.perf_counter() - t0, 4))
 
 
@@ -197,11 +205,12 @@ def centre(batch: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: Images, idx: np.ndarray, device: torch.device, precision: str) -> np.ndarray:
+def predict(model: nn.Module, crops: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    """Class indices for uint8 NHWC crops, in eval mode."""
     model.eval()
     preds = []
-    for start in range(0, len(idx), 64):
-        x = centre(images.pixels[idx[start:start + 64]], images.crop).to(device)
+    for start in range(0, len(crops), 64):
+        x = crops[start:start + 64].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             preds.append(model(x).argmax(1).cpu())
     return torch.cat(preds).numpy()
@@ -214,8 +223,8 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
                             v2.RandomHorizontalFlip()])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    train_idx, val_idx = images.split.train, images.split.val
-    y_val = images.y.numpy()[val_idx]
+    train_idx = images.split.train
+    y_val = images.y.numpy()[images.split.val]
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {"epoch": 0, "val_accuracy": -1.0}
     best_state, best_epoch = copy.deepcopy(model.state_dict()), best["epoch"]
     seconds = 0.0
@@ -235,7 +244,7 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
             opt.step()
             total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-        val_acc = float((predict(model, images, val_idx, device, precision) == y_val).mean())
+        val_acc = float((predict(model, images.val_pixels, device, precision) == y_val).mean())
         elapsed = time.perf_counter() - t0
         seconds += elapsed
         history.append({"epoch": epoch, "train_loss": round(total_loss / len(order), 4),
@@ -263,8 +272,8 @@ def _result(method: str, model: Classifier, images: Images, cfg: TrainConfig, de
             best_epoch: int, seconds: float, history: list[dict], hyper: dict) -> TrainResult:
     tr, va = images.split.train, images.split.val
     y = images.y.numpy()
-    val_pred = predict(model, images, va, device, precision)
-    train_acc = float((predict(model, images, tr, device, precision) == y[tr]).mean())
+    val_pred = predict(model, images.val_pixels, device, precision)
+    train_acc = float((predict(model, centre(images.pixels[tr], images.crop), device, precision) == y[tr]).mean())
     params = list(model.parameters())
     return TrainResult(
         method, model.backbone.spec.name, round(train_acc, 4), round(float((val_pred == y[va]).mean()), 4),
@@ -302,7 +311,7 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     model = Classifier(loaded.model, head.as_torch_module(), trainable).to(device)
     groups = [{"params": [p for p in loaded.model.parameters() if p.requires_grad], "lr": cfg.lr_backbone},
               {"params": list(model.head.parameters()), "lr": cfg.lr_head}]
-    val_acc0 = float((predict(model, images, images.split.val, device, precision) ==
+    val_acc0 = float((predict(model, images.val_pixels, device, precision) ==
                       images.y.numpy()[images.split.val]).mean())
     history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": round(val_acc0, 4),
                 "seconds": round(head_seconds, 2)}]
