@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from featpipe import registry
 from featpipe.backbone import load
 from featpipe.dataset import scan, shipped_dataset
-from featpipe.decode import DaliDecoder, PilDecoder, auto_kind, probe
+from featpipe.decode import DaliDecoder, PilDecoder, probe
 from featpipe.embed import Embedder, configure_threads, default_batch_size, resolve_device, resolve_precision
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
@@ -204,7 +204,7 @@ def bench(args) -> dict:
     forward_all(embedder, pixels[:bs], bs)  # warm-up: first-call allocations and kernel selection
     sweep = [int(b) for b in args.sweep.split(",")] if args.sweep else []
     extract_decoders = ["pil", "dali"] if any(k.startswith("dali") for k in decoders) else ["pil"]
-    auto = auto_kind(0 if device.type == "cuda" else None)  # extract's default: the headline figures use it
+    auto = extract_decoders[-1]  # what --decoder auto picks (DALI when it builds): the headline figures use it
 
     t: dict[str, list[float]] = {}
     cfgs: dict[str, ExtractConfig] = {}
