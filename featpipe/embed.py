@@ -11,6 +11,10 @@ import torch
 from featpipe.backbone import Backbone
 from featpipe.errors import UserError
 
+# bf16: the first convolutions (full resolution, linear bottleneck) keep fp32. Measured on the shipped set, per-image
+# cosine to fp32 embeddings, worst image: mobilenet_v2 0.9896 all-bf16 -> 0.9997; efficientnet_lite0 0.9969 ->
+# 0.9982; forward throughput -2% and -14% (interleaved medians, 2 cores).
+FP32_LEADING_CONVS = 3
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,6 +64,9 @@ class Embedder:
         self.model = self.model.to(self.device).eval().to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if self.precision == "bf16":
+            convs = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d)]
+            keep_fp32(convs[:FP32_LEADING_CONVS], self.device.type)
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, H, W, 3) on any device -> float32 (N, dim) numpy embeddings."""
@@ -85,6 +92,24 @@ class Embedder:
         done = torch.cuda.Event()
         done.record()
         return Pending(host, done)
+
+
+def keep_fp32(modules: list[torch.nn.Module], device_type: str) -> None:
+    """Run these modules in fp32 inside an enclosing bf16 autocast (hooks: the state dict stays unchanged)."""
+    active: list[torch.autocast] = []
+
+    def enter(module, args):
+        ctx = torch.autocast(device_type, enabled=False)
+        ctx.__enter__()
+        active.append(ctx)
+        return tuple(a.float() for a in args)
+
+    def leave(module, args, out):
+        active.pop().__exit__(None, None, None)
+
+    for m in modules:
+        m.register_forward_pre_hook(enter)
+        m.register_forward_hook(leave, always_call=True)
 
 
 @dataclass

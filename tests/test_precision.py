@@ -27,11 +27,10 @@ def test_bf16_embeddings_match_fp32_per_image(by_precision):
     assert (fp32.result.precision, bf16.result.precision) == ("fp32", "bf16")
     a, b = fp32.X, bf16.X
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    # Measured (AMD EPYC, avx512_bf16): median 0.9989, min 0.9896 -- one photo of 196 just under 0.99, and keeping
-    # the last block in fp32 does not move it (the error builds up through the network). So: 99% of images at
-    # >= 0.99, none below 0.985; the head test below is what says the difference does not matter downstream.
+    # The spec: every image >= 0.99. All-bf16 gave 0.9896 on one photo; featpipe.embed keeps the first convolutions
+    # in fp32 (FP32_LEADING_CONVS), which measured 0.9997 here.
     worst = f"worst image cosine {cos.min():.4f} ({fp32.paths[int(cos.argmin())]})"
-    assert np.mean(cos >= 0.99) >= 0.99 and cos.min() >= 0.985, worst
+    assert cos.min() >= 0.99, worst
     assert np.median(cos) >= 0.998, np.median(cos)
 
 
