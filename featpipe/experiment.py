@@ -44,7 +44,7 @@ class ExperimentConfig:
     head: str = "logistic"
     # TrainConfig overrides; what is not given takes TrainConfig's defaults (scratch: lr_head is its only lr)
     finetune: dict = field(default_factory=lambda: {"epochs": 3, "unfreeze_blocks": 3})
-    scratch: dict = field(default_factory=lambda: {"epochs": 2})
+    scratch: dict = field(default_factory=lambda: {"epochs": 6})
 
     def __post_init__(self) -> None:
         if not self.backbones:

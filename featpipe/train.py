@@ -216,6 +216,26 @@ def predict(model: nn.Module, crops: torch.Tensor, device: torch.device, precisi
     return torch.cat(preds).numpy()
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: Classifier, crops: torch.Tensor, device: torch.device, precision: str) -> None:
+    """Exact BatchNorm statistics over the training images ("precise BN") before evaluating a scratch model.
+
+    After a few dozen steps, momentum-averaged running statistics still mostly hold their initial 0/1 values, so a
+    scratch model in eval mode predicts one class whatever it has learned; the baseline would look worse than it is.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch below
+    model.train()
+    for start in range(0, len(crops), 64):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(crops[start:start + 64].to(device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+
+
 def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig, device: torch.device,
         precision: str, log: Callable[[str], None], history: list[dict]) -> tuple[int, float]:
     """Epochs with early stopping on val accuracy; the best checkpoint is restored. Returns (best epoch, seconds)."""
@@ -244,6 +264,8 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
             opt.step()
             total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
+        if model.trainable is None:  # scratch: BatchNorm learns its statistics too
+            recalibrate_batchnorm(model, centre(images.pixels[train_idx], images.crop), device, precision)
         val_acc = float((predict(model, images.val_pixels, device, precision) == y_val).mean())
         elapsed = time.perf_counter() - t0
         seconds += elapsed
