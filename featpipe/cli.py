@@ -61,7 +61,7 @@ def extract(
     decoder: DecoderOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass "
-                                                      "(default 32).")] = None,
+                                                      "(default 16 on CPU, 256 on CUDA).")] = None,
     weights: WeightsOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -73,28 +73,11 @@ def extract(
 
     cfg = ExtractConfig(data_dir, backbone, cache_dir, device, decoder, precision, batch_size, weights,
                         engine=engine, ray_address=ray_address, workers=workers)
+    from featpipe.progress import run_extract
+
     res = run_extract(cfg)
     _emit(res.to_json(), as_json, f"cache: {res.cache_file}")
 
-
-def run_extract(cfg):
-    """extract() with a progress bar on stderr and a summary line; shared by every command that needs features."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from featpipe.extract import extract as do_extract
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("extract {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("extract", total=None, name=cfg.backbone)
-        res = do_extract(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    console.print(f"{res.backbone}: {res.images} images — computed {res.computed}, reused {res.reused}, "
-                  f"skipped {len(res.skipped)} — {res.seconds:.2f} s ({res.images_per_sec:.1f} img/s, "
-                  f"{res.decoder}, {res.device}, {res.precision})", highlight=False, soft_wrap=True)
-    for s in res.skipped:
-        console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False, markup=False, soft_wrap=True)
-    return res
 
 
 @app.command()

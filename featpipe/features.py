@@ -26,7 +26,7 @@ class Features:
 def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
     """Make sure the cache is complete (extracting what is missing), then gather the current images' rows."""
     if progress:
-        from featpipe.cli import run_extract
+        from featpipe.progress import run_extract
 
         result = run_extract(cfg)
     else:
