@@ -40,7 +40,7 @@ class ExperimentConfig:
     device: str = "auto"
     val_fraction: float = 0.2
     seed: int = 0
-    cv: int = 5  # head: K-fold CV on the training split (fewer folds when the smallest class is smaller)
+    cv: int = 5  # head: K-fold CV over every image (fewer folds when the smallest class is smaller)
     head: str = "logistic"
     # TrainConfig overrides; what is not given takes TrainConfig's defaults (scratch: lr_head is its only lr)
     finetune: dict = field(default_factory=lambda: {"epochs": 3, "unfreeze_blocks": 3})
@@ -205,7 +205,7 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
 
 
 def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
-    """Fit the head on the training split's cached features (timed), score it, and K-fold CV it on that split."""
+    """Fit the head on the training split's cached features (timed), score it, and K-fold CV it on every image."""
     from featpipe.heads import HeadConfig, accuracy, cross_validate, fit_head
 
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
@@ -213,8 +213,8 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
     t0 = time.perf_counter()
     head = fit_head(f.X[tr], f.y[tr], len(f.classes), hc)
     seconds = time.perf_counter() - t0
-    k = min(cfg.cv, int(np.bincount(f.y[tr]).min()))
-    cv = cross_validate(f.X[tr], f.y[tr], f.classes, k, hc) if k >= 2 else (None, None)
+    k = min(cfg.cv, int(np.bincount(f.y).min()))
+    cv = cross_validate(f.X, f.y, f.classes, k, hc) if k >= 2 else (None, None)
     pred = head.predict_proba(f.X[va]).argmax(1)
     r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X[tr], f.y[tr]), 4),
          "val_accuracy": round(float((pred == f.y[va]).mean()), 4), "train_seconds": round(seconds, 3),

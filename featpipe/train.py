@@ -352,11 +352,13 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
 
 
 def save_bundle(model: Classifier, features, res: TrainResult, out: Path) -> Path:
-    """Fine-tuned backbone (full state dict) + the trained head as a plain logistic head (identity standardiser)."""
+    """Fine-tuned backbone (full state dict) + the trained head as a plain logistic head (identity standardiser;
+    Head.as_torch_module() puts back the same UnitNorm + Linear that was trained)."""
     from featpipe.bundle import Bundle, save
     from featpipe.heads import Head
 
-    w, b = (t.detach().float().cpu().numpy() for t in (model.head.weight, model.head.bias))
+    linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]  # after Head's UnitNorm
+    w, b = (t.detach().float().cpu().numpy() for t in (linear.weight, linear.bias))
     dim = w.shape[1]
     head = Head("logistic", {"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32), "w1": w, "b1": b},
                 {"finetuned": True})

@@ -52,7 +52,8 @@ def test_experiment_writes_consistent_reports(small_data, tmp_path):
         assert float(cells[4].removesuffix(" s")) == pytest.approx(x["train_seconds"], abs=5e-3)
         if x["method"] == "head":
             mean, std = map(float, re.findall(r"CV ([\d.]+) ± ([\d.]+)", cells[3])[0])
-            assert (mean, std) == pytest.approx((x["cv_accuracy_mean"], x["cv_accuracy_std"]), abs=5e-4)
+            # 3 decimals in the table: a half-way value like 0.0625 may round either way
+            assert (mean, std) == pytest.approx((x["cv_accuracy_mean"], x["cv_accuracy_std"]), abs=5e-4 + 1e-9)
     assert re.search(r"Fine-tuning mobilenet_v2 (helped|did not help)", (out / "report.md").read_text())
 
 

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.features import Features, from_result, load_features
-from featpipe.heads import HeadConfig, accuracy, fit_head
+from featpipe.heads import HeadConfig, accuracy, fit_head, unit_norm
 from featpipe.splits import check_folds, kfold, val_split
 from tests.conftest import run_cli, run_json
 
@@ -60,16 +60,17 @@ def test_split_and_folds_refuse_tiny_classes():
 def test_logistic_module_folds_scaler_and_matches_sklearn(feats):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import Normalizer, StandardScaler
 
     X, y = feats.X[::2], feats.y[::2]
     head = fit_head(X, y, len(feats.classes), HeadConfig("logistic"))
-    ref = make_pipeline(StandardScaler(), LogisticRegression(C=head.params["C"], max_iter=1000)).fit(X, y)
+    ref = make_pipeline(Normalizer(), StandardScaler(), LogisticRegression(C=head.params["C"], max_iter=1000))
+    ref.fit(X, y)
     np.testing.assert_allclose(head.predict_proba(feats.X), ref.predict_proba(feats.X), atol=1e-3)
     module = head.as_torch_module()
-    assert isinstance(module, torch.nn.Linear)
+    assert [type(m).__name__ for m in module] == ["UnitNorm", "Linear"]
     a = head.arrays
-    manual = ((feats.X - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
+    manual = ((unit_norm(feats.X) - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
     np.testing.assert_allclose(module(torch.from_numpy(feats.X)).detach().numpy(), manual, rtol=1e-3, atol=1e-3)
 
 
@@ -79,7 +80,7 @@ def test_binary_head_matches_sigmoid(feats):
     keep = feats.y < 2
     X, y = feats.X[keep], feats.y[keep]
     head = fit_head(X, y, 2, HeadConfig("logistic", Cs=(0.1,)))
-    Z = (X - head.arrays["mean"]) / head.arrays["scale"]
+    Z = (unit_norm(X) - head.arrays["mean"]) / head.arrays["scale"]
     ref = LogisticRegression(C=0.1, max_iter=1000).fit(Z, y)
     np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(Z), atol=1e-3)
 
@@ -134,7 +135,7 @@ def test_fit_head_cv_larger_than_smallest_class_is_one_line(warm_cache, tmp_path
     proc = run_cli("fit-head", "--cache-dir", warm_cache, "--cv", "30", "--out", tmp_path / "x")
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("featpipe: error: --cv 30") and "'animals' has 19" in line
+    assert line.startswith("featpipe: error: --cv 30") and "'animals' has 24" in line
     assert not (tmp_path / "x").exists()
 
 
