@@ -214,11 +214,17 @@ def experiment(
                                                       "[default: cache].", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda [default: auto].",
                                                   show_default=False)] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Stratified validation share, "
+                                                          "the same for every method and backbone [default: 0.2].",
+                                                          show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Split, augmentation and initialisation seed "
+                                                "[default: 0].", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Scratch vs head vs fine-tune per backbone on one split: report.json, report.md, report.png, confusion.png."""
     _run_experiment(config, {"data_dir": data_dir, "backbones": _csv(backbones), "methods": _csv(methods),
-                             "out": out, "cache_dir": cache_dir, "device": device}, as_json)
+                             "out": out, "cache_dir": cache_dir, "device": device, "val_fraction": val_fraction,
+                             "seed": seed}, as_json)
 
 
 @app.command()

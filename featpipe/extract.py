@@ -11,9 +11,10 @@ import hashlib
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -76,9 +77,8 @@ class ExtractResult:
     key: CacheKey | None = field(default=None, repr=False)  # lets callers read the rows without re-hashing weights
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        del d["members"], d["key"]
-        return d
+        """The --json object: every field but the per-image members and the cache key (no deep copy of them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "key")}
 
 
 @dataclass(frozen=True)
@@ -178,17 +178,13 @@ class StageTimer:
         self._t: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.add(stage, time.perf_counter() - self.t)
-
-        return _Ctx()
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
 
     def add(self, stage: str, seconds: float) -> None:
         """Also for seconds measured elsewhere (Ray actors report their decode/forward time)."""

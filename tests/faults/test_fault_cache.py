@@ -60,7 +60,7 @@ def scribble_on_embeddings(h5: Path) -> None:
 def test_corrupt_cache_is_moved_aside_and_rebuilt(fresh, tmp_path, damage):
     data, cache = damaged_copy(fresh, tmp_path, damage)
     proc = run_cli("extract", data, "--cache-dir", cache, *ARGS, "--json", timeout=300, check=True)
-    said = [line for line in proc.stderr.splitlines() if "corrupt" in line]
+    said = [line for line in proc.stderr.splitlines() if " is corrupt (" in line]
     assert len(said) == 1 and "moved to" in said[0], proc.stderr
     assert len(list(cache.glob("*.h5.corrupt-*"))) == 1
     assert json.loads(proc.stdout)["computed"] == 20
