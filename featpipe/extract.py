@@ -127,7 +127,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     _require_every_class(classes, members, root)
     seconds = time.perf_counter() - t0
     return ExtractResult(
-        images=len(files), computed=len(new_rows), reused=len(reused), skipped=skipped, seconds=round(seconds, 4),
+        images=len(files), computed=len(new_rows), reused=engine.reused_files, skipped=skipped,
+        seconds=round(seconds, 4),
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
         precision=engine.precision, stage_seconds=timer.totals(),
@@ -209,7 +210,8 @@ class _Engine:
         self.cfg, self.spec, self.key, self.timer = cfg, spec, key, timer
         self.decoder_name, self.device_name, self.precision = "none", "none", "none"
         self.skipped: list[dict] = []
-        self.reused: dict[str, tuple[str, str]] = {}
+        self.reused: dict[str, tuple[str, str]] = {}  # hash -> where its file is now (refreshes cache rows)
+        self.reused_files = 0  # files served by an existing row: identical files count once each
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
@@ -263,6 +265,7 @@ class _Engine:
                 self.members.append(Member(str(f.path), f.label, digest))
                 if digest in known:
                     self.reused[digest] = (str(f.path), f.label)
+                    self.reused_files += 1
                     settled += 1
                     continue
                 with self.timer("probe"):

@@ -90,6 +90,8 @@ def test_bad_images_beside_good_ones(small_data, shipped, tmp_path, decoder):
     digests = {fk.sha256_of(p) for p in embedded}
     assert digests <= set(rows.sha256) and res["computed"] == len(digests) == len(rows)
     assert res["images"] == len(good_before) + len(expect)
+    # every file is accounted for once: the identical copy is served by its twin's row ("reused")
+    assert res["computed"] + res["reused"] + len(res["skipped"]) == res["images"] and res["reused"] == 1
     assert np.isfinite(rows.embeddings).all() and (np.linalg.norm(rows.embeddings, axis=1) > 0).all()
     emb = fk.by_path(rows)
     ref = small_data / "ref"
