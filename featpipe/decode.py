@@ -174,7 +174,9 @@ class DaliDecoder:
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
             start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
-            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            # fancy upsampling: nvJPEG then matches libjpeg-turbo (DALI CPU) and Pillow chroma upsampling
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                    jpeg_fancy_upsampling=True)
             img = fn.resize(img, size=size, interp_type=interp, antialias=True)
             return fn.slice(img, start=start, shape=[self.pre.crop, self.pre.crop], axis_names="HW")
 

@@ -10,6 +10,8 @@ import time
 
 import h5py
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import run_cli, run_json
@@ -108,3 +110,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_data):
         proc = run_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_gpu_path_agrees_with_cpu_path(tmp_path, shipped):
+    """nvJPEG (DALI mixed) + CUDA forward vs the CPU twin (Pillow + CPU forward), per image."""
+    gpu = run_json("extract", "--device", "cuda", "--decoder", "dali", "--precision", "fp32", "--cache-dir",
+                   tmp_path / "gpu")
+    assert (gpu["decoder"], gpu["device"]) == ("dali-gpu", "cuda:0") and gpu["computed"] == 196
+    cpu = run_json("extract", "--device", "cpu", "--decoder", "pil", "--precision", "fp32", "--cache-dir",
+                   tmp_path / "cpu")
+    a, b = read_h5(gpu["cache_file"]), read_h5(cpu["cache_file"])
+    assert a.keys() == b.keys()
+    x, y = np.stack([a[k] for k in sorted(a)]), np.stack([b[k] for k in sorted(a)])
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() >= 0.98, cos.min()
