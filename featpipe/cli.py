@@ -103,20 +103,21 @@ def fit_head(
     head: Annotated[str, typer.Option("--head", help="logistic (scaled logistic regression, C swept by CV) | mlp "
                                       "(one hidden layer, early stopping).")] = "logistic",
     cv: Annotated[Optional[int], typer.Option("--cv", help="Also report K-fold CV accuracy (mean ± std) of the "
-                                              "whole head procedure on the training split.")] = None,
+                                              "whole head procedure over every image.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Stratified share of each class held out "
                                                 "for val_accuracy (0: none).")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Split, CV and MLP seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Bundle directory (default "
                                                 "models/<backbone>-<head>).")] = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
     from featpipe.extract import ExtractConfig
     from featpipe.heads import FitConfig, HeadConfig, fit_and_save
 
-    r = fit_and_save(FitConfig(ExtractConfig(data_dir, backbone, cache_dir, device), HeadConfig(head, seed), cv,
-                               val_fraction, out))
+    r = fit_and_save(FitConfig(ExtractConfig(data_dir, backbone, cache_dir, device, weights=weights),
+                               HeadConfig(head, seed), cv, val_fraction, out))
     cv_text = f", cv {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f}" if cv else ""
     val_text = f"{r['val_accuracy']:.3f}" if r["val_accuracy"] is not None else "n/a"
     _emit(r, as_json, f"{r['head']} head on {r['backbone']}: train {r['train_accuracy']:.3f}, val {val_text} "
@@ -129,12 +130,13 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to report per image.")] = 3,
     device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a model bundle; unreadable files are listed as skipped, never fatal."""
     from featpipe.predict import PredictConfig, predict as do_predict
 
-    r = do_predict(PredictConfig(model, paths, top_k, device))
+    r = do_predict(PredictConfig(model, paths, top_k, device, weights))
     lines = [f"{p['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])
              for p in r["predictions"]]
     lines += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]

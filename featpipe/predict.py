@@ -25,6 +25,7 @@ class PredictConfig:
     paths: list[Path]
     top_k: int = 3
     device: str = "auto"
+    weights: Path | None = None  # the local checkpoint a head-only bundle was fitted with (`--weights`)
 
 
 def predict(cfg: PredictConfig) -> dict:
@@ -33,7 +34,7 @@ def predict(cfg: PredictConfig) -> dict:
         raise UserError(f"--top-k must be at least 1 (got {cfg.top_k})")
     bundle = B.load(cfg.model)
     files = collect(cfg.paths)
-    embedder = _embedder(bundle, cfg.device)
+    embedder = _embedder(bundle, cfg.device, cfg.weights)
     decoder = PilDecoder(bundle.preprocessing)
     predictions, skipped = [], []
     for start in range(0, len(files), BATCH):
@@ -60,7 +61,7 @@ def collect(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _embedder(bundle: B.Bundle, device: str):
+def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
     from featpipe import registry
     from featpipe.backbone import load
     from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
@@ -73,11 +74,11 @@ def _embedder(bundle: B.Bundle, device: str):
     dev = resolve_device(device)
     if bundle.finetuned:
         return Embedder(_finetuned(spec, bundle), dev, resolve_precision("auto", dev))
-    loaded = load(spec)
-    if loaded.weights_sha256 != bundle.weights_sha256:
+    if spec.weights_sha256(weights) != bundle.weights_sha256:  # before building: a file's hash needs no model
         raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
-                        f"{bundle.weights_sha256[:12]}…, but this machine has {loaded.weights_sha256[:12]}…")
-    return Embedder(loaded.model, dev, resolve_precision("auto", dev))
+                        f"{bundle.weights_sha256[:12]}…, but these are {spec.weights_sha256(weights)[:12]}…; pass "
+                        f"the checkpoint it was fitted with as --weights PATH")
+    return Embedder(load(spec, weights).model, dev, resolve_precision("auto", dev))
 
 
 def _finetuned(spec, bundle: B.Bundle):

@@ -65,6 +65,13 @@ def test_local_checkpoint_with_weights_flag(tmp_path, small_data):
     proc = run_cli("extract", small_data, "-b", "resnet18", "--weights", ckpt, "--cache-dir", tmp_path / "c",
                    "--json", check=True)
     assert '"dim": 512' in proc.stdout and '"computed": 20' in proc.stdout
+    # the same checkpoint carries through fit-head (features from the cache) and predict (which must be given it)
+    run_cli("fit-head", small_data, "-b", "resnet18", "--weights", ckpt, "--cache-dir", tmp_path / "c",
+            "--val-fraction", "0", "--out", tmp_path / "m", check=True)
+    image = next(small_data.glob("tools/*.jpg"))
+    assert '"class"' in run_cli("predict", tmp_path / "m", image, "--weights", ckpt, "--json", check=True).stdout
+    proc = run_cli("predict", tmp_path / "m", image)
+    assert proc.returncode == 2 and "--weights PATH" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 def test_offline_without_weights_fails_with_one_line(tmp_path, small_data):
