@@ -199,6 +199,20 @@ class DaliDecoder:
         return stack_results(results, self.pre)
 
     def _run_dali(self, data: list[bytes], sizes: list[tuple[int, int]]):
+        """The pipeline's batch size is a maximum: longer inputs run in chunks (else DALI fails the whole batch)."""
+        chunks = [self._run_chunk(data[i:i + self.batch_size], sizes[i:i + self.batch_size])
+                  for i in range(0, len(data), self.batch_size)]
+        if any(c is None for c in chunks):
+            return None
+        if len(chunks) == 1:
+            return chunks[0]
+        if self.device_id is None:
+            return np.concatenate(chunks)
+        import torch
+
+        return torch.cat(chunks)
+
+    def _run_chunk(self, data: list[bytes], sizes: list[tuple[int, int]]):
         # Sizes and crop corners follow torchvision's rules exactly (DALI's own round the other way).
         hw = [resized_size(w, h, self.pre.resize)[::-1] for w, h in sizes]
         try:

@@ -125,3 +125,22 @@ def test_gpu_path_agrees_with_cpu_path(tmp_path, shipped):
     x, y = np.stack([a[k] for k in sorted(a)]), np.stack([b[k] for k in sorted(a)])
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert cos.min() >= 0.98, cos.min()
+
+
+def test_dali_decoder_takes_batches_longer_than_its_pipeline(shipped):
+    """The reader's first batch can be longer than the device's batch size: DALI must run it, not fail over."""
+    from featpipe.decode import DaliDecoder, PilDecoder, probe
+    from featpipe.registry import resolve
+
+    pre = resolve("mobilenet_v2").preprocessing
+    data = [p.read_bytes() for p in sorted(shipped.glob("*/*.jpg"))[:20]]
+    probes = [probe(d) for d in data]
+    dali = DaliDecoder(pre, 8, None)
+    pipe = dali.pipe
+    pixels, reasons = dali.decode(data, probes)
+    assert dali.pipe is pipe, "a failed DALI run rebuilt the pipeline (and fell back to Pillow)"
+    assert reasons == [None] * 20 and pixels.shape == (20, 224, 224, 3)
+    again, _ = dali.decode(data[:8], probes[:8])
+    np.testing.assert_array_equal(pixels[:8], again)  # chunked output lines up with the inputs
+    pil, _ = PilDecoder(pre).decode(data, probes)
+    assert np.abs(pixels.astype(int) - pil).mean() < 3
