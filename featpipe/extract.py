@@ -75,10 +75,11 @@ class ExtractResult:
     stage_seconds: dict = field(default_factory=dict)
     members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
     key: CacheKey | None = field(default=None, repr=False)  # lets callers read the rows without re-hashing weights
+    rows: Rows | None = field(default=None, repr=False)  # the cache as committed: heads need not read it again
 
     def to_json(self) -> dict:
-        """The --json object: every field but the per-image members and the cache key (no deep copy of them)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "key")}
+        """The --json object: every field but the per-image members, the cache key and rows (no deep copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "key", "rows")}
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
         precision=engine.precision, stage_seconds=timer.totals(),
-        members=members, key=key,
+        members=members, key=key, rows=final,
     )
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featpipe.cache import Cache
 from featpipe.extract import ExtractConfig, ExtractResult
 
 
@@ -33,12 +32,14 @@ def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
         from featpipe.extract import extract
 
         result = extract(cfg)
-    return from_result(cfg, result)
+    return from_result(result)
 
 
-def from_result(cfg: ExtractConfig, result: ExtractResult) -> Features:
-    """extract() refuses a class folder without a valid image, so the members' labels are every class folder."""
-    rows = Cache(cfg.cache_dir, result.key).read()
+def from_result(result: ExtractResult) -> Features:
+    """extract() refuses a class folder without a valid image, so the members' labels are every class folder.
+
+    The rows are the ones extract() just committed (it read and verified the whole cache already)."""
+    rows = result.rows
     index = {h: i for i, h in enumerate(rows.sha256)}
     members = sorted(result.members, key=lambda m: m.path)  # path order: splits must not depend on hash order
     classes = sorted({m.label for m in members})
