@@ -204,7 +204,8 @@ def bench(args) -> dict:
     forward_all(embedder, pixels[:bs], bs)  # warm-up: first-call allocations and kernel selection
     sweep = [int(b) for b in args.sweep.split(",")] if args.sweep else []
     extract_decoders = ["pil", "dali"] if any(k.startswith("dali") for k in decoders) else ["pil"]
-    auto = extract_decoders[-1]  # what --decoder auto picks (DALI when it builds): the headline figures use it
+    # what --decoder auto picks (DALI's nvJPEG with CUDA, else Pillow): the headline figures use it
+    auto = "dali" if device.type == "cuda" and "dali" in extract_decoders else "pil"
 
     t: dict[str, list[float]] = {}
     cfgs: dict[str, ExtractConfig] = {}

@@ -29,7 +29,7 @@ def test_cold_then_warm_run_reuses_everything(tmp_path, small_data):
     cold = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
     assert KEYS <= cold.keys()
     assert (cold["images"], cold["computed"], cold["reused"], cold["skipped"]) == (20, 20, 0, [])
-    assert (cold["backbone"], cold["dim"], cold["device"]) == ("mobilenet_v2", 1280, "cpu")
+    assert (cold["backbone"], cold["dim"], cold["device"], cold["decoder"]) == ("mobilenet_v2", 1280, "cpu", "pil")
     warm = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
     assert (warm["computed"], warm["reused"], warm["cache_file"]) == (0, 20, cold["cache_file"])
     with h5py.File(cold["cache_file"], "r") as f:  # documented format, plain h5py
