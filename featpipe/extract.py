@@ -8,7 +8,9 @@ writes never stall compute. Only images whose content hash is missing are decode
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -300,7 +302,14 @@ class _Engine:
         decoded.put(_DONE)
 
     def _start_runtime(self):
-        """Device, precision, model and decoder, built once, on the first batch that needs them."""
+        """Device, precision, model and decoder, built once, on the first batch that needs them.
+
+        Runs in the decode thread: with the model on the CPU, that thread (and the decoder threads it starts) yields
+        the cores to the forward pass; with a GPU, decoding is the critical path and keeps its priority."""
+        from featpipe.embed import resolve_device
+
+        if resolve_device(self.cfg.device).type == "cpu":
+            yield_cpu_to_model()
         self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer)
         self.decoder_name, self.device_name = decoder.name, str(self.embedder.device)
         self.precision = self.embedder.precision
@@ -327,6 +336,19 @@ class _Engine:
             with self.timer("write"):
                 cache.append(rows)
             out.append(rows)
+
+
+def yield_cpu_to_model() -> None:
+    """Lower the calling thread's CPU priority to nice 19; threads it starts afterwards inherit it (Linux only).
+
+    Where decode and the model share the cores, a decode thread that takes a core from one of torch's OpenMP
+    threads stalls the whole parallel region. At nice 19 decoding runs in the gaps the model leaves, the queues
+    keep batches ahead, and the forward pass keeps its pace (bench/README.md: extract vs forward-only ceiling)."""
+    if sys.platform.startswith("linux"):  # elsewhere a thread id is not a valid PRIO_PROCESS target
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):

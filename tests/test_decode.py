@@ -1,8 +1,13 @@
-"""Decoding fast without changing the pixels: torch's resize against torchvision's, draft() against a full decode."""
+"""Decoding fast without changing the pixels: torch's resize against torchvision's, draft() against a full decode,
+and the decode thread's lower CPU priority."""
 
 from __future__ import annotations
 
 import io
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 
 from featpipe.decode import DRAFT_MARGIN, pil_decode, resize_crop
+from featpipe.extract import yield_cpu_to_model
 from featpipe.preprocess import Preprocessing
 from featpipe.registry import resolve
 
@@ -51,3 +57,21 @@ def test_draft_decoding_stays_close_to_a_full_decode(photo, size):
     assert drafted.size[0] < size[0], "this size should decode at reduced scale"
     diff = np.abs(pil_decode(data, pre).astype(int) - reference(Image.open(io.BytesIO(data)).convert("RGB"), pre))
     assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_decode_thread_yields_the_cpu_and_its_workers_inherit_it():
+    seen = {}
+
+    def decode_thread():
+        yield_cpu_to_model()
+        seen["self"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        with ThreadPoolExecutor(1) as pool:  # like the decoder's pool, started after the call
+            seen["worker"] = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=decode_thread)
+    t.start()
+    t.join()
+    assert seen == {"self": 19, "worker": 19}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the model's thread keeps its own
