@@ -310,14 +310,11 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     `unfreeze_blocks` blocks and the head trained together (backbone at lr_backbone, head at lr_head).
 
     `features`/`images` let `featpipe experiment` share one extraction and one decode across methods."""
-    from featpipe.dataset import scan
     from featpipe.extract import ExtractConfig
     from featpipe.features import load_features
     from featpipe.heads import HeadConfig, fit_head
 
     spec = registry.resolve(cfg.backbone)
-    if features is None:
-        scan(cfg.data_dir)  # a bad DATA_DIR fails before extraction starts
     features = features or load_features(ExtractConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device))
     images = images or decode_images(features.paths, features.y, features.classes, spec.preprocessing,
                                      cfg.val_fraction, cfg.seed)
