@@ -87,8 +87,9 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     return Loaded(_split(model, spec), W.sha256_file(path))
 
 
-def _offline_message(spec: BackboneSpec, why: str) -> UserError:
-    hint = spec.install_hint or "connect to the network once (weights are then cached) or pass --weights PATH"
+def offline_error(spec: BackboneSpec, why: str, hint: str | None = None) -> UserError:
+    """The one message for weights that cannot be had offline; `hint` replaces the default advice."""
+    hint = hint or spec.install_hint or "connect to the network once (weights are then cached) or pass --weights PATH"
     return UserError(f"pretrained weights for {spec.name!r} are not available offline ({why}); {hint}")
 
 
@@ -102,7 +103,7 @@ def _torchvision_pretrained(spec: BackboneSpec) -> Loaded:
     try:
         model = torchvision.models.get_model(spec.arch, weights=weights)
     except (urllib.error.URLError, OSError) as e:
-        raise _offline_message(spec, f"download failed: {getattr(e, 'reason', e)}") from None
+        raise offline_error(spec, f"download failed: {getattr(e, 'reason', e)}") from None
     path = W.hub_checkpoint(weights.url)
     return Loaded(_split(model, spec), W.check_hash_prefix(path, weights.url))
 
@@ -113,7 +114,7 @@ def _timm_pretrained(spec: BackboneSpec) -> Loaded:
     try:
         model = timm.create_model(spec.arch, pretrained=True)
     except Exception as e:  # huggingface_hub raises its own offline/HTTP errors
-        raise _offline_message(spec, f"download failed: {type(e).__name__}") from None
+        raise offline_error(spec, f"download failed: {type(e).__name__}") from None
     return Loaded(_split(model, spec), _state_sha256(model))
 
 

@@ -106,14 +106,16 @@ def read_config(path: Path) -> dict:
 
 def check_weights(cfg: ExperimentConfig) -> list:
     """Resolve every backbone and, if a pretrained method is asked for, make sure its weights load offline."""
+    from featpipe.backbone import offline_error
+
     specs = [registry.resolve(name) for name in cfg.backbones]
     if {"head", "finetune"} & set(cfg.methods):
         for spec in specs:
             if not spec.weights_available():
                 hint = spec.install_hint or (f"run `featpipe extract --backbone {spec.name}` once with network "
                                              f"access to cache them")
-                raise UserError(f"pretrained weights for {spec.name!r} are not available offline (not packaged, not "
-                                f"in torch's hub cache); {hint}, or leave it out of --backbones")
+                raise offline_error(spec, "not packaged, not in torch's hub cache",
+                                    f"{hint}, or leave it out of --backbones")
     return specs
 
 
