@@ -31,7 +31,7 @@ from featpipe import registry
 from featpipe.backbone import load
 from featpipe.dataset import scan, shipped_dataset
 from featpipe.decode import DaliDecoder, PilDecoder, probe
-from featpipe.embed import Embedder, configure_threads, default_batch_size, resolve_device, resolve_precision
+from featpipe.embed import Embedder, configure_cpu, default_batch_size, resolve_device, resolve_precision
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
 
@@ -183,7 +183,7 @@ def med(xs: list[float]) -> float:
 
 
 def bench(args) -> dict:
-    configure_threads()
+    configure_cpu()
     info = machine()
     spec = registry.resolve(args.backbone)
     device = resolve_device(args.device)

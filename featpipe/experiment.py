@@ -122,13 +122,13 @@ def check_weights(cfg: ExperimentConfig) -> list:
 def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Run every method x backbone; write report.json, report.md, report.png and confusion.png under cfg.out."""
     from featpipe.dataset import scan
-    from featpipe.embed import configure_threads, resolve_device
+    from featpipe.embed import configure_cpu, resolve_device
 
     t_start = time.perf_counter()
     specs = check_weights(cfg)
     scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
     device = str(resolve_device(cfg.device))
-    configure_threads()
+    configure_cpu()
     results, backbones, preds = [], {}, {}
     for spec in specs:
         info, rows = run_backbone(cfg, spec, log)

@@ -355,9 +355,9 @@ def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):
     """(Embedder, decoder) for cfg: one recipe for the local engine and every Ray actor."""
     from featpipe.backbone import load
     from featpipe.decode import make_decoder
-    from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
+    from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
 
-    configure_threads()
+    configure_cpu()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     with timer("load_model"):

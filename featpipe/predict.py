@@ -64,13 +64,13 @@ def collect(paths: list[Path]) -> list[Path]:
 def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
     from featpipe import registry
     from featpipe.backbone import load
-    from featpipe.embed import Embedder, configure_threads, resolve_device, resolve_precision
+    from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
 
     spec = registry.resolve(bundle.backbone)
     if spec.preprocessing != bundle.preprocessing:
         raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
                         f"{spec.name!r}; refit it with `featpipe fit-head`")
-    configure_threads()
+    configure_cpu()
     dev = resolve_device(device)
     if bundle.finetuned:
         return Embedder(_finetuned(spec, bundle), dev, resolve_precision("auto", dev))

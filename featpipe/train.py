@@ -26,7 +26,7 @@ from featpipe import registry
 from featpipe.backbone import Backbone, load
 from featpipe.dataset import ImageFile
 from featpipe.decode import PilDecoder, crop_corner, probe
-from featpipe.embed import configure_threads, resolve_device, resolve_precision
+from featpipe.embed import configure_cpu, resolve_device, resolve_precision
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
 from featpipe.preprocess import Preprocessing
@@ -284,7 +284,7 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
 
 
 def _runtime(cfg: TrainConfig, seed_offset: int) -> tuple[torch.device, str]:
-    configure_threads()
+    configure_cpu()
     torch.manual_seed(cfg.seed + seed_offset)
     device = resolve_device(cfg.device)
     return device, resolve_precision("auto", device)
