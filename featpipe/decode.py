@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+import threading
+import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,16 +138,46 @@ class Decoder(Protocol):
 
 
 class PilDecoder:
-    """Pillow in a thread pool (decode releases the GIL)."""
+    """Pillow in a thread pool (decode releases the GIL).
+
+    Given `model_waiting` (extract with the model on the CPU), batches decode in the background: a second pool whose
+    threads run at the lowest CPU priority decodes ahead in the moments the model leaves a core idle, instead of
+    stalling its parallel regions. While the model waits for a batch, what is left of it moves to the normal pool:
+    other programs busy on every core then get decoding a fair share, where idle-priority threads alone would get
+    almost nothing (bench/README.md).
+    """
 
     name = "pil"
 
-    def __init__(self, pre: Preprocessing, threads: int | None = None) -> None:
-        self.pre = pre
-        self.pool = ThreadPoolExecutor(max_workers=threads or default_decode_threads())
+    def __init__(self, pre: Preprocessing, threads: int | None = None,
+                 model_waiting: threading.Event | None = None) -> None:
+        self.pre, self.model_waiting = pre, model_waiting
+        threads = threads or default_decode_threads()
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.background = ThreadPoolExecutor(max_workers=threads, initializer=lowest_priority) \
+            if model_waiting else None
 
     def decode(self, items: list[bytes], probes: list[Probe]) -> tuple[np.ndarray, list[str | None]]:
-        return stack_results(list(self.pool.map(self.decode_one, items)), self.pre)
+        if self.model_waiting is None:
+            return stack_results(list(self.pool.map(self.decode_one, items)), self.pre)
+        return stack_results(self._decode_behind(items, self.model_waiting), self.pre)
+
+    def _decode_behind(self, items: list[bytes], model_waiting: threading.Event) -> list:
+        """Background pool first; while the model waits, images no background thread has started move to the
+        normal pool, and so do any a background thread has held for STALLED_SECONDS of that wait."""
+        futures = [self.background.submit(self.decode_one, d) for d in items]
+        moved: set[int] = set()
+        waited = 0.0
+        while pending := [i for i, f in enumerate(futures) if not f.done()]:
+            if model_waiting.is_set():
+                for i in pending:
+                    if i not in moved and (futures[i].cancel() or waited > STALLED_SECONDS):
+                        futures[i] = self.pool.submit(self.decode_one, items[i])
+                        moved.add(i)
+            hurry = model_waiting.is_set()
+            seconds = _wait_any([futures[i] for i in pending], POLL_SECONDS)
+            waited = waited + seconds if hurry else 0.0
+        return [f.result() for f in futures]
 
     def decode_one(self, data: bytes) -> np.ndarray | str:
         try:
@@ -153,6 +186,28 @@ class PilDecoder:
                 return pil_decode(data, self.pre)
         except Exception as e:  # truncated / corrupt pixel data: a reason, never a crash
             return f"decode failed: {type(e).__name__}: {e}"
+
+
+POLL_SECONDS = 0.002  # how soon the decode thread notices that the model started waiting
+STALLED_SECONDS = 0.05  # ~15 decode times: a background worker this slow is being starved by other programs
+
+
+def _wait_any(futures: list[Future], timeout: float) -> float:
+    t0 = time.perf_counter()
+    wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+    return time.perf_counter() - t0
+
+
+def lowest_priority() -> None:
+    """Run the calling thread (and threads it starts) only when a core would otherwise idle: SCHED_IDLE, Linux.
+
+    Where decoding and the model share the cores, a decode thread that takes a core from one of torch's OpenMP
+    threads stalls the whole parallel region; a SCHED_IDLE thread is preempted the moment a model thread wakes."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # pid 0: this thread only
+        except OSError:
+            pass
 
 
 def stack_results(results: list, pre: Preprocessing):
@@ -258,13 +313,15 @@ def default_decode_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None) -> Decoder:
+def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None,
+                 model_waiting: threading.Event | None = None) -> Decoder:
     """`auto`: DALI's nvJPEG when the model runs on CUDA (Pillow if DALI does not import or build), else Pillow.
 
     Without a GPU, Pillow beats DALI's CPU pipeline: draft() scales JPEGs in the IDCT, which DALI's CPU decoder
-    cannot, so it spends less of the cores the model needs (bench/README.md has the side-by-side numbers)."""
+    cannot, so it spends less of the cores the model needs (bench/README.md has the side-by-side numbers).
+    `model_waiting`: a Pillow decoder decodes in the background (PilDecoder)."""
     if kind == "pil" or (kind == "auto" and cuda_device is None):
-        return PilDecoder(pre)
+        return PilDecoder(pre, model_waiting=model_waiting)
     try:
         return DaliDecoder(pre, batch_size, cuda_device)
     except Exception as e:
@@ -272,4 +329,4 @@ def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: in
             from featpipe.errors import UserError
 
             raise UserError(f"DALI decoder unavailable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        return PilDecoder(pre)
+        return PilDecoder(pre, model_waiting=model_waiting)

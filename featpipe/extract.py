@@ -8,9 +8,7 @@ writes never stall compute. Only images whose content hash is missing are decode
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -218,6 +216,7 @@ class _Engine:
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
+        self.model_waiting = threading.Event()
 
     def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -231,7 +230,7 @@ class _Engine:
             t.start()
         done = 0
         try:
-            while (msg := decoded.get()) is not _DONE:
+            while (msg := self._next(decoded)) is not _DONE:
                 if isinstance(msg, int):  # files the reader settled without compute (cached or skipped)
                     done += msg
                 else:
@@ -247,6 +246,17 @@ class _Engine:
             raise self.errors[0]
         self.skipped.sort(key=lambda s: s["path"])
         return _concat(out, self.key.dim), self.skipped, self.reused
+
+    def _next(self, decoded: queue.Queue):
+        """The next decoded batch; `model_waiting` is set for as long as the model has to wait for it."""
+        try:
+            return decoded.get_nowait()
+        except queue.Empty:
+            self.model_waiting.set()
+            try:
+                return decoded.get()
+            finally:
+                self.model_waiting.clear()
 
     def _guard(self, fn, args) -> None:
         try:
@@ -302,15 +312,8 @@ class _Engine:
         decoded.put(_DONE)
 
     def _start_runtime(self):
-        """Device, precision, model and decoder, built once, on the first batch that needs them.
-
-        Runs in the decode thread: with the model on the CPU, that thread (and the decoder threads it starts) yields
-        the cores to the forward pass; with a GPU, decoding is the critical path and keeps its priority."""
-        from featpipe.embed import resolve_device
-
-        if resolve_device(self.cfg.device).type == "cpu":
-            yield_cpu_to_model()
-        self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer)
+        """Device, precision, model and decoder, built once, on the first batch that needs them."""
+        self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer, self.model_waiting)
         self.decoder_name, self.device_name = decoder.name, str(self.embedder.device)
         self.precision = self.embedder.precision
         self.batch_size = batch_size_for(self.cfg, self.embedder.device)
@@ -338,21 +341,11 @@ class _Engine:
             out.append(rows)
 
 
-def yield_cpu_to_model() -> None:
-    """Lower the calling thread's CPU priority to nice 19; threads it starts afterwards inherit it (Linux only).
+def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer, model_waiting: threading.Event | None = None):
+    """(Embedder, decoder) for cfg: one recipe for the local engine and every Ray actor.
 
-    Where decode and the model share the cores, a decode thread that takes a core from one of torch's OpenMP
-    threads stalls the whole parallel region. At nice 19 decoding runs in the gaps the model leaves, the queues
-    keep batches ahead, and the forward pass keeps its pace (bench/README.md: extract vs forward-only ceiling)."""
-    if sys.platform.startswith("linux"):  # elsewhere a thread id is not a valid PRIO_PROCESS target
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-
-
-def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):
-    """(Embedder, decoder) for cfg: one recipe for the local engine and every Ray actor."""
+    `model_waiting`, set while the model waits for decoded batches: with the model on the CPU, the decoder then
+    works in the background and hurries only when the model waits (decode.PilDecoder)."""
     from featpipe.backbone import load
     from featpipe.decode import make_decoder
     from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
@@ -362,8 +355,9 @@ def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer):
     precision = resolve_precision(cfg.precision, device)
     with timer("load_model"):
         embedder = Embedder(load(spec, cfg.weights).model, device, precision)
-    decoder = make_decoder(cfg.decoder, spec.preprocessing, batch_size_for(cfg, device),
-                           (device.index or 0) if device.type == "cuda" else None)
+    cuda = (device.index or 0) if device.type == "cuda" else None
+    decoder = make_decoder(cfg.decoder, spec.preprocessing, batch_size_for(cfg, device), cuda,
+                           model_waiting if cuda is None else None)
     return embedder, decoder
 
 

@@ -1,5 +1,5 @@
 """Decoding fast without changing the pixels: torch's resize against torchvision's, draft() against a full decode,
-and the decode thread's lower CPU priority."""
+and background decoding that yields the CPU to the model but never starves."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import io
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from featpipe.decode import DRAFT_MARGIN, pil_decode, resize_crop
-from featpipe.extract import yield_cpu_to_model
+from featpipe.decode import DRAFT_MARGIN, PilDecoder, pil_decode, probe, resize_crop
 from featpipe.preprocess import Preprocessing
 from featpipe.registry import resolve
 
+PRE = resolve("mobilenet_v2").preprocessing
 MODES = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
 
 
@@ -59,19 +58,69 @@ def test_draft_decoding_stays_close_to_a_full_decode(photo, size):
     assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_decode_thread_yields_the_cpu_and_its_workers_inherit_it():
-    seen = {}
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread SCHED_IDLE is Linux's")
 
-    def decode_thread():
-        yield_cpu_to_model()
-        seen["self"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        with ThreadPoolExecutor(1) as pool:  # like the decoder's pool, started after the call
-            seen["worker"] = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
 
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    t = threading.Thread(target=decode_thread)
+@linux_only
+def test_background_pool_runs_at_idle_priority_the_rest_keeps_its_own():
+    dec = PilDecoder(PRE, 2, model_waiting=threading.Event())
+    assert dec.background.submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
+    assert dec.pool.submit(os.sched_getscheduler, 0).result() == os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the calling thread is untouched
+
+
+@pytest.fixture(scope="module")
+def jpegs(shipped) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(shipped.glob("*/*.jpg"))[:6]]
+
+
+def decode_in_thread(dec: PilDecoder, data: list[bytes]) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(result=dec.decode(data, [probe(d) for d in data])), daemon=True)
     t.start()
-    t.join()
-    assert seen == {"self": 19, "worker": 19}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the model's thread keeps its own
+    return t, out
+
+
+def assert_same_as_plain_decode(result: tuple, jpegs: list[bytes]) -> None:
+    pixels, reasons = result
+    want, _ = PilDecoder(PRE, 1).decode(jpegs, [probe(d) for d in jpegs])
+    assert reasons == [None] * len(jpegs) and np.array_equal(pixels, want)
+
+
+def test_a_waiting_model_takes_queued_images_from_a_starved_background_pool(jpegs):
+    """Background threads held by other work (as by programs busy on every core): the batch waits while the model
+    computes, and finishes on the normal pool once the model waits for it."""
+    waiting, release = threading.Event(), threading.Event()
+    dec = PilDecoder(PRE, 2, model_waiting=waiting)
+    held = [dec.background.submit(release.wait) for _ in range(2)]
+    t, out = decode_in_thread(dec, jpegs)
+    t.join(0.5)
+    assert t.is_alive(), "the batch should wait for the background pool while the model is busy"
+    waiting.set()
+    t.join(30)
+    release.set()
+    assert not t.is_alive() and all(h.result() for h in held)
+    assert_same_as_plain_decode(out["result"], jpegs)
+
+
+class StallsInBackground(PilDecoder):
+    """Decodes normally, except that a background thread's decode hangs until released: a starved worker."""
+
+    release = threading.Event()
+
+    def decode_one(self, data: bytes):
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            self.release.wait()
+        return super().decode_one(data)
+
+
+@linux_only
+def test_a_waiting_model_redoes_images_a_stalled_background_thread_holds(jpegs):
+    waiting = threading.Event()
+    dec = StallsInBackground(PRE, 2, model_waiting=waiting)
+    waiting.set()
+    t, out = decode_in_thread(dec, jpegs)
+    t.join(30)
+    dec.release.set()
+    assert not t.is_alive()
+    assert_same_as_plain_decode(out["result"], jpegs)
