@@ -103,13 +103,25 @@ def run_extract(images: Path, cache: Path, args, decoder: str) -> dict:
     return {"seconds": res.seconds, "decoder": res.decoder, "stages": res.stage_seconds, "cfg": cfg}
 
 
-def naive(images: Path, spec, bs: int) -> tuple[float, dict[str, np.ndarray]]:
+def naive(images: Path, spec, bs: int, work: Path) -> tuple[float, dict[str, np.ndarray]]:
+    """The naive baseline, run as a user runs their script: in a fresh Python, without this process's tuning
+    (featpipe.embed.configure_cpu: thread count, malloc settings). Returns its seconds and embeddings by path."""
+    out = work / "naive.npz"
+    code = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import throughput; throughput.naive_script()"
+    subprocess.run([sys.executable, "-c", code, str(images), spec.name, str(bs), str(out)], check=True)
+    with np.load(out) as z:
+        return float(z["seconds"]), dict(zip(z["paths"].tolist(), z["embeddings"]))
+
+
+def naive_script() -> None:
     """The usual first attempt: ImageFolder + DataLoader(2 workers) + torchvision transforms, fp32, NCHW.
 
     Same weights and preprocessing as featpipe; timed from model load to the last embedding, like a cold extract."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
+    images, backbone, bs, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    spec = registry.resolve(backbone)
     pre = spec.preprocessing
     t0 = time.perf_counter()
     model = load(spec).model.body.eval()
@@ -117,13 +129,13 @@ def naive(images: Path, spec, bs: int) -> tuple[float, dict[str, np.ndarray]]:
         transforms.InterpolationMode.BILINEAR
     tf = transforms.Compose([transforms.Resize(pre.resize, interpolation=interp), transforms.CenterCrop(pre.crop),
                              transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
-    ds = datasets.ImageFolder(str(images), tf)
-    out = []
+    ds = datasets.ImageFolder(images, tf)
+    emb = []
     with torch.no_grad():
         for x, _ in DataLoader(ds, batch_size=bs, num_workers=2):
-            out.append(model(x).flatten(1).numpy())
+            emb.append(model(x).flatten(1).numpy())
     seconds = time.perf_counter() - t0
-    return seconds, dict(zip((p for p, _ in ds.samples), np.concatenate(out)))
+    np.savez(out, seconds=seconds, paths=np.array([p for p, _ in ds.samples]), embeddings=np.concatenate(emb))
 
 
 def cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
@@ -225,7 +237,7 @@ def bench(args) -> dict:
             cfgs[dec], stages[dec], names[dec] = out["cfg"], out["stages"], out["decoder"]
             if dec == auto:
                 t.setdefault("warm", []).append(run_extract(images, cache, args, flag)["seconds"])
-        seconds, naive_emb = naive(images, spec, 32)
+        seconds, naive_emb = naive(images, spec, 32, work)
         t.setdefault("naive", []).append(seconds)
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
