@@ -11,6 +11,8 @@ import hashlib
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 from featpipe import registry
 from featpipe.cache import Cache, CacheKey, Rows
 from featpipe.dataset import ImageFile, scan
-from featpipe.decode import Probe, probe
+from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError
 
 DEFAULT_CACHE_DIR = Path("cache")
@@ -29,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DECODERS = ("auto", "dali", "pil")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("local", "ray")
+READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags
 
 
 @dataclass
@@ -269,12 +272,8 @@ class _Engine:
     def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
         batch: list[Item] = []
         settled = 0
-        for f in files:
-            with self.timer("read"):
-                data, err = read_file(f)
+        for f, data, digest, err in self._hashed(files):
             if data is not None:
-                with self.timer("hash"):
-                    digest = hashlib.sha256(data).hexdigest()
                 self.members.append(Member(str(f.path), f.label, digest))
                 if digest in known:
                     self.reused[digest] = (str(f.path), f.label)
@@ -295,6 +294,25 @@ class _Engine:
                 batch, settled = [], 0
         encoded.put((batch, settled))
         encoded.put(_DONE)
+
+    def _hashed(self, files: list[ImageFile]) -> Iterator[tuple[ImageFile, bytes | None, str | None, str | None]]:
+        """(file, bytes, sha256, unreadable reason) in scan order, read and hashed on a few threads (hashlib
+        releases the GIL): a warm re-run is this and nothing else. At most READ_AHEAD files are held at a time."""
+        with ThreadPoolExecutor(max_workers=default_decode_threads()) as pool:
+            window: deque = deque(pool.submit(self._read_hash, f) for f in files[:READ_AHEAD])
+            for f in files[READ_AHEAD:]:
+                yield window.popleft().result()
+                window.append(pool.submit(self._read_hash, f))
+            while window:
+                yield window.popleft().result()
+
+    def _read_hash(self, f: ImageFile) -> tuple[ImageFile, bytes | None, str | None, str | None]:
+        with self.timer("read"):
+            data, err = read_file(f)
+        if data is None:
+            return f, None, None, err
+        with self.timer("hash"):
+            return f, data, hashlib.sha256(data).hexdigest(), None
 
     def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
         decoder = None
