@@ -188,7 +188,9 @@ class PilDecoder:
             return f"decode failed: {type(e).__name__}: {e}"
 
 
-POLL_SECONDS = 0.002  # how soon the decode thread notices that the model started waiting
+# How often the decode thread looks whether the model started waiting. Polling every 2 ms cost more than the
+# quicker reaction saved: extract/forward 0.763 vs 0.785 at 20 ms, idle machine; 36 vs 46 img/s with 2 CPU hogs.
+POLL_SECONDS = 0.02
 STALLED_SECONDS = 0.05  # ~15 decode times: a background worker this slow is being starved by other programs
 
 
