@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from featpipe import registry
+from featpipe import fileindex, registry
 from featpipe.cache import Cache, CacheKey, Rows
 from featpipe.dataset import ImageFile, scan
 from featpipe.decode import Probe, default_decode_threads, probe
@@ -126,6 +126,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         if len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused):
             with timer("commit"):
                 cache.commit(final)
+        engine.index.save(root)
     present = set(final.sha256)
     members = [m for m in engine.members if m.sha256 in present]
     _require_every_class(classes, members, root)
@@ -220,6 +221,7 @@ class _Engine:
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
         self.model_waiting = threading.Event()
+        self.index = fileindex.FileIndex(cfg.cache_dir)
 
     def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -272,8 +274,8 @@ class _Engine:
     def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
         batch: list[Item] = []
         settled = 0
-        for f, data, digest, err in self._hashed(files):
-            if data is not None:
+        for f, data, digest, err in self._hashed(files, known):
+            if digest is not None:
                 self.members.append(Member(str(f.path), f.label, digest))
                 if digest in known:
                     self.reused[digest] = (str(f.path), f.label)
@@ -295,24 +297,35 @@ class _Engine:
         encoded.put((batch, settled))
         encoded.put(_DONE)
 
-    def _hashed(self, files: list[ImageFile]) -> Iterator[tuple[ImageFile, bytes | None, str | None, str | None]]:
+    def _hashed(self, files: list[ImageFile], known: set[str]) -> Iterator[tuple[ImageFile, bytes | None, str | None,
+                                                                                   str | None]]:
         """(file, bytes, sha256, unreadable reason) in scan order, read and hashed on a few threads (hashlib
-        releases the GIL): a warm re-run is this and nothing else. At most READ_AHEAD files are held at a time."""
+        releases the GIL). A file the index knows unchanged, with a cache row, is not read at all (bytes None).
+        At most READ_AHEAD files are held at a time."""
         with ThreadPoolExecutor(max_workers=default_decode_threads()) as pool:
-            window: deque = deque(pool.submit(self._read_hash, f) for f in files[:READ_AHEAD])
+            window: deque = deque(pool.submit(self._read_hash, f, known) for f in files[:READ_AHEAD])
             for f in files[READ_AHEAD:]:
                 yield window.popleft().result()
-                window.append(pool.submit(self._read_hash, f))
+                window.append(pool.submit(self._read_hash, f, known))
             while window:
                 yield window.popleft().result()
 
-    def _read_hash(self, f: ImageFile) -> tuple[ImageFile, bytes | None, str | None, str | None]:
+    def _read_hash(self, f: ImageFile, known: set[str]) -> tuple[ImageFile, bytes | None, str | None, str | None]:
+        with self.timer("stat"):
+            st = fileindex.stat(f.path)
+            digest = self.index.unchanged(f.path, st) if st else None
+        if digest in known:
+            return f, None, digest, None
+        read_at = time.time()
         with self.timer("read"):
             data, err = read_file(f)
         if data is None:
             return f, None, None, err
         with self.timer("hash"):
-            return f, data, hashlib.sha256(data).hexdigest(), None
+            digest = hashlib.sha256(data).hexdigest()
+        if st:
+            self.index.record(f.path, st, digest, read_at)
+        return f, data, digest, None
 
     def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
         decoder = None

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from featpipe import fileindex
 from tests.conftest import run_cli, run_json
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
@@ -50,6 +51,29 @@ def test_changed_file_recomputes_exactly_one_and_moves_are_reused(tmp_path, smal
         paths = dict(zip(f["sha256"].asstr()[:], f["path"].asstr()[:]))
     assert str(small_data / "animals" / "renamed.jpg") in paths.values()  # row refreshed to where it lives now
     assert len(paths) == 21  # the old version of the changed file stays cached (content-addressed)
+
+
+def test_unchanged_files_are_not_read_again_and_any_write_is_seen(tmp_path, small_data):
+    """The file index (featpipe/fileindex.py) spares a warm run reading and hashing files, and never hides a change:
+    not for files written just now, not for a rewrite that puts the size and mtime back."""
+    victim = sorted((small_data / "tools").iterdir())[0]
+    Image.open(victim).save(victim, "JPEG", quality=90)  # Pillow's JPEG: a JFIF header with a density field
+    run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    fresh = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert fresh["reused"] == 20 and "read" in fresh["stage_seconds"]  # ctimes too recent to trust yet
+    time.sleep(fileindex.RACY_SECONDS + 0.2)
+    run_json("extract", small_data, "--cache-dir", tmp_path / "c")  # now the files are recorded
+    warm = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert warm["reused"] == 20 and "read" not in warm["stage_seconds"] and "hash" not in warm["stage_seconds"]
+
+    st, data = victim.stat(), bytearray(victim.read_bytes())
+    assert data[6:11] == b"JFIF\0"
+    data[15] ^= 1  # X density: other bytes, the same pixels, the same size
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    res = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert (res["computed"], res["reused"]) == (1, 19)
 
 
 def test_bad_files_are_skipped_and_listed(tmp_path, small_data):
