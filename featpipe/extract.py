@@ -1,8 +1,9 @@
 """The extraction runner: files -> (read+hash+probe) -> decode -> embed -> journal -> HDF5, timing each stage.
 
-Stages overlap: a reader thread reads each file once (hash and decode share the bytes), decodes batches of the
-images the cache lacks and queues them; the main thread runs the model; a writer thread journals results so disk
-writes never stall compute. Only images whose content hash is missing are decoded at all.
+Stages overlap: the reader reads each file once, on a few threads (hash and decode share the bytes; a file the
+index in fileindex.py knows unchanged and cached is not read at all), and queues the images the cache lacks; a
+decode thread turns batches of them into pixels; the main thread runs the model; a writer thread journals results
+so disk writes never stall compute. Only images whose content hash is missing are decoded at all.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ _DONE = object()
 
 
 class _Engine:
-    """Three threads around the model: reader (read, hash, probe) -> decoder -> [main: forward] -> writer.
+    """Three threads around the model: reader (stat, read, hash, probe) -> decoder -> [main: forward] -> writer.
 
     The model and decoder are built when the first uncached image reaches them: a fully cached run never imports
     DALI or loads weights. Queues are bounded, so memory holds a few batches whatever the dataset size.
