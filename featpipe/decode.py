@@ -169,12 +169,12 @@ class PilDecoder:
         moved: set[int] = set()
         waited = 0.0
         while pending := [i for i, f in enumerate(futures) if not f.done()]:
-            if model_waiting.is_set():
+            hurry = model_waiting.is_set()
+            if hurry:
                 for i in pending:
                     if i not in moved and (futures[i].cancel() or waited > STALLED_SECONDS):
                         futures[i] = self.pool.submit(self.decode_one, items[i])
                         moved.add(i)
-            hurry = model_waiting.is_set()
             seconds = _wait_any([futures[i] for i in pending], POLL_SECONDS)
             waited = waited + seconds if hurry else 0.0
         return [f.result() for f in futures]
