@@ -317,7 +317,7 @@ class _Engine:
             digest = self.index.unchanged(f.path, st) if st else None
         if digest in known:
             return f, None, digest, None
-        read_at = time.time()
+        read_at_ns = time.time_ns()
         with self.timer("read"):
             data, err = read_file(f)
         if data is None:
@@ -325,7 +325,7 @@ class _Engine:
         with self.timer("hash"):
             digest = hashlib.sha256(data).hexdigest()
         if st:
-            self.index.record(f.path, st, digest, read_at)
+            self.index.record(f.path, st, digest, read_at_ns)
         return f, data, digest, None
 
     def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:

@@ -45,9 +45,9 @@ class FileIndex:
             return entry[4]
         return None
 
-    def record(self, path: Path, st: os.stat_result, sha256: str, read_at: float) -> None:
-        """Remember a file hashed now; `st` was taken before reading it at `read_at` (time.time())."""
-        if st.st_ctime_ns < (read_at - RACY_SECONDS) * 1e9:
+    def record(self, path: Path, st: os.stat_result, sha256: str, read_at_ns: int) -> None:
+        """Remember a file hashed now; `st` was taken before reading it at `read_at_ns` (time.time_ns())."""
+        if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
             self.new[os.path.abspath(path)] = [*_stamp(st), sha256]
 
     def save(self, root: Path) -> None:
