@@ -47,7 +47,7 @@ def test_resize_crop_gives_torchvisions_pixels(photo, backbone, size):
 @pytest.mark.parametrize("size", [(1024, 768), (1600, 1200), (1200, 1600), (3000, 2000)])
 def test_draft_decoding_stays_close_to_a_full_decode(photo, size):
     """draft() shrinks big JPEGs in the IDCT, keeping DRAFT_MARGIN x the target: the crop stays within ~1 level."""
-    pre = resolve("mobilenet_v2").preprocessing
+    pre = PRE
     buf = io.BytesIO()
     photo.resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
