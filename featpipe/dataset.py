@@ -47,6 +47,14 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
     return root, files, classes
 
 
+def require_every_class(root: Path, classes: list[str], present: set[str]) -> None:
+    """A class with no usable image would silently vanish from every model: refuse, naming it."""
+    empty = sorted(set(classes) - present)
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise UserError(f"class folder {root / empty[0]} has no valid image{more}")
+
+
 def _entries(root: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(root) as it:

@@ -23,7 +23,7 @@ import numpy as np
 
 from featpipe import fileindex, registry
 from featpipe.cache import Cache, CacheKey, Rows
-from featpipe.dataset import ImageFile, scan
+from featpipe.dataset import ImageFile, require_every_class, scan
 from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError
 
@@ -130,7 +130,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         engine.index.save(root)
     present = set(final.sha256)
     members = [m for m in engine.members if m.sha256 in present]
-    _require_every_class(classes, members, root)
+    require_every_class(root, classes, {m.label for m in members})  # after the cache is saved
     seconds = time.perf_counter() - t0
     return ExtractResult(
         images=len(files), computed=len(new_rows), reused=engine.reused_files, skipped=skipped,
@@ -140,14 +140,6 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         precision=engine.precision, stage_seconds=timer.totals(),
         members=members, key=key, rows=final,
     )
-
-
-def _require_every_class(classes: list[str], members: list["Member"], root: Path) -> None:
-    """A class with no usable image would silently vanish from every head: refuse (after the cache is saved)."""
-    empty = sorted(set(classes) - {m.label for m in members})
-    if empty:
-        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise UserError(f"class folder {root / empty[0]} has no valid image{more}")
 
 
 def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:

@@ -140,16 +140,14 @@ def _decode_file(decoder: PilDecoder, path: str) -> np.ndarray | str:
 
 def scan_images(cfg: TrainConfig) -> Images:
     """The data dir's decodable images in path order, as featpipe.features orders its rows (same split)."""
-    from featpipe.dataset import scan
+    from featpipe.dataset import require_every_class, scan
 
-    _root, files, classes = scan(cfg.data_dir)
+    root, files, classes = scan(cfg.data_dir)
     files = sorted(files, key=lambda f: str(f.path))
     labels = np.array([classes.index(f.label) for f in files], dtype=np.int64)
     images = decode_images([str(f.path) for f in files], labels, classes,
                            registry.resolve(cfg.backbone).preprocessing, cfg.val_fraction, cfg.seed)
-    missing = sorted(set(classes) - {classes[i] for i in images.y.tolist()})
-    if missing:
-        raise UserError(f"class folder(s) with no valid image: {', '.join(missing)}")
+    require_every_class(root, classes, {classes[i] for i in images.y.tolist()})
     return images
 
 

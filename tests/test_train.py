@@ -98,6 +98,14 @@ def test_bad_input_is_one_line_exit_2():
         "featpipe: error: data directory not found: /nonexistent/data"]
 
 
+def test_a_class_with_no_valid_image_is_a_user_error(small_data):
+    """Scratch decodes the data dir itself (no cache): the same refusal as extract, before any training."""
+    (small_data / "zebras").mkdir()
+    (small_data / "zebras" / "z.jpg").write_text("not an image")
+    with pytest.raises(UserError, match=r"class folder .*zebras has no valid image$"):
+        scratch(TrainConfig(data_dir=small_data, epochs=1))
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"val_fraction": 1.5}, "--val-fraction"),
     ({"val_fraction": 0.0}, "early stopping needs a validation share"),
