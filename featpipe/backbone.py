@@ -6,10 +6,14 @@ path (Pillow, DALI CPU, DALI GPU) feeds the same function.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -101,7 +105,8 @@ def _torchvision_pretrained(spec: BackboneSpec) -> Loaded:
     weights = torchvision.models.get_model_weights(spec.arch).DEFAULT if spec.url is None else next(
         w for w in torchvision.models.get_model_weights(spec.arch) if w.url == spec.url)
     try:
-        model = torchvision.models.get_model(spec.arch, weights=weights)
+        with stdout_to_stderr():
+            model = torchvision.models.get_model(spec.arch, weights=weights)
     except (urllib.error.URLError, OSError) as e:
         raise offline_error(spec, f"download failed: {getattr(e, 'reason', e)}") from None
     path = W.hub_checkpoint(weights.url)
@@ -112,10 +117,21 @@ def _timm_pretrained(spec: BackboneSpec) -> Loaded:
     import timm
 
     try:
-        model = timm.create_model(spec.arch, pretrained=True)
+        with stdout_to_stderr():
+            model = timm.create_model(spec.arch, pretrained=True)
     except Exception as e:  # huggingface_hub raises its own offline/HTTP errors
         raise offline_error(spec, f"download failed: {type(e).__name__}") from None
     return Loaded(_split(model, spec), _state_sha256(model))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """torch.hub announces a download on stdout, which belongs to --json's one object: the notice goes to stderr,
+    and only if the download worked (a failure is the one-line error alone)."""
+    notice = io.StringIO()
+    with contextlib.redirect_stdout(notice):
+        yield
+    sys.stderr.write(notice.getvalue())
 
 
 def _state_sha256(model: nn.Module) -> str:

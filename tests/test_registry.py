@@ -75,8 +75,9 @@ def test_local_checkpoint_with_weights_flag(tmp_path, small_data):
 
 
 def test_offline_without_weights_fails_with_one_line(tmp_path, small_data):
-    proc = run_cli("extract", small_data, "-b", "resnet50", "--cache-dir", tmp_path / "c",
+    """torch.hub's "Downloading: ..." notice goes to stdout: under --json it must not reach it."""
+    proc = run_cli("extract", small_data, "-b", "resnet50", "--cache-dir", tmp_path / "c", "--json",
                    env={"TORCH_HOME": str(tmp_path / "empty-hub")}, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and "--weights PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
