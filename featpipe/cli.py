@@ -204,24 +204,24 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 @app.command()
 def experiment(
     data_dir: DataDir = None,
-    backbones: Annotated[Optional[str], typer.Option("--backbones", help="Comma-separated backbone names "
-                                                     "[default: mobilenet_v2,efficientnet_lite0].",
-                                                     show_default=False)] = None,
+    backbones: Annotated[Optional[str], typer.Option("--backbones", help="Comma-separated backbone names.",
+                                                     show_default="mobilenet_v2,efficientnet_lite0")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated subset of "
-                                                   "scratch,head,finetune [default: all].", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report dir [default: reports/experiment].",
-                                                show_default=False)] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file (pipelines/*.toml); flags override "
-                                                   "it.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the HDF5 embedding caches live "
-                                                      "[default: cache].", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda [default: auto].",
-                                                  show_default=False)] = None,
+                                                   "scratch,head,finetune.", show_default="all")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report dir.",
+                                                show_default="reports/experiment")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file (pipelines/*.toml): also "
+                                                   "sets cv, head, and the finetune and scratch sections (epochs, rates); "
+                                                   "flags override it.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.",
+                                                      show_default="cache")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda.",
+                                                  show_default="auto")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Stratified validation share, "
-                                                          "the same for every method and backbone [default: 0.2].",
-                                                          show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Split, augmentation and initialisation seed "
-                                                "[default: 0].", show_default=False)] = None,
+                                                          "the same for every method and backbone.",
+                                                          show_default="0.2")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Split, augmentation and initialisation seed.",
+                                                show_default="0")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Scratch vs head vs fine-tune per backbone on one split: report.json, report.md, report.png, confusion.png."""

@@ -13,6 +13,8 @@ import json
 import sys
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +24,8 @@ import numpy as np
 from featpipe import __version__, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
+from featpipe.heads import HeadConfig
+from featpipe.splits import check_k
 from featpipe.train import TrainConfig, decode_images, finetune, scan_images, scratch
 
 METHODS = ("scratch", "head", "finetune")
@@ -49,10 +53,17 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.backbones:
             raise UserError("--backbones must name at least one backbone")
+        if len(set(self.backbones)) < len(self.backbones):
+            raise UserError(f"--backbones names a backbone twice: {','.join(self.backbones)}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise UserError(f"--methods must be a comma-separated subset of {','.join(METHODS)} (got "
                             f"{','.join(self.methods) or 'nothing'})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in (0, 1): the methods are compared on that held-out share "
+                            f"(got {self.val_fraction})")
+        check_k(self.cv, "cv")
+        HeadConfig(self.head)
         for section in ("finetune", "scratch"):
             self.train_config(section, self.backbones[0])  # unknown keys / bad values fail before any work
 
@@ -98,10 +109,42 @@ def read_config(path: Path) -> dict:
     unknown = sorted(set(kw) - known) + [f"[{s}]" for s in doc]
     if unknown:
         raise UserError(f"config {path}: unknown key(s) {', '.join(unknown)}")
+    check_types(f"config {path}: [experiment]", kw, ExperimentConfig)
+    for section in ("finetune", "scratch"):
+        check_types(f"config {path}: [{section}]", kw.get(section, {}), TrainConfig)
     for key in ("data_dir", "out", "cache_dir"):
         if key in kw:
             kw[key] = Path(kw[key])
     return kw
+
+
+def check_types(where: str, values: dict, cls: type) -> None:
+    """TOML values against the dataclass's annotations (flags arrive typed; a config file's values do not)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise UserError(f"{where} {key} must be {_type_name(hints[key])} (got {value!r})")
+
+
+def _fits(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, str if hint is Path else hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return "a list of strings" if typing.get_args(hint) == (str,) else "a list"
+    return {int: "an integer", float: "a number", str: "a string", Path: "a path (string)",
+            dict: "a table"}.get(hint, hint.__name__)
 
 
 def check_weights(cfg: ExperimentConfig) -> list:
@@ -183,7 +226,7 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
     y = features.y if features is not None else images.y.numpy()
     from featpipe.splits import val_split
 
-    split = val_split(y, classes, cfg.val_fraction, cfg.seed)
+    split = val_split(y, classes, cfg.val_fraction, cfg.seed, zero_ok=False)
     rows = []
     for method in [m for m in METHODS if m in cfg.methods]:
         log(f"== {method} / {spec.name}")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
 from featpipe.errors import UserError
-from featpipe.splits import check_folds, kfold, val_split
+from featpipe.splits import check_folds, check_fraction, check_k, kfold, val_split
 
 if TYPE_CHECKING:
     from featpipe.extract import ExtractConfig
@@ -238,6 +238,11 @@ class FitConfig:
     cv: int | None = None
     val_fraction: float = 0.2
     out: Path | None = None  # default models/<backbone>-<head>
+
+    def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
+        check_fraction(self.val_fraction)
+        if self.cv is not None:
+            check_k(self.cv)
 
 
 def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:

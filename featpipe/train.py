@@ -61,6 +61,11 @@ class TrainConfig:
         for name in ("lr_head", "lr_backbone"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive (got {getattr(self, name)})")
+        if not self.weight_decay >= 0:
+            raise UserError(f"weight_decay must be at least 0 (got {self.weight_decay})")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise UserError(f"min_scale must be in (0, 1]: the smallest crop's share of the image (got "
+                            f"{self.min_scale})")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in (0, 1) for training: early stopping needs a validation "
                             f"share (got {self.val_fraction})")
@@ -120,7 +125,7 @@ def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre:
     if not keep:
         raise UserError("no decodable image to train on")
     y = labels[keep]
-    split = val_split(y, classes, val_fraction, seed)
+    split = val_split(y, classes, val_fraction, seed, zero_ok=False)
     pixels = torch.from_numpy(np.stack([results[i] for i in keep]))
     kept = [paths[i] for i in keep]
     crop = PilDecoder(pre)

@@ -92,6 +92,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     ({}, "[experiment]\nbackbones = [\n", "cannot read config"),
     ({}, "[experment]\nseed = 1\n", "unknown key"),
     ({"data_dir": Path("/nonexistent/data")}, None, "data directory not found"),
+    ({"backbones": ["mobilenet_v2", "mobilenet_v2"]}, None, "names a backbone twice"),
+    ({"methods": ["head"], "val_fraction": 0.0}, None, r"--val-fraction must be in \(0, 1\): the methods"),
+    ({}, "[experiment]\nhead = 'svm'\n", "--head must be one of"),
+    ({}, "[experiment]\ncv = 1\n", "cv must be at least 2"),
+    # a config file's values arrive untyped: each must fail as one line, not a traceback mid-run
+    ({}, "[experiment]\nval_fraction = 'x'\n", r"\[experiment\] val_fraction must be a number \(got 'x'\)"),
+    ({}, "[experiment]\nseed = 'abc'\n", "seed must be an integer"),
+    ({}, "[experiment]\ncv = true\n", "cv must be an integer"),
+    ({}, "[experiment]\nout = 5\n", r"out must be a path \(string\)"),
+    ({}, "[experiment]\nbackbones = 'mobilenet_v2'\n", "backbones must be a list of strings"),
+    ({}, "[finetune]\nepochs = 1.5\n", r"\[finetune\] epochs must be an integer"),
+    ({}, "[scratch]\nepochs = '1'\n", r"\[scratch\] epochs must be an integer"),
+    ({}, "[finetune]\nmin_scale = 2.0\n", r"min_scale must be in \(0, 1\]"),
+    ({}, "[finetune]\nweight_decay = -1\n", "weight_decay must be at least 0"),
 ])
 def test_bad_settings_are_user_errors(kw, config, match, tmp_path):
     """In-process (the CLI's UserError -> one line, exit 2 is checked above): no import cost per case."""
@@ -104,6 +118,13 @@ def test_bad_settings_are_user_errors(kw, config, match, tmp_path):
             kw = read_config(tmp_path / "bad.toml") | kw
         run(ExperimentConfig(**kw, out=tmp_path / "rep", cache_dir=tmp_path / "cache"))
     assert not (tmp_path / "rep").exists()
+
+
+def test_help_shows_the_defaults():
+    """Square brackets in help strings are rich markup: a hand-written "[default: ...]" vanished from --help."""
+    out = " ".join(run_cli("experiment", "--help", check=True).stdout.split())
+    for default in ("mobilenet_v2,efficientnet_lite0", "reports/experiment", "finetune and scratch sections"):
+        assert default in out
 
 
 def test_missing_config_file_is_a_user_error():

@@ -55,6 +55,14 @@ def test_split_and_folds_refuse_tiny_classes():
     with pytest.raises(UserError, match="class 'b' has 1"):
         check_folds(y, ["a", "b"], 2)
     assert len(kfold(np.array([0, 0, 1, 1]), 2, 0)) == 2
+    with pytest.raises(UserError, match="training needs at least 2 per class$"):  # no hint training rejects
+        val_split(y, ["a", "b"], 0.2, 0, zero_ok=False)
+
+
+def test_split_needs_two_classes():
+    """One class: sklearn's solver would raise mid-fit and an MLP would learn a constant; refuse before both."""
+    with pytest.raises(UserError, match="at least 2 classes with images, found 1: b$"):
+        val_split(np.array([1, 1, 1]), ["a", "b"], 0.0, 0)
 
 
 def test_logistic_module_folds_scaler_and_matches_sklearn(feats):
@@ -144,6 +152,24 @@ def test_bad_head_and_fraction_are_user_errors(feats):
         HeadConfig("svm")
     with pytest.raises(UserError, match="--val-fraction"):
         val_split(feats.y, feats.classes, 1.5, 0)
+
+
+def test_fit_head_bad_flags_fail_before_extracting(small_data, tmp_path):
+    for flags, msg in ((["--val-fraction", "1"], "--val-fraction must be in [0, 1) (got 1.0)"),
+                       (["--cv", "1"], "--cv must be at least 2 (got 1)")):
+        proc = run_cli("fit-head", small_data, "--cache-dir", tmp_path / "c", *flags)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"featpipe: error: {msg}"]
+        assert not (tmp_path / "c").exists()
+
+
+def test_fit_head_one_class_is_one_line(small_data, tmp_path):
+    for cls in ["animals", "fishes", "monuments", "renewable_energy"]:
+        shutil.rmtree(small_data / cls)
+    for head in ("logistic", "mlp"):
+        proc = run_cli("fit-head", small_data, "--cache-dir", tmp_path / "c", "--head", head, "--out", tmp_path / "m")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith("at least 2 classes with images, found 1: tools")
+    assert not (tmp_path / "m").exists()
 
 
 def test_fit_head_class_without_valid_image(shipped, tmp_path):

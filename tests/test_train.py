@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -103,6 +104,19 @@ def test_a_class_with_no_valid_image_is_a_user_error(small_data):
     (small_data / "zebras").mkdir()
     (small_data / "zebras" / "z.jpg").write_text("not an image")
     with pytest.raises(UserError, match=r"class folder .*zebras has no valid image$"):
+        scratch(TrainConfig(data_dir=small_data, epochs=1))
+
+
+def test_one_class_or_a_one_image_class_is_a_user_error(small_data):
+    """Before any training; and the advice must be one training accepts (not --val-fraction 0)."""
+    for cls in ["animals", "fishes", "monuments"]:
+        shutil.rmtree(small_data / cls)
+    for f in sorted((small_data / "tools").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(UserError, match="'tools' has 1 image.*training needs at least 2 per class$"):
+        scratch(TrainConfig(data_dir=small_data, epochs=1))
+    shutil.rmtree(small_data / "tools")
+    with pytest.raises(UserError, match="at least 2 classes with images, found 1: renewable_energy$"):
         scratch(TrainConfig(data_dir=small_data, epochs=1))
 
 
