@@ -165,6 +165,8 @@ def finetune(
     unfreeze_blocks: Annotated[int, typer.Option("--unfreeze-blocks", min=1, help="Train the last N blocks of the "
                                                  "backbone (and the head); the rest stays frozen.")] = 3,
     epochs: EpochsOpt = 3,
+    head: Annotated[str, typer.Option("--head", help="The warm-started head, fitted on the cached features first: "
+                                      "logistic | mlp (as fit-head).")] = "logistic",
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
@@ -176,7 +178,7 @@ def finetune(
     from featpipe.train import TrainConfig, finetune as run
 
     res = run(TrainConfig(data_dir, backbone, cache_dir, device, epochs=epochs, unfreeze_blocks=unfreeze_blocks,
-                          val_fraction=val_fraction, seed=seed, out=out))
+                          val_fraction=val_fraction, seed=seed, out=out, head=head))
     _emit(res.to_json(), as_json, _train_summary(res))
 
 

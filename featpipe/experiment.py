@@ -69,14 +69,14 @@ class ExperimentConfig:
 
     def train_config(self, method: str, backbone: str) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "backbone", "cache_dir", "device",
-                                                                     "val_fraction", "seed", "out"}
+                                                                     "val_fraction", "seed", "out", "head"}
         given = getattr(self, method)
         unknown = sorted(set(given) - known)
         if unknown:
             raise UserError(f"[{method}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         out = self.out / "models" / f"{backbone}-finetuned"
         return TrainConfig(self.data_dir, backbone, self.cache_dir, self.device, val_fraction=self.val_fraction,
-                           seed=self.seed, out=out, **given)
+                           seed=self.seed, out=out, head=self.head, **given)
 
     def resolved(self) -> dict:
         """Every setting actually used, defaults filled in: what report.json records."""

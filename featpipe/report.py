@@ -12,6 +12,7 @@ from pathlib import Path
 from featpipe.errors import UserError
 
 MARKERS = {"scratch": "^", "head": "o", "finetune": "s"}
+HOW_FITTED = {"logistic": "C chosen by inner CV", "mlp": "early stopping on an inner split"}
 
 
 def write(report: dict, out: Path) -> dict:
@@ -40,7 +41,7 @@ def table(report: dict) -> str:
     for r in report["results"]:
         val = fmt_acc(r, "val_accuracy")
         if r.get("cv_accuracy_mean") is not None:
-            val += f" (CV {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f})"
+            val += f" ({r['cv_folds']}-fold CV {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f})"
         speed = "—" if r.get("speedup_vs_scratch") is None else f"{r['speedup_vs_scratch']:.2f}x"
         lines.append(f"| {r['method']} | {r['backbone']} | {fmt_acc(r, 'train_accuracy')} | {val} | "
                      f"{r['train_seconds']:.2f} s | {speed} |")
@@ -90,8 +91,8 @@ def markdown(report: dict) -> str:
         f"{report['featpipe_version']}.", "",
         table(report), "",
         "Training time excludes one-time work shared by the methods (" + one_time + "); the head's time is its fit "
-        "(C chosen by inner CV), fine-tune's includes that head fit plus its epochs. Speed-up = scratch's training "
-        "time / this row's, same backbone.", "",
+        f"({HOW_FITTED[report['config']['head']]}), fine-tune's includes a fit of the same head (its warm start) "
+        "plus its epochs. Speed-up = scratch's training time / this row's, same backbone.", "",
         *verdicts(report),
         f"- Always answering the largest class scores {d['majority_val_accuracy']:.3f} on val: a row at or below that "
         f"has learned nothing usable yet.", "",

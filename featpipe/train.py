@@ -29,6 +29,7 @@ from featpipe.decode import PilDecoder, crop_corner, probe
 from featpipe.embed import configure_cpu, resolve_device, resolve_precision
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
+from featpipe.heads import Head, HeadConfig, fit_head
 from featpipe.preprocess import Preprocessing
 from featpipe.splits import Split, val_split
 
@@ -50,10 +51,12 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     out: Path | None = None  # fine-tune: bundle dir (default models/<backbone>-finetuned)
+    head: str = "logistic"  # fine-tune: the warm-started head's kind (heads.KINDS)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        HeadConfig(self.head)
         for flag, value in (("--epochs", self.epochs), ("--unfreeze-blocks", self.unfreeze_blocks),
                             ("--batch-size", self.batch_size), ("--patience", self.patience)):
             if value < 1:
@@ -309,13 +312,12 @@ def _result(method: str, model: Classifier, images: Images, cfg: TrainConfig, de
 
 def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
              features=None, images: Images | None = None) -> TrainResult:
-    """Pretrained backbone + logistic head fitted on the cached training-split features, then the last
+    """Pretrained backbone + a head (cfg.head) fitted on the cached training-split features, then the last
     `unfreeze_blocks` blocks and the head trained together (backbone at lr_backbone, head at lr_head).
 
     `features`/`images` let `featpipe experiment` share one extraction and one decode across methods."""
     from featpipe.extract import ExtractConfig
     from featpipe.features import load_features
-    from featpipe.heads import HeadConfig, fit_head
 
     spec = registry.resolve(cfg.backbone)
     features = features or load_features(ExtractConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device))
@@ -326,7 +328,7 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     device, precision = _runtime(cfg, 0)
     t0 = time.perf_counter()
     tr = images.split.train
-    head = fit_head(features.X[tr], features.y[tr], len(features.classes), HeadConfig(seed=cfg.seed))
+    head = fit_head(features.X[tr], features.y[tr], len(features.classes), HeadConfig(cfg.head, cfg.seed))
     head_seconds = time.perf_counter() - t0
     loaded = load(spec)
     trainable = freeze_all_but_last(loaded.model, cfg.unfreeze_blocks)
@@ -342,7 +344,7 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     best_epoch, seconds = fit(model, groups, images, cfg, device, precision, log, history)
     hyper = {"unfreeze_blocks": cfg.unfreeze_blocks, "lr_backbone": cfg.lr_backbone, "lr_head": cfg.lr_head,
              "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-             "epochs": cfg.epochs, "patience": cfg.patience, "warm_start": {"head": "logistic", **head.params},
+             "epochs": cfg.epochs, "patience": cfg.patience, "warm_start": {"head": head.kind, **head.params},
              "augmentation": f"RandomResizedCrop({images.crop}, scale=({cfg.min_scale}, 1)) + HorizontalFlip",
              "batchnorm": "inference mode (running statistics frozen)"}
     res = _result("finetune", model, images, cfg, device, precision, best_epoch, seconds + head_seconds, history,
@@ -352,16 +354,11 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
 
 
 def save_bundle(model: Classifier, features, res: TrainResult, out: Path) -> Path:
-    """Fine-tuned backbone (full state dict) + the trained head as a plain logistic head (identity standardiser;
-    Head.as_torch_module() puts back the same UnitNorm + Linear that was trained)."""
+    """Fine-tuned backbone (full state dict) + the trained head (Head.from_torch_module: as_torch_module() puts
+    back the same layers that were trained)."""
     from featpipe.bundle import Bundle, save
-    from featpipe.heads import Head
 
-    linear = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]  # after Head's UnitNorm
-    w, b = (t.detach().float().cpu().numpy() for t in (linear.weight, linear.bias))
-    dim = w.shape[1]
-    head = Head("logistic", {"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32), "w1": w, "b1": b},
-                {"finetuned": True})
+    head = Head.from_torch_module(model.head, {"finetuned": True})
     key = features.result.key
     metrics = {k: getattr(res, k) for k in ("train_accuracy", "val_accuracy", "train_seconds", "best_epoch",
                                             "n_train", "n_val")} | res.hyperparameters

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.features import Features, from_result, load_features
-from featpipe.heads import HeadConfig, accuracy, fit_head, unit_norm
+from featpipe.heads import Head, HeadConfig, accuracy, fit_head, unit_norm
 from featpipe.splits import check_folds, kfold, val_split
 from tests.conftest import run_cli, run_json
 
@@ -101,6 +101,29 @@ def test_mlp_head_module_and_arrays(feats):
         "mean": (1280,), "scale": (1280,), "w1": (256, 1280), "b1": (256,), "w2": (5, 256), "b2": (5,)}
     logits = head.as_torch_module().eval()(torch.from_numpy(feats.X[:4]))
     np.testing.assert_allclose(torch.softmax(logits, 1).detach().numpy(), head.predict_proba(feats.X[:4]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_head_from_a_trained_module_gives_the_same_outputs(feats, kind):
+    """Fine-tuning trains as_torch_module()'s layers; the bundle stores them back as a Head (standardiser folded in)."""
+    head = fit_head(feats.X, feats.y, 5, HeadConfig(kind, Cs=(0.1,), max_epochs=20))
+    module = head.as_torch_module()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # as training would: no longer the fitted head's numbers
+    back = Head.from_torch_module(module, {"finetuned": True})
+    assert back.kind == kind and back.params.get("dropout") == head.params.get("dropout")
+    x = torch.from_numpy(feats.X[:8])
+    torch.testing.assert_close(back.as_torch_module().eval()(x), module.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_accuracy_ties_do_not_pick_a_uniform_head(feats):
+    """4 images per class: several C tie on inner-CV accuracy. The most regularised of them (1e-4, the old rule's
+    pick) answers right with near-uniform probabilities; held-out log-loss breaks the tie towards a confident head."""
+    rows = np.concatenate([np.flatnonzero(feats.y == c)[:4] for c in range(5)])
+    head = fit_head(feats.X[rows], feats.y[rows], 5, HeadConfig())
+    top = head.predict_proba(feats.X[rows]).max(1)
+    assert head.params["C"] > 1e-4 and np.median(top) > 0.5, (head.params, np.median(top))
 
 
 def test_logistic_sweep_is_fast_on_600_rows(feats, capsys):

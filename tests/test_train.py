@@ -64,10 +64,12 @@ def test_unfreezing_more_blocks_than_exist_is_a_user_error():
         freeze_all_but_last(backbone, 99)
 
 
-def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path):
+@pytest.mark.parametrize("head", ["logistic", "mlp"])
+def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path, head):
     out = tmp_path / "ft"
     r = run_json("finetune", small_data, "--cache-dir", tmp_path / "cache", "--epochs", "1", "--unfreeze-blocks",
-                 "2", "--out", out)
+                 "2", "--head", head, "--out", out)
+    assert r["hyperparameters"]["warm_start"]["head"] == head
     assert RESULT_KEYS <= r.keys() and r["method"] == "finetune"
     assert [h["epoch"] for h in r["history"]] == [0, 1]  # 0 = the warm-started head before any fine-tuning
     assert all(HISTORY_KEYS <= h.keys() for h in r["history"])
@@ -78,6 +80,7 @@ def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path):
     assert r["hyperparameters"]["lr_backbone"] < r["hyperparameters"]["lr_head"]
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["finetuned"] is True and (out / "backbone.safetensors").is_file()
+    assert manifest["head"]["kind"] == head
     one = sorted((small_data / "tools").iterdir())[0]
     p = run_json("predict", out, one, "--top-k", "1")
     assert len(p["predictions"]) == 1 and p["predictions"][0]["top"][0]["class"] in manifest["classes"]
