@@ -34,7 +34,7 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
         raise UserError(f"data directory not found: {root}")
     if not root.is_dir():
         raise UserError(f"not a directory: {root} (expected DATA_DIR/<class>/<image>)")
-    classes = sorted(d.name for d in _entries(root) if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in _entries(root) if _is_dir(d) and not d.name.startswith("."))
     if not classes:
         raise UserError(f"no class folders in {root} (expected DATA_DIR/<class>/<image>)")
     files = []
@@ -53,6 +53,14 @@ def require_every_class(root: Path, classes: list[str], present: set[str]) -> No
     if empty:
         more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise UserError(f"class folder {root / empty[0]} has no valid image{more}")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A symlink loop or a link into an unreadable place is not a class folder (is_dir() raises for them)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _entries(root: Path) -> list[os.DirEntry]:

@@ -9,7 +9,9 @@ so disk writes never stall compute. Only images whose content hash is missing ar
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import stat
 import threading
 import time
 from collections import deque
@@ -33,6 +35,7 @@ DECODERS = ("auto", "dali", "pil")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("local", "ray")
 READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags
+MAX_FILE_BYTES = 1 << 30  # far above any decodable image (Pillow's pixel limit), far below a video's size
 
 
 @dataclass
@@ -104,7 +107,14 @@ class Item:
 
 
 def read_file(f: ImageFile) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or why not. Only regular files are opened: a named pipe would block forever and a link
+    to /dev/zero would read until memory ran out. Files over MAX_FILE_BYTES (a video, a disk image) are not read."""
     try:
+        st = os.stat(f.path)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_size > MAX_FILE_BYTES:
+            return None, f"file too large ({st.st_size / 2**30:.1f} GiB; images are read whole)"
         return f.path.read_bytes(), None
     except OSError as e:
         return None, f"unreadable: {e.strerror or type(e).__name__}"
@@ -144,18 +154,13 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
 
 def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:
     index = {h: i for i, h in enumerate(rows.sha256)}
-    return any((rows.paths[index[h]], rows.labels[index[h]]) != pl for h, pl in reused.items() if h in index)
+    return any((rows.paths[index[h]], rows.labels[index[h]]) != pl for h, pl in reused.items())
 
 
 def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> Rows:
-    """Committed rows + new ones, with each reused row's path/label updated to where the file is now.
-
-    A hash 'reused' only because the same bytes appeared twice in this run is in new_rows, not rows: skip it here.
-    """
+    """Committed rows + new ones, with each reused row's path/label updated to where the file is now."""
     from featpipe.cache import merge
 
-    committed = set(rows.sha256)
-    reused = {h: pl for h, pl in reused.items() if h in committed}
     moved = Rows(list(reused), np.empty((0, rows.embeddings.shape[1]), np.float32),
                  [p for p, _ in reused.values()], [lbl for _, lbl in reused.values()])
     return merge(merge(rows, moved), new_rows)
@@ -210,6 +215,9 @@ class _Engine:
         self.skipped: list[dict] = []
         self.reused: dict[str, tuple[str, str]] = {}  # hash -> where its file is now (refreshes cache rows)
         self.reused_files = 0  # files served by an existing row: identical files count once each
+        self.first_copy: set[str] = set()  # hashes this run computes
+        self.copies: list[tuple[ImageFile, str]] = []  # later files with those bytes: settled like the first
+        self.failed: dict[str, str] = {}  # hash -> why its first copy did not decode
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
@@ -242,8 +250,17 @@ class _Engine:
             threads[2].join()
         if self.errors:
             raise self.errors[0]
+        self._settle_copies()
         self.skipped.sort(key=lambda s: s["path"])
         return _concat(out, self.key.dim), self.skipped, self.reused
+
+    def _settle_copies(self) -> None:
+        """A file whose bytes another file of this run carried is reused if that copy decoded, else skipped."""
+        for f, digest in self.copies:
+            if digest in self.failed:
+                self.skipped.append({"path": str(f.path), "reason": self.failed[digest]})
+            else:
+                self.reused_files += 1
 
     def _next(self, decoded: queue.Queue):
         """The next decoded batch; `model_waiting` is set for as long as the model has to wait for it."""
@@ -271,8 +288,11 @@ class _Engine:
             if digest is not None:
                 self.members.append(Member(str(f.path), f.label, digest))
                 if digest in known:
-                    self.reused[digest] = (str(f.path), f.label)
-                    self.reused_files += 1
+                    if digest in self.first_copy:
+                        self.copies.append((f, digest))
+                    else:
+                        self.reused[digest] = (str(f.path), f.label)
+                        self.reused_files += 1
                     settled += 1
                     continue
                 with self.timer("probe"):
@@ -283,6 +303,7 @@ class _Engine:
                 settled += 1
                 continue
             known.add(digest)  # identical bytes twice in one run: embed once
+            self.first_copy.add(digest)
             batch.append(Item(f, digest, data, p))
             if len(batch) >= self.batch_size:
                 encoded.put((batch, settled))
@@ -352,6 +373,7 @@ class _Engine:
         """Record skip reasons and queue the decoded images' rows for the writer (shared with the Ray engine)."""
         ok = [it for it, r in zip(batch, reasons) if r is None]
         self.skipped.extend({"path": str(it.file.path), "reason": r} for it, r in zip(batch, reasons) if r)
+        self.failed.update((it.sha256, r) for it, r in zip(batch, reasons) if r)
         if ok:
             written.put(Rows([it.sha256 for it in ok], emb, [str(it.file.path) for it in ok],
                              [it.file.label for it in ok]))

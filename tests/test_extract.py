@@ -81,11 +81,17 @@ def test_bad_files_are_skipped_and_listed(tmp_path, small_data):
     (small_data / "tools" / "empty.jpg").write_bytes(b"")
     (small_data / "tools" / "cut.jpg").write_bytes(good[: len(good) // 2])
     (small_data / "tools" / "notes.txt").write_text("not an image")
-    res = run_json("extract", small_data, "--cache-dir", tmp_path / "c", "--decoder", "dali")
+    (small_data / "animals" / "cut-copy.jpg").write_bytes(good[: len(good) // 2])  # same bytes: skipped alike
+    os.mkfifo(small_data / "tools" / "pipe.jpg")  # opening it would block forever
+    (small_data / "fishes" / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    (small_data / "loop").symlink_to(small_data / "loop")  # not a class folder, not an error
+    res = run_json("extract", small_data, "--cache-dir", tmp_path / "c", "--decoder", "dali", timeout=300)
     reasons = {os.path.basename(s["path"]): s["reason"] for s in res["skipped"]}
-    assert set(reasons) == {"empty.jpg", "cut.jpg", "notes.txt"}, reasons
-    assert (res["computed"], res["images"]) == (20, 23)
+    assert set(reasons) == {"empty.jpg", "cut.jpg", "cut-copy.jpg", "notes.txt", "pipe.jpg", "zero.jpg"}, reasons
+    assert (res["computed"], res["reused"], res["images"]) == (20, 0, 26)
     assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
+    assert reasons["pipe.jpg"] == reasons["zero.jpg"] == "not a regular file"
+    assert reasons["cut-copy.jpg"] == reasons["cut.jpg"]
 
 
 def test_decoders_agree_per_image(tmp_path, shipped):
