@@ -2,11 +2,13 @@
 
 Crash safety without trusting HDF5 to survive a SIGKILL mid-write:
 - new rows go to an append-only journal beside the .h5 (`<name>.journal`), one CRC-checked record per batch,
-  flushed per batch: a kill loses at most the batch in flight, and a torn last record is ignored;
+  flushed per batch: a kill loses at most the batch in flight, and a torn last record is ignored (and cut off
+  before the next run appends);
 - the .h5 is only ever replaced whole (write `<name>.h5.tmp`, fsync, rename), merging the journal in; so the .h5 on
   disk is always a complete file, and the journal is deleted only after the rename;
 - a file lock (`<name>.lock`) makes one writer at a time; readers need no lock (they see an old or a new file).
-Datasets carry fletcher32 checksums, so garbage written into the file is an error on read, never wrong floats.
+embeddings and sha256 carry fletcher32 checksums, so garbage written into them is an error on read, never wrong
+floats.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import struct
 import sys
 import time
@@ -126,6 +129,9 @@ class Cache:
                 if not (len(sha) == len(paths) == len(labels) == len(emb)) or emb.shape[1:] != (self.key.dim,):
                     raise ValueError("column lengths differ")
             return Rows(sha, emb.astype(np.float32, copy=False), paths, labels)
+        except (BlockingIOError, PermissionError) as e:  # a healthy file we may not open now: never set it aside
+            raise UserError(f"cannot open cache {self.path}: {e.strerror or e} (is another program holding it "
+                            f"open for writing?)") from None
         except (OSError, KeyError, ValueError) as e:
             self._quarantine(e)
             return Rows.empty(self.key.dim)
@@ -153,6 +159,7 @@ class Cache:
         assert self._lock_fd is not None, "append() needs the writer lock"
         if self._journal_fh is None:
             self._journal_fh = open(self.journal, "ab")
+            self._journal_fh.truncate(self._journal_records()[1])  # else records after a torn one go unread
         meta = json.dumps({"sha256": rows.sha256, "path": rows.paths, "label": rows.labels}).encode()
         payload = struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(rows.embeddings, np.float32).tobytes()
         self._journal_fh.write(_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload)
@@ -160,26 +167,43 @@ class Cache:
 
     def _read_journal(self) -> Rows:
         rows = Rows.empty(self.key.dim)
-        data = self.journal.read_bytes()
+        for part in self._journal_records()[0]:
+            rows = merge(rows, part)
+        return rows
+
+    def _journal_records(self) -> tuple[list[Rows], int]:
+        """The journal's whole records, and the byte length they fill. Parsing stops at the first record that
+        is torn (a kill mid-write, a full disk) or does not parse: everything before it is whole."""
+        try:
+            data = self.journal.read_bytes()
+        except FileNotFoundError:
+            return [], 0
         pos, parts = 0, []
         while pos + _HEADER.size <= len(data):
             magic, n, crc = _HEADER.unpack_from(data, pos)
             payload = data[pos + _HEADER.size: pos + _HEADER.size + n]
             if magic != _MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
-                break  # torn tail from a kill mid-write: everything before it is whole
-            (mlen,) = struct.unpack_from("<I", payload)
-            meta = json.loads(payload[4:4 + mlen])
-            emb = np.frombuffer(payload[4 + mlen:], np.float32).reshape(-1, self.key.dim)
-            parts.append(Rows(meta["sha256"], emb, meta["path"], meta["label"]))
+                break
+            try:
+                parts.append(self._parse_record(payload))
+            except (ValueError, KeyError, TypeError, struct.error):
+                break
             pos += _HEADER.size + n
-        for p in parts:
-            rows = merge(rows, p)
-        return rows
+        return parts, pos
+
+    def _parse_record(self, payload: bytes) -> Rows:
+        (mlen,) = struct.unpack_from("<I", payload)
+        meta = json.loads(payload[4:4 + mlen])
+        emb = np.frombuffer(payload[4 + mlen:], np.float32).reshape(-1, self.key.dim)
+        if not len(meta["sha256"]) == len(meta["path"]) == len(meta["label"]) == len(emb):
+            raise ValueError("record columns differ in length")
+        return Rows(meta["sha256"], emb, meta["path"], meta["label"])
 
     # ---- compaction ----------------------------------------------------------------------------------------
     def commit(self, rows: Rows) -> None:
         """Atomically replace the .h5 with `rows`, then drop the journal (whose rows `rows` must include)."""
         assert self._lock_fd is not None, "commit() needs the writer lock"
+        self._check_space(rows)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with h5py.File(tmp, "w") as f:
             for k, v in {**self.key.attrs(), "featpipe_version": __version__, "format_version": FORMAT_VERSION,
@@ -203,6 +227,16 @@ class Cache:
             self._journal_fh.close()
             self._journal_fh = None
         self.journal.unlink(missing_ok=True)
+
+
+    def _check_space(self, rows: Rows) -> None:
+        """HDF5 running out of disk mid-write can take the process down with it (a segfault in h5py's cleanup,
+        seen here): refuse before writing. The journal still holds the run's rows for the next try."""
+        need = rows.embeddings.nbytes + sum(64 + len(p) + len(lbl) for p, lbl in zip(rows.paths, rows.labels))
+        free = shutil.disk_usage(self.dir).free
+        if free < need + (1 << 20):
+            raise OSError(errno.ENOSPC, f"no space left for the cache: about {need / 2**20:.1f} MiB needed, "
+                                        f"{free / 2**20:.1f} MiB free")
 
 
 def merge(a: Rows, b: Rows) -> Rows:

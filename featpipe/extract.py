@@ -135,7 +135,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         new_rows, skipped, reused = engine.run(files, known, cache, progress)
         final = _refresh(rows, new_rows, reused)
         if len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused):
-            with timer("commit"):
+            with timer("commit"), _user_error_if_disk_fails(cache.path):
                 cache.commit(final)
         engine.index.save(root)
     present = set(final.sha256)
@@ -278,7 +278,10 @@ class _Engine:
             fn(*args)
         except BaseException as e:  # surfaced in the main thread
             self.errors.append(e)
-            if fn is not self._write:
+            if fn == self._write:  # (bound methods are equal, never identical)
+                while args[0].get() is not _DONE:  # the main thread may be blocked putting a batch: let it finish
+                    pass
+            else:
                 args[-1].put(_DONE)
 
     def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
@@ -382,9 +385,18 @@ class _Engine:
     def _write(self, written: queue.Queue, cache: Cache, out: list[Rows]) -> None:
         while (rows := written.get()) is not _DONE:
             rows.embeddings = np.asarray(rows.embeddings)  # waits for an async GPU copy: here, not in compute
-            with self.timer("write"):
+            with self.timer("write"), _user_error_if_disk_fails(cache.journal):
                 cache.append(rows)
             out.append(rows)
+
+
+@contextmanager
+def _user_error_if_disk_fails(path: Path) -> Iterator[None]:
+    """A full disk or a failing one: one line naming the file (the journal keeps every batch written before)."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer, model_waiting: threading.Event | None = None):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import resource
+import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import h5py
@@ -86,6 +90,64 @@ def test_torn_journal_tail_is_ignored(fresh, tmp_path):
     res = run_json("extract", data, "--cache-dir", cache, *ARGS, timeout=300)
     assert res["computed"] == 0 and res["reused"] == 20
     assert sorted(fk.read_rows(cache).sha256) == sorted(rows.sha256) and not c.journal.exists()
+
+
+def test_records_after_a_torn_tail_are_read_back(fresh, tmp_path):
+    """A run killed mid-record, then a run that journals more and is killed too: the second run's rows must not
+    hide behind the first one's torn bytes. A record whose checksum holds but whose content does not parse ends
+    the journal like a torn one (no exception on every later run)."""
+    _, cache = damaged_copy(fresh, tmp_path, lambda h5: None)
+    c = fk.cache_for(cache)
+    rows = c.read()
+    parts = [Rows(rows.sha256[s], rows.embeddings[s], rows.paths[s], rows.labels[s])
+             for s in (slice(0, 10), slice(10, 15), slice(15, None))]
+    with c:
+        c.commit(parts[0])
+        c.append(parts[1])
+    with open(c.journal, "ab") as fh:
+        fh.write(b"FPJ1" + random.Random(1).randbytes(300))
+    with c:  # the next run
+        c.append(parts[2])
+    assert sorted(c.read().sha256) == sorted(rows.sha256)
+    bad = b"\xff\x00\x00\x00not json"
+    with open(c.journal, "ab") as fh:
+        fh.write(struct.pack("<4sII", b"FPJ1", len(bad), zlib.crc32(bad)) + bad)
+    assert sorted(c.read().sha256) == sorted(rows.sha256)
+
+
+def test_a_cache_open_in_another_program_is_not_set_aside(fresh, tmp_path):
+    """HDF5 locks a file open for writing; that is no corruption: exit 2, the file untouched."""
+    data, cache = damaged_copy(fresh, tmp_path, lambda h5: None)
+    h5 = next(cache.glob("*.h5"))
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); time.sleep(120)", str(h5)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = h5.read_bytes()  # (opening for writing set a flag in the superblock)
+        proc = run_cli("extract", data, "--cache-dir", cache, *ARGS, timeout=300)
+        after = h5.read_bytes()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2 and "another program" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not list(cache.glob("*.corrupt-*")) and after == before
+
+
+def test_a_failing_disk_is_one_line_and_the_next_run_resumes(tmp_path, small_data):
+    """Writes fail past a file-size limit (EFBIG, as a full disk fails with ENOSPC) after one whole journal record
+    of 8 rows: one line, exit 2, no hang; the next run keeps those 8 rows and computes the other 12."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "featpipe", "extract", str(small_data), "--cache-dir", str(cache),
+                           *ARGS, "--json"], preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("featpipe: error: cannot write") and last.endswith(".journal: File too large"), last
+    res = run_json("extract", small_data, "--cache-dir", cache, *ARGS, timeout=300)
+    assert (res["computed"], res["reused"]) == (12, 8)
 
 
 def popen(*args) -> subprocess.Popen:
