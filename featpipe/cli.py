@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -264,10 +265,21 @@ def main() -> None:
     except UserError as e:
         _fail(str(e), 2)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _interrupted()
+    if code == 130:  # typer turns Ctrl-C inside a command into a silent exit code 130
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"featpipe: error: {' '.join(message.split())}\n")
     sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: say so and leave at once. Interpreter shutdown would race the pipeline's daemon threads still inside
+    torch (seen: 'terminate called without an active exception', SIGABRT). Nothing is lost by skipping it: the
+    journal is flushed per batch and the kernel releases the cache lock, as after a kill."""
+    sys.stderr.write("featpipe: error: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)

@@ -104,10 +104,13 @@ def test_decoders_agree_per_image(tmp_path, shipped):
     assert cos.min() >= 0.98, cos.min()
 
 
-def test_sigkill_mid_run_then_resume(tmp_path, shipped):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_or_interrupted_mid_run_then_resume(tmp_path, shipped, sig):
+    """SIGINT (Ctrl-C) also says so in one line, exit 130 (typer had swallowed it into a silent 130)."""
     cache = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "featpipe", "extract", "--cache-dir", cache, "--batch-size", "8",
-                             "--decoder", "pil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--decoder", "pil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     deadline = time.time() + 120
     journal = None
     while time.time() < deadline and proc.poll() is None:  # kill once some batches are journaled
@@ -115,9 +118,11 @@ def test_sigkill_mid_run_then_resume(tmp_path, shipped):
         if journal is not None and journal.stat().st_size > 3 * 8 * 1280 * 4:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
     assert journal is not None, "extract finished before it could be killed"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "featpipe: error: interrupted", err
     res = run_json("extract", "--cache-dir", cache, "--decoder", "pil")
     assert 0 < res["reused"] < 196 and res["computed"] + res["reused"] == 196
     assert len(read_h5(res["cache_file"])) == 196 and not list(cache.glob("*.journal"))
