@@ -74,14 +74,15 @@ def _build(spec: BackboneSpec) -> nn.Module:
 
 
 def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+    W.require_file(path)
     model = _build(spec)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict (name -> tensor)")
     if spec.remap:
         state = W.remap_positional(state, model.state_dict())
     try:

@@ -63,6 +63,10 @@ class ExtractConfig:
             raise UserError("--workers must be at least 1")
         if self.engine != "ray" and (self.ray_address is not None or self.workers is not None):
             raise UserError("--ray-address and --workers need --engine ray")
+        if self.device == "cuda" and self.engine == "local":  # now, not only once an image needs the model
+            from featpipe.embed import resolve_device
+
+            resolve_device(self.device)
 
 
 @dataclass

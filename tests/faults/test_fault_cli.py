@@ -44,3 +44,19 @@ def test_read_only_cache_dir(small_data, tmp_path):
         assert list(cache.iterdir()) == []
     finally:
         cache.chmod(0o755)
+
+
+def test_bad_weights_files(small_data, tmp_path):
+    """--weights that is a folder, garbage bytes, or a loadable file holding no state dict."""
+    import torch
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    for path, says in ((tmp_path, "is not a file"), (tmp_path / "garbage.pth", "cannot read weights"),
+                       (tmp_path / "list.pth", "hold a list, not a state dict")):
+        assert says in one_line_error(str(small_data), "--cache-dir", str(tmp_path / "c"), "--weights", str(path))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_fails_even_when_everything_is_cached(warm_cache):
+    assert "no CUDA GPU" in one_line_error("--cache-dir", str(warm_cache), "--device", "cuda")
