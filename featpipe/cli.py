@@ -250,7 +250,10 @@ def _run_experiment(config: Optional[Path], flags: dict, as_json: bool) -> None:
     kw = read_config(config) if config else {}
     kw.update({k: v for k, v in flags.items() if v is not None})
     report = run(ExperimentConfig(**kw))
-    _emit(report, as_json, table(report) + f"\n\nreport: {report['files']['report.md']}")
+    summary = table(report) + f"\n\nreport: {report['files']['report.md']}"
+    if as_json:
+        print(summary, file=sys.stderr)  # stdout holds the one JSON object
+    _emit(report, as_json, summary)
 
 
 def main() -> None:

@@ -281,9 +281,9 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     # val_accuracy stays untouched by them.
     cv = cross_validate(f.X, f.y, f.classes, cfg.cv, cfg.head) if cfg.cv else (None, None)
     report = {"head": head.kind, "backbone": f.result.backbone,
-              "train_accuracy": accuracy(head, f.X[split.train], f.y[split.train]),
-              "val_accuracy": accuracy(head, f.X[split.val], f.y[split.val]),
-              "cv_accuracy_mean": cv[0], "cv_accuracy_std": cv[1], "fit_seconds": round(fit_seconds, 4),
+              "train_accuracy": _round(accuracy(head, f.X[split.train], f.y[split.train])),
+              "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
+              "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes}
     key = f.result.key
     out = cfg.out or Path("models") / f"{key.backbone}-{head.kind}"
@@ -291,3 +291,8 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
                     {k: v for k, v in report.items() if k not in ("head", "backbone", "classes")}
                     | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction, "seed": cfg.head.seed})
     return report | {"model_path": str(save(bundle, out))}
+
+
+def _round(x: float | None) -> float | None:
+    """Accuracies to 4 places, as finetune and scratch report them."""
+    return None if x is None else round(x, 4)

@@ -19,8 +19,10 @@ def test_experiment_writes_consistent_reports(small_data, tmp_path):
     config.write_text('[experiment]\nout = "ignored-because-the-flag-wins"\ncv = 3\n'
                       '[finetune]\nepochs = 1\nunfreeze_blocks = 2\n[scratch]\nepochs = 1\n')
     out = tmp_path / "rep"
-    r = run_json("experiment", small_data, "--backbones", "mobilenet_v2", "--config", config, "--out", out,
-                 "--cache-dir", tmp_path / "cache")
+    proc = run_cli("experiment", small_data, "--backbones", "mobilenet_v2", "--config", config, "--out", out,
+                   "--cache-dir", tmp_path / "cache", "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert "| method | backbone |" in proc.stderr and "(3-fold CV " in proc.stderr  # the table, beside the JSON
     for name in ("report.json", "report.md", "report.png", "confusion.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == r  # --json prints what report.json holds
