@@ -87,14 +87,23 @@ def load(path: Path) -> Bundle:
     try:
         for name, digest in m["files"].items():
             _verify(root, name, digest)
-        if HEAD_FILE not in m["files"] or (m.get("finetuned") and BACKBONE_FILE not in m["files"]):
+        if HEAD_FILE not in m["files"]:
             raise UserError(f"model bundle {root} is incomplete: bundle.json does not list its array files")
+        if (BACKBONE_FILE in m["files"]) != (m.get("finetuned") is True):
+            raise UserError(f"model bundle {root}: bundle.json's finetuned ({m.get('finetuned')!r}) and its files "
+                            f"({', '.join(sorted(m['files']))}) disagree")
+        classes = m["classes"]
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                and len(set(classes)) == len(classes) >= 2):
+            raise UserError(f"model bundle {root}: classes must be a list of at least 2 distinct names")
         head = Head(m["head"]["kind"], _read_arrays(root / HEAD_FILE), m["head"].get("params", {}))
         pre = Preprocessing.from_json(json.dumps(m["preprocessing"]))
-        bundle = Bundle(m["backbone"], m["weights_sha256"], pre, list(m["classes"]), head, m.get("metrics", {}),
-                        bool(m.get("finetuned")), root)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"model bundle {root}: bundle.json lacks or garbles {e}") from None
+        bundle = Bundle(m["backbone"], m["weights_sha256"], pre, classes, head, m.get("metrics", {}),
+                        m.get("finetuned") is True, root)
+    except KeyError as e:
+        raise UserError(f"model bundle {root}: bundle.json lacks {e}") from None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"model bundle {root}: bundle.json has a malformed field ({e})") from None
     _check_head(bundle)
     return bundle
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_json
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

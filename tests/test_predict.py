@@ -64,8 +64,11 @@ def test_tampered_bundle_is_exit_2_one_line(model, sample, tmp_path):
     assert proc.stderr.count("\n") == 1 and "head.safetensors is corrupt or was modified" in proc.stderr
 
 
-@pytest.mark.parametrize("damage", ["truncate", "drop_manifest", "bad_json", "drop_file_entry"])
-def test_damaged_bundles_are_user_errors(model, tmp_path, damage):
+@pytest.mark.parametrize("damage, says", [
+    ("truncate", "corrupt or was modified"), ("drop_manifest", "not a model bundle"), ("bad_json", "cannot read"),
+    ("drop_file_entry", "incomplete"), ("head_null", "malformed field"), ("classes_twice", "distinct names"),
+    ("classes_string", "distinct names"), ("finetuned_without_backbone", "disagree")])
+def test_damaged_bundles_are_user_errors(model, tmp_path, damage, says):
     copy = Path(shutil.copytree(model, tmp_path / damage))
     manifest = copy / B.MANIFEST
     if damage == "truncate":
@@ -76,9 +79,11 @@ def test_damaged_bundles_are_user_errors(model, tmp_path, damage):
         manifest.write_text("{not json")
     else:
         m = json.loads(manifest.read_text())
-        m["files"] = {}
-        manifest.write_text(json.dumps(m))
-    with pytest.raises(UserError):
+        edit = {"drop_file_entry": {"files": {}}, "head_null": {"head": None}, "classes_string": {"classes": "animals"},
+                "classes_twice": {"classes": [m["classes"][0]] + m["classes"][:-1]},
+                "finetuned_without_backbone": {"finetuned": True}}
+        manifest.write_text(json.dumps(m | edit[damage]))
+    with pytest.raises(UserError, match=says):
         B.load(copy)
 
 
