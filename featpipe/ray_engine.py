@@ -35,7 +35,10 @@ OBJECT_STORE_BYTES = 200 * 2**20  # a local Ray holds only a few batches of enco
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
 IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: an actor never waits for the driver's round trip
 DIE_ONCE_ENV = "FEATPIPE_RAY_DIE_ONCE"  # test hook, see _die_once
-_SOCKET_PATH_ROOM = 107 - 60  # AF_UNIX path limit minus Ray's "session_<date>_<pid>/sockets/plasma_store"
+# The AF_UNIX path limit (107 bytes) minus the longest socket path Ray puts under its temp dir (pids up to 7 digits).
+# 60 was 2-4 bytes short: a cache dir under /tmp/pytest-of-root/pytest-128/ broke ray.init.
+RAY_SOCKET_SUFFIX = "/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
+_SOCKET_PATH_ROOM = 107 - len(RAY_SOCKET_SUFFIX)
 
 
 def _import_ray():

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.ray_engine import DIE_ONCE_ENV, ray_temp_dir
+from featpipe.ray_engine import DIE_ONCE_ENV, RAY_SOCKET_SUFFIX, ray_temp_dir
 from tests.conftest import make_subset, run_cli, run_json
 
 pytest.importorskip("ray")
@@ -109,6 +109,12 @@ def test_ray_flags_need_engine_ray(small_data, tmp_path):
 
 def test_ray_temp_dir_stays_within_the_unix_socket_limit(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="fp-", dir="/tmp"))
-    assert ray_temp_dir(short) == short / ".ray"
+    try:
+        assert ray_temp_dir(short) == short / ".ray"
+        for n in range(10, 35):  # around the limit (a 46-byte .ray dir once slipped through and broke ray.init)
+            d = ray_temp_dir(short / ("y" * n))
+            assert len(str(d) + RAY_SOCKET_SUFFIX) <= 107, d
+    finally:
+        shutil.rmtree(short)
     deep = ray_temp_dir(tmp_path / ("x" * 80))
     assert deep.is_dir() and len(str(deep)) < 40
