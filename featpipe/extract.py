@@ -226,7 +226,7 @@ class _Engine:
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
         self.model_waiting = threading.Event()
-        self.index = fileindex.FileIndex(cfg.cache_dir)
+        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version())
 
     def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -263,6 +263,7 @@ class _Engine:
         for f, digest in self.copies:
             if digest in self.failed:
                 self.skipped.append({"path": str(f.path), "reason": self.failed[digest]})
+                self.index.record_failure(f.path, self.failed[digest])
             else:
                 self.reused_files += 1
 
@@ -305,6 +306,8 @@ class _Engine:
                 with self.timer("probe"):
                     p = probe(data)
                 err = p.skip_reason
+                if err:
+                    self.index.record_failure(f.path, err)
             if err:
                 self.skipped.append({"path": str(f.path), "reason": err})
                 settled += 1
@@ -337,6 +340,8 @@ class _Engine:
             digest = self.index.unchanged(f.path, st) if st else None
         if digest in known:
             return f, None, digest, None
+        if digest is not None and (reason := self.index.failure(f.path)):
+            return f, None, None, reason  # failed to decode last time, and unchanged: not read again
         read_at_ns = time.time_ns()
         with self.timer("read"):
             data, err = read_file(f)
@@ -380,7 +385,10 @@ class _Engine:
         """Record skip reasons and queue the decoded images' rows for the writer (shared with the Ray engine)."""
         ok = [it for it, r in zip(batch, reasons) if r is None]
         self.skipped.extend({"path": str(it.file.path), "reason": r} for it, r in zip(batch, reasons) if r)
-        self.failed.update((it.sha256, r) for it, r in zip(batch, reasons) if r)
+        for it, r in zip(batch, reasons):
+            if r:
+                self.failed[it.sha256] = r
+                self.index.record_failure(it.file.path, r)
         if ok:
             written.put(Rows([it.sha256 for it in ok], emb, [str(it.file.path) for it in ok],
                              [it.file.label for it in ok]))
@@ -401,6 +409,16 @@ def _user_error_if_disk_fails(path: Path) -> Iterator[None]:
         yield
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def decoders_version() -> str:
+    """What a recorded decode failure depends on (fileindex): featpipe's probe and fallbacks, and Pillow, which
+    every image DALI rejects is retried with."""
+    import PIL
+
+    from featpipe import __version__
+
+    return f"featpipe {__version__}, Pillow {PIL.__version__}"
 
 
 def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer, model_waiting: threading.Event | None = None):

@@ -76,6 +76,23 @@ def test_unchanged_files_are_not_read_again_and_any_write_is_seen(tmp_path, smal
     assert (res["computed"], res["reused"]) == (1, 19)
 
 
+def test_an_unchanged_file_that_failed_to_decode_is_not_decoded_again(tmp_path, small_data):
+    """A truncated JPEG passes the header probe and fails in the decoder: a warm run must report it without
+    reading it or loading the model; rewritten with good bytes, it is embedded."""
+    victim = small_data / "tools" / "cut.jpg"
+    good = sorted((small_data / "tools").iterdir())[0]
+    victim.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    time.sleep(fileindex.RACY_SECONDS + 0.2)  # old enough to be recorded
+    cold = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert [s["reason"][:14] for s in cold["skipped"]] == ["decode failed:"]
+    warm = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert warm["skipped"] == cold["skipped"] and warm["reused"] == 20
+    assert not {"read", "load_model", "decode"} & warm["stage_seconds"].keys(), warm["stage_seconds"]
+    Image.open(good).save(victim, "JPEG", quality=80)
+    fixed = run_json("extract", small_data, "--cache-dir", tmp_path / "c")
+    assert (fixed["computed"], fixed["skipped"]) == (1, [])
+
+
 def test_bad_files_are_skipped_and_listed(tmp_path, small_data):
     good = sorted((small_data / "tools").iterdir())[0].read_bytes()
     (small_data / "tools" / "empty.jpg").write_bytes(b"")
@@ -179,3 +196,19 @@ def test_dali_decoder_takes_batches_longer_than_its_pipeline(shipped):
     np.testing.assert_array_equal(pixels[:8], again)  # chunked output lines up with the inputs
     pil, _ = PilDecoder(pre).decode(data, probes)
     assert np.abs(pixels.astype(int) - pil).mean() < 3
+
+
+def test_failure_reasons_hold_only_for_the_decoders_that_gave_them(tmp_path):
+    """After a featpipe or Pillow upgrade a file that failed is tried again (its hash record stays)."""
+    f = tmp_path / "data" / "x.jpg"
+    f.parent.mkdir()
+    f.write_bytes(b"\xff\xd8 truncated")
+    st = f.stat()
+    old = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 1")
+    old.record(f, st, "ab" * 32, st.st_ctime_ns + 10**10)
+    old.record_failure(f, "decode failed: truncated")
+    old.save(tmp_path / "data")
+    same = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 1")
+    assert same.unchanged(f, st) == "ab" * 32 and same.failure(f) == "decode failed: truncated"
+    upgraded = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 2")
+    assert upgraded.unchanged(f, st) == "ab" * 32 and upgraded.failure(f) is None
