@@ -47,12 +47,17 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
     return root, files, classes
 
 
-def require_every_class(root: Path, classes: list[str], present: set[str]) -> None:
-    """A class with no usable image would silently vanish from every model: refuse, naming it."""
+def require_every_class(root: Path, classes: list[str], present: set[str], skipped: list[dict] = ()) -> None:
+    """A class with no usable image would silently vanish from every model: refuse, naming it and (from `skipped`,
+    extract's list) why its files were not used."""
     empty = sorted(set(classes) - present)
     if empty:
-        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise UserError(f"class folder {root / empty[0]} has no valid image{more}")
+        folder = root / empty[0]
+        inside = [s for s in skipped if Path(s["path"]).is_relative_to(folder)]
+        why = f"; {len(inside)} file(s) skipped, e.g. {Path(inside[0]['path']).name}: {inside[0]['reason']}" \
+            if inside else ""
+        more = f" (and {len(empty) - 1} more such folders)" if len(empty) > 1 else ""
+        raise UserError(f"class folder {folder} has no valid image{why}{more}")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

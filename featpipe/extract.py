@@ -144,7 +144,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         engine.index.save(root)
     present = set(final.sha256)
     members = [m for m in engine.members if m.sha256 in present]
-    require_every_class(root, classes, {m.label for m in members})  # after the cache is saved
+    require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
     seconds = time.perf_counter() - t0
     return ExtractResult(
         images=len(files), computed=len(new_rows), reused=engine.reused_files, skipped=skipped,

@@ -155,7 +155,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_data):
     ro.mkdir()
     ro.chmod(0o555)
     cases = [(["extract", tmp_path / "missing"], "not found"), (["extract", empty], "no class folders"),
-             (["extract", no_valid, "--cache-dir", tmp_path / "c"], "no valid image"),
+             (["extract", no_valid, "--cache-dir", tmp_path / "c"],
+              "no valid image; 1 file(s) skipped, e.g. x.jpg: not an image"),
              (["extract", small_data, "-b", "mobilenet_v9"], "did you mean"),
              (["extract", small_data, "--cache-dir", ro], "not writable")]
     for args, msg in cases:
