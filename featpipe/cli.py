@@ -214,8 +214,8 @@ def experiment(
     out: Annotated[Optional[Path], typer.Option("--out", help="Report dir.",
                                                 show_default="reports/experiment")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file (pipelines/*.toml): also "
-                                                   "sets cv, head, and the finetune and scratch sections (epochs, rates); "
-                                                   "flags override it.")] = None,
+                                                   "sets cv, head, and the finetune and scratch sections (epochs, "
+                                                   "rates); flags override it.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.",
                                                       show_default="cache")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda.",

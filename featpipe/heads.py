@@ -80,7 +80,8 @@ class Head:
         arrays = {"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32),
                   **dict(zip(("w1", "b1", "w2", "b2"), tensors))}
         dropout = [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
-        return cls("logistic" if len(linears) == 1 else "mlp", arrays, params | ({"dropout": dropout[0]} if dropout else {}))
+        kind = "logistic" if len(linears) == 1 else "mlp"
+        return cls(kind, arrays, params | ({"dropout": dropout[0]} if dropout else {}))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         module = self.as_torch_module().eval()

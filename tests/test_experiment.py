@@ -51,7 +51,8 @@ def test_experiment_writes_consistent_reports(small_data, tmp_path):
         assert cells[:2] == [x["method"], x["backbone"]]
         assert float(cells[2]) == pytest.approx(x["train_accuracy"], abs=5e-4)
         assert float(cells[3].split()[0]) == pytest.approx(x["val_accuracy"], abs=5e-4)
-        assert float(cells[4].removesuffix(" s")) == pytest.approx(x["train_seconds"], abs=0.0051)  # 2 decimals + float slack
+        seconds = float(cells[4].removesuffix(" s"))
+        assert seconds == pytest.approx(x["train_seconds"], abs=0.0051)  # 2 decimals + float slack
         if x["method"] == "head":
             mean, std = map(float, re.findall(r"CV ([\d.]+) ± ([\d.]+)", cells[3])[0])
             # 3 decimals in the table: a half-way value like 0.0625 may round either way

@@ -119,8 +119,8 @@ def test_a_cache_open_in_another_program_is_not_set_aside(fresh, tmp_path):
     """HDF5 locks a file open for writing; that is no corruption: exit 2, the file untouched."""
     data, cache = damaged_copy(fresh, tmp_path, lambda h5: None)
     h5 = next(cache.glob("*.h5"))
-    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
-                               "print('open', flush=True); time.sleep(120)", str(h5)], stdout=subprocess.PIPE, text=True)
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(h5)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
         before = h5.read_bytes()  # (opening for writing set a flag in the superblock)
