@@ -228,7 +228,6 @@ class Cache:
             self._journal_fh = None
         self.journal.unlink(missing_ok=True)
 
-
     def _check_space(self, rows: Rows) -> None:
         """HDF5 running out of disk mid-write can take the process down with it (a segfault in h5py's cleanup,
         seen here): refuse before writing. The journal still holds the run's rows for the next try."""

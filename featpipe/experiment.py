@@ -24,7 +24,6 @@ import numpy as np
 from featpipe import __version__, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
-from featpipe.heads import HeadConfig
 from featpipe.splits import check_k
 from featpipe.train import TrainConfig, decode_images, finetune, scan_images, scratch
 
@@ -63,9 +62,8 @@ class ExperimentConfig:
             raise UserError(f"--val-fraction must be in (0, 1): the methods are compared on that held-out share "
                             f"(got {self.val_fraction})")
         check_k(self.cv, "cv")
-        HeadConfig(self.head)
-        for section in ("finetune", "scratch"):
-            self.train_config(section, self.backbones[0])  # unknown keys / bad values fail before any work
+        for section in ("finetune", "scratch"):  # unknown keys, bad values, the head kind: fail before any work
+            self.train_config(section, self.backbones[0])
 
     def train_config(self, method: str, backbone: str) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "backbone", "cache_dir", "device",

@@ -110,11 +110,12 @@ class Item:
     probe: Probe
 
 
-def read_file(f: ImageFile) -> tuple[bytes | None, str | None]:
+def read_file(f: ImageFile, st: os.stat_result | None = None) -> tuple[bytes | None, str | None]:
     """The file's bytes, or why not. Only regular files are opened: a named pipe would block forever and a link
-    to /dev/zero would read until memory ran out. Files over MAX_FILE_BYTES (a video, a disk image) are not read."""
+    to /dev/zero would read until memory ran out. Files over MAX_FILE_BYTES (a video, a disk image) are not read.
+    `st`: the file's stat if the caller took one already."""
     try:
-        st = os.stat(f.path)
+        st = st or os.stat(f.path)
         if not stat.S_ISREG(st.st_mode):
             return None, "not a regular file"
         if st.st_size > MAX_FILE_BYTES:
@@ -344,7 +345,7 @@ class _Engine:
             return f, None, None, reason  # failed to decode last time, and unchanged: not read again
         read_at_ns = time.time_ns()
         with self.timer("read"):
-            data, err = read_file(f)
+            data, err = read_file(f, st)
         if data is None:
             return f, None, None, err
         with self.timer("hash"):
@@ -384,9 +385,9 @@ class _Engine:
               written: queue.Queue) -> int:
         """Record skip reasons and queue the decoded images' rows for the writer (shared with the Ray engine)."""
         ok = [it for it, r in zip(batch, reasons) if r is None]
-        self.skipped.extend({"path": str(it.file.path), "reason": r} for it, r in zip(batch, reasons) if r)
         for it, r in zip(batch, reasons):
             if r:
+                self.skipped.append({"path": str(it.file.path), "reason": r})
                 self.failed[it.sha256] = r
                 self.index.record_failure(it.file.path, r)
         if ok:
