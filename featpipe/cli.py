@@ -32,8 +32,9 @@ BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry nam
                                           "torchvision/timm model name.")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
-DecoderOpt = Annotated[str, typer.Option("--decoder", help="auto | dali | pil (auto: DALI nvJPEG on a GPU, Pillow "
-                                                           "on CPU; dali without a GPU: DALI's CPU pipeline).")]
+DecoderOpt = Annotated[str, typer.Option("--decoder", help="auto | dali | torchvision | pil (auto: nvJPEG on a GPU, "
+                                           "through DALI, else torchvision; Pillow on CPU. Without a GPU, dali is "
+                                           "DALI's CPU pipeline, torchvision libjpeg-turbo).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware "
                                            "has bf16 units: AMX/AVX512-BF16 CPUs, recent GPUs).")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (state dict) for the "

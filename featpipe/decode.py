@@ -1,8 +1,9 @@
-"""Encoded bytes -> uint8 HWC crops, three ways behind one interface: DALI on GPU, DALI on CPU, Pillow.
+"""Encoded bytes -> uint8 HWC crops behind one interface: Pillow, DALI (GPU or CPU), torchvision's nvJPEG (GPU, or
+libjpeg-turbo on CPU as its test twin).
 
-Files are read once (by the reader, which also hashes them); decoders get bytes, never paths. DALI cannot skip a
-bad sample, so every file is probed first (`probe`) and anything DALI should not see (non-JPEG, CMYK, 16-bit,
-palette, alpha, suspected truncation) goes to Pillow. A batch DALI still rejects is redone image by image in Pillow.
+Files are read once (by the reader, which also hashes them); decoders get bytes, never paths. Batched decoders
+cannot skip a bad sample, so every file is probed first (`probe`) and anything they should not see (non-JPEG, CMYK,
+16-bit, palette, alpha, suspected truncation) goes to Pillow. What they still reject is redone in Pillow.
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the
 # decode 188 / 244 / 318 img/s on one core (measured with Pillow's resize, before the torch resize below).
 DRAFT_MARGIN = 1.5
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)  # see resize_crop
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)  # decode_jpeg only reads it
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
+                        DeprecationWarning)  # 0.29 points to TorchCodec, which the lent GPU machines do not have
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
 class Probe:
-    """What a cheap header read says about a file: DALI-safe JPEG, Pillow-only image, or a reason to skip."""
+    """What a cheap header read says about a file: a plain JPEG for the batched decoders (DALI, nvJPEG), a
+    Pillow-only image, or a reason to skip."""
 
-    dali_ok: bool
+    batch_ok: bool
     skip_reason: str | None = None
     size: tuple[int, int] = (0, 0)  # (width, height) after EXIF orientation
+    orientation: int = 1  # EXIF orientation tag (1: upright); nvJPEG ignores it, DALI and Pillow apply it
 
 
 def probe(data: bytes) -> Probe:
@@ -58,13 +64,15 @@ def probe(data: bytes) -> Probe:
         return Probe(False, f"unreadable image header: {e}")
     if w < 1 or h < 1:
         return Probe(False, "image has no pixels")
-    if _exif_orientation(im) in (5, 6, 7, 8):
+    orientation = _exif_orientation(im)
+    if orientation in (5, 6, 7, 8):
         w, h = h, w
     # JPEG entropy data byte-stuffs 0xFF, so a final EOI marker near the end means the scan was not cut short.
     complete = data.rfind(b"\xff\xd9") >= len(data) - 1024
     # DALI resizes the whole image before cropping: a 1 x 20000 strip would become 256 x 5 million pixels.
     squat = max(w, h) <= MAX_ASPECT * min(w, h)
-    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h))
+    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h),
+                 orientation if orientation in range(1, 9) else 1)
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -259,21 +267,11 @@ class DaliDecoder:
         return p
 
     def decode(self, items: list[bytes], probes: list[Probe]):
-        """DALI for probed-safe JPEGs, Pillow for the rest; merged back in input order."""
-        fast = [i for i, p in enumerate(probes) if p.dali_ok]
-        batch = self._run_dali([items[i] for i in fast], [probes[i].size for i in fast]) if fast else None
-        if batch is not None and len(fast) == len(items):
-            return batch, [None] * len(items)
-        results: list = [None] * len(items)
-        for k, i in enumerate(fast if batch is not None else []):
-            results[i] = batch[k]
-        slow = [i for i, r in enumerate(results) if r is None]
-        for i, r in zip(slow, self.fallback.pool.map(self.fallback.decode_one, [items[i] for i in slow])):
-            results[i] = r
-        return stack_results(results, self.pre)
+        return decode_batched(self._run_dali, items, probes, self.fallback)
 
-    def _run_dali(self, data: list[bytes], sizes: list[tuple[int, int]]):
+    def _run_dali(self, data: list[bytes], probes: list[Probe]):
         """The pipeline's batch size is a maximum: longer inputs run in chunks (else DALI fails the whole batch)."""
+        sizes = [p.size for p in probes]
         chunks = [self._run_chunk(data[i:i + self.batch_size], sizes[i:i + self.batch_size])
                   for i in range(0, len(data), self.batch_size)]
         if any(c is None for c in chunks):
@@ -311,24 +309,128 @@ class DaliDecoder:
         return t
 
 
+def decode_batched(run, items: list[bytes], probes: list[Probe], fallback: PilDecoder):
+    """A batched decoder's `run(data, probes)` (a batch, or None if it rejected any) for the probed-safe JPEGs,
+    Pillow for the rest and for a rejected batch; merged back in input order."""
+    fast = [i for i, p in enumerate(probes) if p.batch_ok]
+    batch = run([items[i] for i in fast], [probes[i] for i in fast]) if fast else None
+    if batch is not None and len(fast) == len(items):
+        return batch, [None] * len(items)
+    results: list = [None] * len(items)
+    for k, i in enumerate(fast if batch is not None else []):
+        results[i] = batch[k]
+    slow = [i for i, r in enumerate(results) if r is None]
+    for i, r in zip(slow, fallback.pool.map(fallback.decode_one, [items[i] for i in slow])):
+        results[i] = r
+    return stack_results(results, fallback.pre)
+
+
+# Decoded pixels per nvJPEG call: bounds GPU memory (uint8 images, then float during the resize) for large photos.
+CHUNK_PIXELS = 1 << 27
+# EXIF orientation -> flips after a transpose (5-8) or alone (1-4): what ImageOps.exif_transpose does.
+_FLIPS = {1: (), 2: (2,), 3: (1, 2), 4: (1,), 5: (), 6: (2,), 7: (1, 2), 8: (1,)}
+
+
+class TorchvisionDecoder:
+    """torchvision.io.decode_jpeg: nvJPEG on a CUDA device, batched, with no DALI to install (the lent GPU machines
+    cannot take DALI's 476 MB wheel); on the CPU the same code runs libjpeg-turbo, its twin for tests. Orientation,
+    resize and crop run on the decoding device, one batched resize per distinct image size."""
+
+    def __init__(self, pre: Preprocessing, device_id: int | None, threads: int | None = None) -> None:
+        import torch
+
+        self.pre = pre
+        self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
+        self.name = "torchvision-cpu" if device_id is None else "torchvision-gpu"
+        self.fallback = PilDecoder(pre, threads)
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, "JPEG")
+        self._decode([buf.getvalue()])  # raises here (make_decoder falls back) if this build cannot decode there
+
+    def decode(self, items: list[bytes], probes: list[Probe]):
+        return decode_batched(self._run, items, probes, self.fallback)
+
+    def _decode(self, data: list[bytes]) -> list:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg([torch.frombuffer(d, dtype=torch.uint8) for d in data], mode=ImageReadMode.RGB,
+                           device=self.device)
+
+    def _run(self, data: list[bytes], probes: list[Probe]):
+        import torch
+
+        out = torch.empty((len(data), self.pre.crop, self.pre.crop, 3), dtype=torch.uint8, device=self.device)
+        for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS):
+            try:
+                images = self._decode([data[i] for i in chunk])
+            except RuntimeError:  # nvJPEG returns no partial results: Pillow redoes the batch
+                return None
+            by_shape: dict[tuple, list[int]] = {}
+            for k, (i, im) in enumerate(zip(chunk, images)):
+                images[k] = orient(im, probes[i].orientation)
+                by_shape.setdefault(tuple(images[k].shape), []).append(k)
+            for ks in by_shape.values():
+                rows = torch.tensor([chunk[k] for k in ks], device=self.device)
+                out[rows] = resize_crop_batch(torch.stack([images[k] for k in ks]), self.pre)
+        return out if self.device.type == "cuda" else out.numpy()
+
+
+def pixel_chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Consecutive index runs whose width x height sums stay within budget (an image larger than it runs alone)."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for i, (w, h) in enumerate(sizes):
+        if chunks[-1] and total + w * h > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += w * h
+    return chunks
+
+
+def orient(x: "torch.Tensor", orientation: int) -> "torch.Tensor":
+    """A (C, H, W) image as its EXIF orientation tag says it should be shown (views, no copy)."""
+    if orientation >= 5:
+        x = x.transpose(1, 2)
+    return x.flip(_FLIPS[orientation]) if _FLIPS[orientation] else x
+
+
+def resize_crop_batch(x: "torch.Tensor", pre: Preprocessing) -> "torch.Tensor":
+    """(N, 3, H, W) uint8 of one size -> (N, crop, crop, 3) uint8: resize_crop's rule, antialiased, on x's device
+    (float: CUDA has no uint8 antialiased kernel)."""
+    import torch.nn.functional as F
+
+    w, h = resized_size(x.shape[3], x.shape[2], pre.resize)
+    top, left = crop_corner(h, w, pre.crop)
+    y = F.interpolate(x.float(), size=(h, w), mode=pre.interpolation, antialias=True)
+    y = y[:, :, top:top + pre.crop, left:left + pre.crop]
+    return y.round_().clamp_(0, 255).to(x.dtype).permute(0, 2, 3, 1)
+
+
 def default_decode_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None,
                  model_waiting: threading.Event | None = None) -> Decoder:
-    """`auto`: DALI's nvJPEG when the model runs on CUDA (Pillow if DALI does not import or build), else Pillow.
+    """`auto`: nvJPEG when the model runs on CUDA, through DALI, else through torchvision (where DALI does not import
+    or build), else Pillow; without CUDA, Pillow.
 
     Without a GPU, Pillow beats DALI's CPU pipeline: draft() scales JPEGs in the IDCT, which DALI's CPU decoder
     cannot, so it spends less of the cores the model needs (bench/README.md has the side-by-side numbers).
     `model_waiting`: a Pillow decoder decodes in the background (PilDecoder)."""
     if kind == "pil" or (kind == "auto" and cuda_device is None):
         return PilDecoder(pre, model_waiting=model_waiting)
-    try:
-        return DaliDecoder(pre, batch_size, cuda_device)
-    except Exception as e:
-        if kind == "dali":
-            from featpipe.errors import UserError
+    build = {"dali": lambda: DaliDecoder(pre, batch_size, cuda_device),
+             "torchvision": lambda: TorchvisionDecoder(pre, cuda_device)}
+    for name in build if kind == "auto" else [kind]:
+        try:
+            return build[name]()
+        except Exception as e:
+            if kind != "auto":
+                from featpipe.errors import UserError
 
-            raise UserError(f"DALI decoder unavailable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        return PilDecoder(pre, model_waiting=model_waiting)
+                raise UserError(f"{name} decoder unavailable: {type(e).__name__}: {str(e).splitlines()[0]}") \
+                    from None
+    return PilDecoder(pre, model_waiting=model_waiting)

@@ -31,7 +31,7 @@ from featpipe.errors import UserError
 
 DEFAULT_CACHE_DIR = Path("cache")
 DEVICES = ("auto", "cpu", "cuda")
-DECODERS = ("auto", "dali", "pil")
+DECODERS = ("auto", "dali", "torchvision", "pil")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("local", "ray")
 READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags

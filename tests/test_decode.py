@@ -10,10 +10,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from featpipe.decode import DRAFT_MARGIN, PilDecoder, pil_decode, probe, resize_crop
+from featpipe.decode import DRAFT_MARGIN, PilDecoder, TorchvisionDecoder, pil_decode, probe, resize_crop
 from featpipe.preprocess import Preprocessing
 from featpipe.registry import resolve
 
@@ -124,3 +125,80 @@ def test_a_waiting_model_redoes_images_a_stalled_background_thread_holds(jpegs):
     dec.release.set()
     assert not t.is_alive()
     assert_same_as_plain_decode(out["result"], jpegs)
+
+
+def jpeg_of(im: Image.Image, orientation: int = 1) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def batchable(photo) -> list[bytes]:
+    """JPEGs a batched decoder takes: three sizes (one drafted by Pillow), gray, and every EXIF orientation."""
+    sizes = [(640, 480), (481, 1023), (2000, 1500), (300, 200)]
+    asym = photo.crop((0, 0, 1200, 800)).resize((420, 280))  # no symmetry a wrong flip could hide behind
+    return [jpeg_of(photo.resize(s)) for s in sizes] + [jpeg_of(photo.resize((640, 480)).convert("L"))] + \
+        [jpeg_of(asym, o) for o in range(1, 9)]
+
+
+def per_image_mean_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(int) - b).reshape(len(a), -1).mean(1)
+
+
+def test_torchvision_decoder_gives_pillows_crops(batchable):
+    """The CPU twin of the nvJPEG path: same code (orientation, grouped resize, crop) on libjpeg-turbo."""
+    probes = [probe(d) for d in batchable]
+    assert all(p.batch_ok for p in probes) and [p.orientation for p in probes[-8:]] == list(range(1, 9))
+    ours = TorchvisionDecoder(PRE, None)._run(batchable, probes)
+    want, _ = PilDecoder(PRE).decode(batchable, probes)
+    assert ours is not None and ours.shape == want.shape == (13, PRE.crop, PRE.crop, 3) and ours.dtype == np.uint8
+    assert per_image_mean_diff(ours, want).max() < 1.5
+
+
+def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, monkeypatch):
+    import featpipe.decode as decode
+
+    probes = [probe(d) for d in batchable]
+    whole = TorchvisionDecoder(PRE, None)._run(batchable, probes)
+    assert decode.pixel_chunks([(10, 10), (10, 10), (30, 30), (5, 5)], 250) == [[0, 1], [2], [3]]
+    monkeypatch.setattr(decode, "CHUNK_PIXELS", 640 * 480 + 1)  # about one image per nvJPEG call
+    np.testing.assert_array_equal(TorchvisionDecoder(PRE, None)._run(batchable, probes), whole)
+
+
+def test_torchvision_decoder_sends_what_it_cannot_take_to_pillow(batchable, photo):
+    """PNG and CMYK skip the batch (probe); a corrupt JPEG the probe passes fails the batch, which Pillow redoes."""
+    good = batchable[0]
+    corrupt = good[:2000] + bytes(range(256)) * 20 + good[2000 + 5120:]
+    png = io.BytesIO()
+    photo.resize((300, 200)).save(png, "PNG")
+    cmyk = io.BytesIO()
+    photo.resize((300, 200)).convert("CMYK").save(cmyk, "JPEG")
+    items = [good, png.getvalue(), cmyk.getvalue(), batchable[1], corrupt]
+    probes = [probe(d) for d in items]
+    assert [p.batch_ok for p in probes] == [True, False, False, True, True]
+    tv = TorchvisionDecoder(PRE, None)
+    assert tv._run([good, corrupt], [probes[0], probes[4]]) is None
+    pixels, reasons = tv.decode(items, probes)
+    want = [PilDecoder(PRE).decode_one(d) for d in items]
+    assert reasons == [w if isinstance(w, str) else None for w in want]
+    rows = np.stack([w for w in want if not isinstance(w, str)])
+    assert pixels.shape == rows.shape and per_image_mean_diff(pixels, rows).max() < 1.5
+
+
+def test_decoder_choice(monkeypatch):
+    """auto: Pillow without CUDA; on a CUDA device nobody has, every GPU decoder fails to build and auto falls back
+    to Pillow, while a forced one says why in one line."""
+    from featpipe.decode import make_decoder
+    from featpipe.errors import UserError
+
+    assert make_decoder("auto", PRE, 16, None).name == "pil"
+    assert make_decoder("torchvision", PRE, 16, None).name == "torchvision-cpu"
+    assert make_decoder("dali", PRE, 16, None).name == "dali-cpu"
+    missing = torch.cuda.device_count()  # a device index past the last GPU (0 here: no GPU at all)
+    assert make_decoder("auto", PRE, 16, missing).name == "pil"
+    for kind in ("dali", "torchvision"):
+        with pytest.raises(UserError, match=f"^{kind} decoder unavailable: "):
+            make_decoder(kind, PRE, 16, missing)

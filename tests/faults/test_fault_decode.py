@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from featpipe.decode import DaliDecoder, PilDecoder, probe, to_rgb
+from featpipe.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, probe, to_rgb
 from featpipe.registry import resolve
 from tests.conftest import run_json
 from tests.faults import faultkit as fk
@@ -77,7 +77,7 @@ def test_one_pixel_image_decodes_to_a_full_crop():
 
 def test_bomb_header_is_refused_without_decoding():
     p = probe(fk.bomb_png())
-    assert not p.dali_ok and "too large" in p.skip_reason
+    assert not p.batch_ok and "too large" in p.skip_reason
 
 
 # ---- hostile bytes: property-based, time-bounded ------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_bomb_header_is_refused_without_decoding():
 @pytest.fixture(scope="module")
 def decoders():
     pil = PilDecoder(PRE, 2)
-    yield pil, DaliDecoder(PRE, 4, None, 2)
+    yield pil, [DaliDecoder(PRE, 4, None, 2), TorchvisionDecoder(PRE, None, 2)]
     pil.pool.shutdown()
 
 
@@ -102,15 +102,16 @@ def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
 
 
 def assert_survives(data: bytes, decoders) -> None:
-    """probe, then both decoders: an image of the right shape or a reason, for every input."""
+    """probe, then every decoder: an image of the right shape or a reason, for every input."""
     p = probe(data)
-    pil, dali = decoders
+    pil, batched = decoders
     if p.skip_reason:
         return
     one = pil.decode_one(data)
     assert isinstance(one, str) or one.shape == (PRE.crop, PRE.crop, 3)
-    batch, reasons = dali.decode([data, data], [p, p])
-    assert len(reasons) == 2 and len(batch) == sum(r is None for r in reasons)
+    for dec in batched:
+        batch, reasons = dec.decode([data, data], [p, p])
+        assert len(reasons) == 2 and len(batch) == sum(r is None for r in reasons), dec.name
 
 
 FUZZ = settings(max_examples=30, deadline=5000, derandomize=True,
@@ -130,7 +131,8 @@ def test_mutated_jpeg_never_crashes(jpeg, edits, cut, decoders):
     assert_survives(mutate(jpeg, edits, cut), decoders)
 
 
-def test_cli_survives_a_folder_of_hostile_files(tmp_path, jpeg, shipped):
+@pytest.mark.parametrize("decoder", ["dali", "torchvision"])
+def test_cli_survives_a_folder_of_hostile_files(tmp_path, jpeg, shipped, decoder):
     """One end-to-end run over seeded random and mutated files beside a real photo: exit 0, the photo embedded."""
     rnd = random.Random(6)
     data = tmp_path / "data" / "x"
@@ -140,7 +142,7 @@ def test_cli_survives_a_folder_of_hostile_files(tmp_path, jpeg, shipped):
         (data / f"random{i}.jpg").write_bytes(rnd.randbytes(rnd.randrange(1, 4096)))
         edits = [(rnd.randrange(len(jpeg)), rnd.randrange(256)) for _ in range(rnd.randrange(1, 12))]
         (data / f"mutated{i}.jpg").write_bytes(mutate(jpeg, edits, rnd.choice([None, rnd.randrange(1, len(jpeg))])))
-    res = run_json("extract", data.parent, "--cache-dir", tmp_path / "cache", "--decoder", "dali", timeout=300)
+    res = run_json("extract", data.parent, "--cache-dir", tmp_path / "cache", "--decoder", decoder, timeout=300)
     assert res["images"] == 25 and res["computed"] + len(res["skipped"]) == 25
     assert str(data / "real.jpg") not in {s["path"] for s in res["skipped"]}
 
@@ -150,4 +152,4 @@ def test_extreme_aspect_ratio_decodes_without_a_huge_resize():
     strip = Image.new("RGB", (1, 30_000), (90, 120, 150))
     out = PilDecoder(PRE, 1).decode_one(fk.png_bytes(strip))
     assert not isinstance(out, str) and out.shape == (PRE.crop, PRE.crop, 3) and (out == (90, 120, 150)).all()
-    assert not probe(fk.jpeg_bytes(Image.new("RGB", (30_000, 8)))).dali_ok  # DALI would resize all of it
+    assert not probe(fk.jpeg_bytes(Image.new("RGB", (30_000, 8)))).batch_ok  # DALI would resize all of it
