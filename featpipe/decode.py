@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from featpipe.preprocess import Preprocessing
 
@@ -34,6 +34,10 @@ warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarnin
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
                         DeprecationWarning)  # 0.29 points to TorchCodec, which the lent GPU machines do not have
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# EXIF orientation tag -> the transpose that shows the picture upright (ImageOps.exif_transpose's table)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 @dataclass(frozen=True)
@@ -68,16 +72,17 @@ def probe(data: bytes) -> Probe:
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     # JPEG entropy data byte-stuffs 0xFF, so a final EOI marker near the end means the scan was not cut short.
-    complete = data.rfind(b"\xff\xd9") >= len(data) - 1024
+    complete = data.rfind(b"\xff\xd9") >= max(0, len(data) - 1024)
     # DALI resizes the whole image before cropping: a 1 x 20000 strip would become 256 x 5 million pixels.
     squat = max(w, h) <= MAX_ASPECT * min(w, h)
-    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h),
-                 orientation if orientation in range(1, 9) else 1)
+    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h), orientation)
 
 
 def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, 1-8, read as exif_transpose reads it: by dict lookup, so "6" or 6.5 mean upright."""
     try:
-        return int(im.getexif().get(0x0112, 1))
+        tag = im.getexif().get(0x0112, 1)
+        return int(tag) if tag in _TRANSPOSE else 1
     except Exception:
         return 1
 
@@ -108,7 +113,9 @@ def pil_decode(data: bytes, pre: Preprocessing) -> np.ndarray:
     if im.format == "JPEG":
         tw, th = resized_size(*im.size, pre.resize)
         im.draft(None, (round(DRAFT_MARGIN * tw), round(DRAFT_MARGIN * th)))
-    ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the (usual) upright image
+    orientation = _exif_orientation(im)
+    if orientation != 1:  # not exif_transpose: it also re-encodes the EXIF block, and fails on some it cannot write
+        im = im.transpose(_TRANSPOSE[orientation])
     return resize_crop(to_rgb(im), pre)
 
 

@@ -227,7 +227,7 @@ class _Engine:
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
         self.model_waiting = threading.Event()
-        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version())
+        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version(cfg.decoder))
 
     def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -412,14 +412,14 @@ def _user_error_if_disk_fails(path: Path) -> Iterator[None]:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def decoders_version() -> str:
-    """What a recorded decode failure depends on (fileindex): featpipe's probe and fallbacks, and Pillow, which
-    every image DALI rejects is retried with."""
+def decoders_version(decoder: str) -> str:
+    """What a recorded decode failure depends on (fileindex): featpipe's probe and fallbacks, Pillow (every reason
+    comes from it), and the --decoder asked for (a batched decoder may take a file Pillow fails on)."""
     import PIL
 
     from featpipe import __version__
 
-    return f"featpipe {__version__}, Pillow {PIL.__version__}"
+    return f"featpipe {__version__}, Pillow {PIL.__version__}, --decoder {decoder}"
 
 
 def start_runtime(cfg: ExtractConfig, spec, timer: StageTimer, model_waiting: threading.Event | None = None):

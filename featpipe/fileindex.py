@@ -8,7 +8,8 @@ backbone); losing or damaging it costs only hashing again.
 
 A file that failed to decode keeps its reason in its record, so an unchanged corrupt file is reported again
 without reading it (nor loading the model to find out). Reasons hold only for the decoders that gave them
-(`decoders`, featpipe's and Pillow's versions): after an upgrade every such file is tried again.
+(`decoders`: featpipe's and Pillow's versions and the --decoder asked for): after an upgrade, or with another
+decoder, every such file is tried again.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import sys
 import threading
 
@@ -202,3 +203,49 @@ def test_decoder_choice(monkeypatch):
     for kind in ("dali", "torchvision"):
         with pytest.raises(UserError, match=f"^{kind} decoder unavailable: "):
             make_decoder(kind, PRE, 16, missing)
+
+
+def raw_exif(*entries: tuple[int, int, int, bytes]) -> bytes:
+    """An EXIF block written by hand (little-endian TIFF, one IFD): tags of any type, values inline or after it."""
+    data_at, ifd, tail = 8 + 2 + 12 * len(entries) + 4, b"", b""
+    for tag, kind, count, value in sorted(entries):
+        inline = len(value) <= 4
+        ifd += struct.pack("<HHI", tag, kind, count) + (value.ljust(4, b"\0") if inline else
+                                                         struct.pack("<I", data_at + len(tail)))
+        tail += b"" if inline else value
+    return b"Exif\0\0II*\0" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0) + tail
+
+
+@pytest.mark.parametrize("tag, upright", [
+    ((3, 1, struct.pack("<H", 6)), False),  # SHORT 6: rotate
+    ((5, 1, struct.pack("<II", 6, 1)), False),  # RATIONAL 6/1 equals 6: rotate
+    ((2, 2, b"6\0"), True),  # ASCII "6": no orientation (exif_transpose's dict lookup), int("6") would rotate
+    ((11, 1, struct.pack("<f", 6.5)), True),  # FLOAT 6.5: int() would truncate it to 6
+])
+def test_orientation_tags_of_any_type_read_as_pillow_reads_them(photo, tag, upright):
+    im = photo.crop((0, 0, 1200, 800)).resize((420, 280))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, exif=raw_exif((0x0112, *tag)))
+    data = buf.getvalue()
+    want = pil_decode(jpeg_of(im, 1 if upright else 6), PRE)
+    ours, _ = TorchvisionDecoder(PRE, None).decode([data], [probe(data)])
+    assert per_image_mean_diff(np.stack([pil_decode(data, PRE), ours[0]]), np.stack([want, want])).max() < 1.5
+
+
+def test_an_exif_block_pillow_cannot_rewrite_still_decodes_upright(photo):
+    """ImageOps.exif_transpose re-encodes the EXIF it keeps and raised on a DOUBLE-typed Software tag: the file was
+    skipped by Pillow while nvJPEG's path embedded it."""
+    im = photo.crop((0, 0, 1200, 800)).resize((420, 280))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, exif=raw_exif((0x0112, 3, 1, struct.pack("<H", 6)),
+                                                   (0x0131, 12, 1, struct.pack("<d", 1.5))))
+    out = PilDecoder(PRE).decode_one(buf.getvalue())
+    assert not isinstance(out, str), out
+    assert per_image_mean_diff(out[None], pil_decode(jpeg_of(im, 6), PRE)[None]).max() < 1.5
+
+
+def test_a_small_jpeg_without_its_end_marker_is_not_batched(photo):
+    """rfind's -1 passed the "end marker in the last KiB" test for any file under 1 KiB."""
+    data = jpeg_of(photo.resize((16, 16)))
+    assert len(data) < 1024 and probe(data).batch_ok
+    assert not probe(data[:-2]).batch_ok and not probe(data[: len(data) // 2]).batch_ok

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from featpipe import fileindex
+from featpipe.extract import decoders_version
 from tests.conftest import run_cli, run_json
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
@@ -222,3 +223,10 @@ def test_failure_reasons_hold_only_for_the_decoders_that_gave_them(tmp_path):
     assert same.unchanged(f, st) == "ab" * 32 and same.failure(f) == "decode failed: truncated"
     upgraded = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 2")
     assert upgraded.unchanged(f, st) == "ab" * 32 and upgraded.failure(f) is None
+    by_pil = fileindex.FileIndex(tmp_path, decoders_version("pil"))  # a batched decoder may take what Pillow fails
+    by_pil.record(f, st, "ab" * 32, st.st_ctime_ns + 10**10)
+    by_pil.record_failure(f, "decode failed: truncated")
+    by_pil.save(tmp_path / "data")
+    for decoder, reason in (("pil", "decode failed: truncated"), ("torchvision", None)):
+        index = fileindex.FileIndex(tmp_path, decoders_version(decoder))
+        assert index.unchanged(f, st) == "ab" * 32 and index.failure(f) == reason, decoder
