@@ -97,8 +97,9 @@ def decode_all(decoder, data: list[bytes], probes: list, bs: int) -> None:
 
 
 def forward_all(embedder: Embedder, pixels: torch.Tensor, bs: int) -> None:
-    for x in batches(pixels, bs):
-        embedder(x)
+    """All batches queued, then their embeddings awaited, as extract does (on CUDA: no host sync between batches)."""
+    for out in [embedder.submit(x) for x in batches(pixels, bs)]:
+        np.asarray(out)
 
 
 def run_extract(images: Path, cache: Path, args, decoder: str) -> dict:
