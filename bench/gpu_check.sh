@@ -22,5 +22,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -m pytest -q -p no:cacheprovider tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
 for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
     python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-3000}" --repeats 3 \
-        --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log"
+        --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||
+        echo "bench for $b failed: see $b.log" | tee -a "$out/failed.txt"
 done
