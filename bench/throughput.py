@@ -33,6 +33,7 @@ from featpipe.backbone import load
 from featpipe.dataset import scan, shipped_dataset
 from featpipe.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, make_decoder, probe
 from featpipe.embed import Embedder, configure_cpu, default_batch_size, resolve_device, resolve_precision
+from featpipe.errors import first_line
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
 
@@ -85,7 +86,7 @@ def make_decoders(pre, bs: int, device: torch.device) -> dict:
         try:
             decoders[name] = build(dev)
         except Exception as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
-            print(f"{name} unavailable: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"{name} unavailable: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
     return decoders
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from featpipe import weights as W
-from featpipe.errors import UserError
+from featpipe.errors import UserError, first_line
 from featpipe.registry import BackboneSpec
 
 
@@ -79,7 +79,7 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read weights {path}: {type(e).__name__}: {first_line(e)}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict (name -> tensor)")
@@ -88,7 +88,7 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"weights {path} do not fit {spec.arch}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"weights {path} do not fit {spec.arch}: {first_line(e)}") from None
     return Loaded(_split(model, spec), W.sha256_file(path))
 
 

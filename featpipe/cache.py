@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from featpipe import __version__
-from featpipe.errors import UserError
+from featpipe.errors import UserError, first_line
 from featpipe.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
@@ -150,7 +150,7 @@ class Cache:
             os.replace(self.path, aside)
         except OSError:
             return
-        print(f"featpipe: cache {self.path.name} is corrupt ({type(why).__name__}: {str(why).splitlines()[0][:120]}); "
+        print(f"featpipe: cache {self.path.name} is corrupt ({type(why).__name__}: {first_line(why)[:120]}); "
               f"moved to {aside.name}, rebuilding", file=sys.stderr)
 
     # ---- journal -------------------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from featpipe.errors import UserError, first_line
 from featpipe.preprocess import Preprocessing
 
 MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
@@ -316,7 +317,7 @@ class DaliDecoder:
         return t
 
 
-def decode_batched(run, items: list[bytes], probes: list[Probe], fallback: PilDecoder):
+def decode_batched(run: Callable, items: list[bytes], probes: list[Probe], fallback: PilDecoder):
     """A batched decoder's `run(data, probes)` (a batch, or None if it rejected any) for the probed-safe JPEGs,
     Pillow for the rest and for a rejected batch; merged back in input order."""
     fast = [i for i, p in enumerate(probes) if p.batch_ok]
@@ -397,7 +398,7 @@ def pixel_chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
 
 
 def orient(x: "torch.Tensor", orientation: int) -> "torch.Tensor":
-    """A (C, H, W) image as its EXIF orientation tag says it should be shown (views, no copy)."""
+    """A (C, H, W) image as its EXIF orientation tag says it should be shown (transpose: a view; flip: a copy)."""
     if orientation >= 5:
         x = x.transpose(1, 2)
     return x.flip(_FLIPS[orientation]) if _FLIPS[orientation] else x
@@ -436,8 +437,5 @@ def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: in
             return build[name]()
         except Exception as e:
             if kind != "auto":
-                from featpipe.errors import UserError
-
-                raise UserError(f"{name} decoder unavailable: {type(e).__name__}: {str(e).splitlines()[0]}") \
-                    from None
+                raise UserError(f"{name} decoder unavailable: {type(e).__name__}: {first_line(e)}") from None
     return PilDecoder(pre, model_waiting=model_waiting)

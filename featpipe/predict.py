@@ -14,7 +14,7 @@ import numpy as np
 
 from featpipe import bundle as B
 from featpipe.decode import PilDecoder
-from featpipe.errors import UserError
+from featpipe.errors import UserError, first_line
 
 BATCH = 32
 
@@ -92,7 +92,7 @@ def _finetuned(spec, bundle: B.Bundle):
         model.body.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"model bundle {bundle.path}: {B.BACKBONE_FILE} does not fit {spec.arch}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     return model
 
 
