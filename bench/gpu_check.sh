@@ -19,7 +19,7 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
+python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
 for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
     python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-3000}" --repeats 3 \
         --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||

@@ -159,6 +159,16 @@ def test_torchvision_decoder_gives_pillows_crops(batchable):
     assert per_image_mean_diff(ours, want).max() < 1.5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_gpu_torchvision_decoder_matches_its_cpu_twin(batchable):
+    """nvJPEG + resize on the GPU against the same code on libjpeg-turbo: a failure here is the decoder's, not the
+    model's (test_extract's GPU test compares whole embeddings)."""
+    probes = [probe(d) for d in batchable]
+    gpu = TorchvisionDecoder(PRE, 0)._run(batchable, probes)
+    assert gpu is not None and gpu.is_cuda and gpu.shape == (13, PRE.crop, PRE.crop, 3)
+    assert per_image_mean_diff(gpu.cpu().numpy(), TorchvisionDecoder(PRE, None)._run(batchable, probes)).max() < 3
+
+
 def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, monkeypatch):
     import featpipe.decode as decode
 
