@@ -16,7 +16,9 @@ if [[ "${1:-}" == fetch ]]; then
 fi
 out=${OUT:-/tmp/featpipe-gpu-check}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (no network there); elsewhere: an installed featpipe
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
