@@ -5,7 +5,7 @@
 #   there:       device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 600
 #
 # Writes under $OUT: the GPU's name, the GPU tests' log, and one bench JSON + log per backbone.
-# IMAGES (default 3000) and BACKBONES (default "mobilenet_v2 efficientnet_lite0") size the run.
+# IMAGES (default 2000) and BACKBONES (default "mobilenet_v2 efficientnet_lite0") size the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == fetch ]]; then
@@ -21,9 +21,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (no network there
 fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py -k gpu 2>&1 | tee "$out/pytest-gpu.log" || true
+python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py \
+    tests/faults/test_fault_decode.py -k "gpu or (hostile and torchvision)" 2>&1 | tee "$out/pytest-gpu.log" || true
 for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
-    python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-3000}" --repeats 3 \
+    python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-2000}" --repeats 3 \
         --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||
         echo "bench for $b failed: see $b.log" | tee -a "$out/failed.txt"
 done

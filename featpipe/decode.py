@@ -8,6 +8,7 @@ cannot skip a bad sample, so every file is probed first (`probe`) and anything t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -342,7 +343,12 @@ _FLIPS = {1: (), 2: (2,), 3: (1, 2), 4: (1,), 5: (), 6: (2,), 7: (1, 2), 8: (1,)
 class TorchvisionDecoder:
     """torchvision.io.decode_jpeg: nvJPEG on a CUDA device, batched, with no DALI to install (the lent GPU machines
     cannot take DALI's 476 MB wheel); on the CPU the same code runs libjpeg-turbo, its twin for tests. Orientation,
-    resize and crop run on the decoding device, one batched resize per distinct image size."""
+    resize and crop run on the decoding device, one batched resize per distinct image size.
+
+    On CUDA it works on a stream of its own. nvJPEG allocates its output on the caller's stream but writes it from
+    a private one that waits for nothing (decode_jpegs_cuda in torchvision's source): memory freed by work still
+    queued, such as the last batch's forward pass, would be overwritten under it. So decoding waits for this side
+    stream's own work, never the model's, and the crops handed over are marked as used by the model's stream."""
 
     def __init__(self, pre: Preprocessing, device_id: int | None, threads: int | None = None) -> None:
         import torch
@@ -350,38 +356,53 @@ class TorchvisionDecoder:
         self.pre = pre
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self.name = "torchvision-cpu" if device_id is None else "torchvision-gpu"
+        self.stream = torch.cuda.Stream(self.device) if device_id is not None else None
         self.fallback = PilDecoder(pre, threads)
         buf = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buf, "JPEG")
-        self._decode([buf.getvalue()])  # raises here (make_decoder falls back) if this build cannot decode there
+        with self._side_stream():
+            self._decode([buf.getvalue()])  # raises here (make_decoder falls back) if this build cannot decode there
 
     def decode(self, items: list[bytes], probes: list[Probe]):
         return decode_batched(self._run, items, probes, self.fallback)
+
+    def _side_stream(self):
+        import torch
+
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def _decode(self, data: list[bytes]) -> list:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.stream is not None:
+            self.stream.synchronize()  # what this stream freed is idle before nvJPEG may write into it
         return decode_jpeg([torch.frombuffer(d, dtype=torch.uint8) for d in data], mode=ImageReadMode.RGB,
                            device=self.device)
 
     def _run(self, data: list[bytes], probes: list[Probe]):
         import torch
 
-        out = torch.empty((len(data), self.pre.crop, self.pre.crop, 3), dtype=torch.uint8, device=self.device)
-        for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS):
-            try:
-                images = self._decode([data[i] for i in chunk])
-            except RuntimeError:  # nvJPEG returns no partial results: Pillow redoes the batch
-                return None
-            by_shape: dict[tuple, list[int]] = {}
-            for k, (i, im) in enumerate(zip(chunk, images)):
-                images[k] = orient(im, probes[i].orientation)
-                by_shape.setdefault(tuple(images[k].shape), []).append(k)
-            for ks in by_shape.values():
-                rows = torch.tensor([chunk[k] for k in ks], device=self.device)
-                out[rows] = resize_crop_batch(torch.stack([images[k] for k in ks]), self.pre)
-        return out if self.device.type == "cuda" else out.numpy()
+        with self._side_stream():
+            out = torch.empty((len(data), self.pre.crop, self.pre.crop, 3), dtype=torch.uint8, device=self.device)
+            for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS):
+                try:
+                    images = self._decode([data[i] for i in chunk])
+                except RuntimeError:  # nvJPEG returns no partial results: Pillow redoes the batch
+                    return None
+                by_shape: dict[tuple, list[int]] = {}
+                for k, (i, im) in enumerate(zip(chunk, images)):
+                    images[k] = orient(im, probes[i].orientation)
+                    by_shape.setdefault(tuple(images[k].shape), []).append(k)
+                for ks in by_shape.values():
+                    rows = torch.tensor([chunk[k] for k in ks], device=self.device)
+                    out[rows] = resize_crop_batch(torch.stack([images[k] for k in ks]), self.pre)
+        if self.stream is None:
+            return out.numpy()
+        model_stream = torch.cuda.default_stream(self.device)  # extract's threads never set a stream of their own
+        model_stream.wait_stream(self.stream)
+        out.record_stream(model_stream)  # freed later: not reused by this stream before the model has read it
+        return out
 
 
 def pixel_chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:

@@ -169,14 +169,19 @@ def test_gpu_torchvision_decoder_matches_its_cpu_twin(batchable):
     assert per_image_mean_diff(gpu.cpu().numpy(), TorchvisionDecoder(PRE, None)._run(batchable, probes)).max() < 3
 
 
-def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, monkeypatch):
+@pytest.mark.parametrize("device", [None, pytest.param(0, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)"))], ids=["cpu", "gpu"])
+def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, monkeypatch, device):
     import featpipe.decode as decode
 
     probes = [probe(d) for d in batchable]
-    whole = TorchvisionDecoder(PRE, None)._run(batchable, probes)
+    whole = TorchvisionDecoder(PRE, device)._run(batchable, probes)
     assert decode.pixel_chunks([(10, 10), (10, 10), (30, 30), (5, 5)], 250) == [[0, 1], [2], [3]]
     monkeypatch.setattr(decode, "CHUNK_PIXELS", 640 * 480 + 1)  # about one image per nvJPEG call
-    np.testing.assert_array_equal(TorchvisionDecoder(PRE, None)._run(batchable, probes), whole)
+    chunked = TorchvisionDecoder(PRE, device)._run(batchable, probes)
+    if device is not None:
+        whole, chunked = whole.cpu().numpy(), chunked.cpu().numpy()
+    np.testing.assert_array_equal(chunked, whole)
 
 
 def test_torchvision_decoder_sends_what_it_cannot_take_to_pillow(batchable, photo):

@@ -178,8 +178,8 @@ def test_gpu_path_agrees_with_cpu_path(tmp_path, shipped, decoder):
     """nvJPEG (DALI mixed, or torchvision's) + CUDA forward vs the CPU twin (Pillow + CPU forward), per image."""
     if decoder == "dali" and importlib.util.find_spec("nvidia.dali") is None:
         pytest.skip("DALI is not installed (the lent GPU machines cannot take its wheel)")
-    gpu = run_json("extract", "--device", "cuda", "--decoder", decoder, "--precision", "fp32", "--cache-dir",
-                   tmp_path / "gpu")
+    gpu = run_json("extract", "--device", "cuda", "--decoder", decoder, "--precision", "fp32", "--batch-size", "16",
+                   "--cache-dir", tmp_path / "gpu")  # small batches: decoding overlaps many forward passes
     assert (gpu["decoder"], gpu["device"]) == (f"{decoder}-gpu", "cuda:0") and gpu["computed"] == 196
     cpu = run_json("extract", "--device", "cpu", "--decoder", "pil", "--precision", "fp32", "--cache-dir",
                    tmp_path / "cpu")
