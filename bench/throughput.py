@@ -80,13 +80,16 @@ def batches(seq, bs: int):
 def make_decoders(pre, bs: int, device: torch.device) -> dict:
     """Every decoder this machine has, built through featpipe's own classes."""
     decoders = {"pil": PilDecoder(pre)}
-    builds = {"dali": lambda dev: DaliDecoder(pre, bs, dev), "torchvision": lambda dev: TorchvisionDecoder(pre, dev)}
-    for (kind, build), dev in itertools.product(builds.items(), [None] + ([0] if device.type == "cuda" else [])):
-        name = f"{kind}-{'cpu' if dev is None else 'gpu'}"
-        try:
-            decoders[name] = build(dev)
-        except Exception as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
-            print(f"{name} unavailable: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+    gpu = [0] if device.type == "cuda" else []
+    builds = {"dali": (lambda dev: DaliDecoder(pre, bs, dev), [None] + gpu),
+              "torchvision": (lambda dev: TorchvisionDecoder(pre, dev), gpu or [None])}  # on CPU: only a test twin
+    for kind, (build, devs) in builds.items():
+        for dev in devs:
+            name = f"{kind}-{'cpu' if dev is None else 'gpu'}"
+            try:
+                decoders[name] = build(dev)
+            except Exception as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
+                print(f"{name} unavailable: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
     return decoders
 
 
@@ -221,13 +224,15 @@ def bench(args) -> dict:
     n = len(data)
 
     decoders = make_decoders(spec.preprocessing, bs, device)
-    pixels = torch.from_numpy(np.stack([decoders["pil"].decode_one(d) for d in data]))
+    pixels = torch.from_numpy(decoders["pil"].decode(data, probes)[0])
     if device.type == "cuda":
         pixels = pixels.to(device)
     embedder = Embedder(load(spec).model, device, precision)
     forward_all(embedder, pixels[:bs], bs)  # warm-up: first-call allocations and kernel selection
     sweep = [int(b) for b in args.sweep.split(",")] if args.sweep else []
-    extract_decoders = list(dict.fromkeys(k.split("-")[0] for k in decoders))  # pil, then dali, torchvision
+    # extract's decoder kinds on this device: pil, then dali, torchvision where they built for it
+    extract_decoders = list(dict.fromkeys(k.split("-")[0] for k in decoders
+                                          if k == "pil" or k.endswith("-gpu" if device.type == "cuda" else "-cpu")))
     # what --decoder auto picks here, asked of featpipe: the headline figures use it
     cuda = (device.index or 0) if device.type == "cuda" else None
     auto = make_decoder("auto", spec.preprocessing, bs, cuda).name.split("-")[0]
