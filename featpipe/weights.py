@@ -26,6 +26,8 @@ def require_file(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path} is not a file" if path.exists() else f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"weights file {path} is empty")
     return path
 
 

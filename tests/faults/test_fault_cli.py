@@ -47,15 +47,15 @@ def test_read_only_cache_dir(small_data, tmp_path):
 
 
 def test_bad_weights_files(small_data, tmp_path):
-    """--weights that is a folder, garbage bytes, an empty file (torch.load raised a message-less EOFError, and
-    its first line was an IndexError traceback), or a loadable file holding no state dict."""
+    """--weights that is a folder, garbage bytes, an empty file (torch.load raises a message-less EOFError: its
+    first line was an IndexError traceback), or a loadable file holding no state dict."""
     import torch
 
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "empty.pth").write_bytes(b"")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     for path, says in ((tmp_path, "is not a file"), (tmp_path / "garbage.pth", "cannot read weights"),
-                       (tmp_path / "empty.pth", "cannot read weights"),
+                       (tmp_path / "empty.pth", "is empty"),
                        (tmp_path / "list.pth", "hold a list, not a state dict")):
         assert says in one_line_error(str(small_data), "--cache-dir", str(tmp_path / "c"), "--weights", str(path))
 
