@@ -319,11 +319,12 @@ class DaliDecoder:
 
 
 def decode_batched(run: Callable, items: list[bytes], probes: list[Probe], fallback: PilDecoder):
-    """A batched decoder's `run(data, probes)` (a batch, or None if it rejected any) for the probed-safe JPEGs,
-    Pillow for the rest and for a rejected batch; merged back in input order."""
+    """A batched decoder's `run(data, probes)` for the probed-safe JPEGs, Pillow for the rest and for what it
+    rejected; merged back in input order. `run` returns a batch, a list of rows with None where it failed, or None
+    (all failed)."""
     fast = [i for i, p in enumerate(probes) if p.batch_ok]
     batch = run([items[i] for i in fast], [probes[i] for i in fast]) if fast else None
-    if batch is not None and len(fast) == len(items):
+    if batch is not None and not isinstance(batch, list) and len(fast) == len(items):
         return batch, [None] * len(items)
     results: list = [None] * len(items)
     for k, i in enumerate(fast if batch is not None else []):
@@ -385,24 +386,40 @@ class TorchvisionDecoder:
 
         with self._side_stream():
             out = torch.empty((len(data), self.pre.crop, self.pre.crop, 3), dtype=torch.uint8, device=self.device)
+            failed: set[int] = set()
             for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS):
-                try:
-                    images = self._decode([data[i] for i in chunk])
-                except RuntimeError:  # nvJPEG returns no partial results: Pillow redoes the batch
-                    return None
+                images = self._decode_chunk([data[i] for i in chunk])
                 by_shape: dict[tuple, list[int]] = {}
                 for k, (i, im) in enumerate(zip(chunk, images)):
+                    if im is None:
+                        failed.add(i)
+                        continue
                     images[k] = orient(im, probes[i].orientation)
                     by_shape.setdefault(tuple(images[k].shape), []).append(k)
                 for ks in by_shape.values():
                     rows = torch.tensor([chunk[k] for k in ks], device=self.device)
                     out[rows] = resize_crop_batch(torch.stack([images[k] for k in ks]), self.pre)
-        if self.stream is None:
-            return out.numpy()
-        model_stream = torch.cuda.default_stream(self.device)  # extract's threads never set a stream of their own
-        model_stream.wait_stream(self.stream)
-        out.record_stream(model_stream)  # freed later: not reused by this stream before the model has read it
-        return out
+        if self.stream is not None:
+            model_stream = torch.cuda.default_stream(self.device)  # extract's threads never set a stream of their own
+            model_stream.wait_stream(self.stream)
+            out.record_stream(model_stream)  # freed later: not reused by this stream before the model has read it
+        batch = out if self.stream is not None else out.numpy()
+        return [None if i in failed else batch[i] for i in range(len(data))] if failed else batch
+
+    def _decode_chunk(self, data: list[bytes]) -> list:
+        """nvJPEG returns no partial results: after a failed call each image is retried alone (None: failed), so one
+        bad file sends itself to Pillow, not the whole batch."""
+        try:
+            return self._decode(data)
+        except RuntimeError:
+            pass
+        images: list = []
+        for d in data:
+            try:
+                images += self._decode([d])
+            except RuntimeError:
+                images.append(None)
+        return images
 
 
 def pixel_chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:

@@ -185,7 +185,8 @@ def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, m
 
 
 def test_torchvision_decoder_sends_what_it_cannot_take_to_pillow(batchable, photo):
-    """PNG and CMYK skip the batch (probe); a corrupt JPEG the probe passes fails the batch, which Pillow redoes."""
+    """PNG and CMYK skip the batch (probe); a corrupt JPEG the probe passes fails the nvJPEG call, and only that
+    file goes to Pillow: the others are retried one by one."""
     good = batchable[0]
     corrupt = good[:2000] + bytes(range(256)) * 20 + good[2000 + 5120:]
     png = io.BytesIO()
@@ -196,7 +197,9 @@ def test_torchvision_decoder_sends_what_it_cannot_take_to_pillow(batchable, phot
     probes = [probe(d) for d in items]
     assert [p.batch_ok for p in probes] == [True, False, False, True, True]
     tv = TorchvisionDecoder(PRE, None)
-    assert tv._run([good, corrupt], [probes[0], probes[4]]) is None
+    alone = tv._run([good, corrupt], [probes[0], probes[4]])
+    assert isinstance(alone, list) and alone[1] is None
+    np.testing.assert_array_equal(alone[0], tv._run([good], [probes[0]])[0])
     pixels, reasons = tv.decode(items, probes)
     want = [PilDecoder(PRE).decode_one(d) for d in items]
     assert reasons == [w if isinstance(w, str) else None for w in want]
