@@ -386,25 +386,31 @@ class TorchvisionDecoder:
 
         with self._side_stream():
             out = torch.empty((len(data), self.pre.crop, self.pre.crop, 3), dtype=torch.uint8, device=self.device)
-            failed: set[int] = set()
-            for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS):
-                images = self._decode_chunk([data[i] for i in chunk])
-                by_shape: dict[tuple, list[int]] = {}
-                for k, (i, im) in enumerate(zip(chunk, images)):
-                    if im is None:
-                        failed.add(i)
-                        continue
-                    images[k] = orient(im, probes[i].orientation)
-                    by_shape.setdefault(tuple(images[k].shape), []).append(k)
-                for ks in by_shape.values():
-                    rows = torch.tensor([chunk[k] for k in ks], device=self.device)
-                    out[rows] = resize_crop_batch(torch.stack([images[k] for k in ks]), self.pre)
+            failed = {i for chunk in pixel_chunks([p.size for p in probes], CHUNK_PIXELS)
+                      for i in self._fill(out, chunk, data, probes)}
         if self.stream is not None:
             model_stream = torch.cuda.default_stream(self.device)  # extract's threads never set a stream of their own
             model_stream.wait_stream(self.stream)
             out.record_stream(model_stream)  # freed later: not reused by this stream before the model has read it
         batch = out if self.stream is not None else out.numpy()
         return [None if i in failed else batch[i] for i in range(len(data))] if failed else batch
+
+    def _fill(self, out, chunk: list[int], data: list[bytes], probes: list[Probe]) -> list[int]:
+        """Decode one chunk into its rows of `out`, one resize per distinct size; return the rows nvJPEG failed."""
+        import torch
+
+        by_shape: dict[tuple, list] = {}
+        failed = []
+        for i, im in zip(chunk, self._decode_chunk([data[i] for i in chunk])):
+            if im is None:
+                failed.append(i)
+                continue
+            im = orient(im, probes[i].orientation)
+            by_shape.setdefault(tuple(im.shape), []).append((i, im))
+        for group in by_shape.values():
+            rows = torch.tensor([i for i, _ in group], device=self.device)
+            out[rows] = resize_crop_batch(torch.stack([im for _, im in group]), self.pre)
+        return failed
 
     def _decode_chunk(self, data: list[bytes]) -> list:
         """nvJPEG returns no partial results: after a failed call each image is retried alone (None: failed), so one
