@@ -31,9 +31,9 @@ from PIL import Image, ImageOps
 from featpipe import registry
 from featpipe.backbone import load
 from featpipe.dataset import scan, shipped_dataset
-from featpipe.decode import DaliDecoder, PilDecoder, TorchvisionDecoder, make_decoder, probe
+from featpipe.decode import PilDecoder, make_decoder, probe
 from featpipe.embed import Embedder, configure_cpu, default_batch_size, resolve_device, resolve_precision
-from featpipe.errors import first_line
+from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
 
@@ -78,18 +78,17 @@ def batches(seq, bs: int):
 
 
 def make_decoders(pre, bs: int, device: torch.device) -> dict:
-    """Every decoder this machine has, built through featpipe's own classes."""
+    """Every decoder this machine has, built by featpipe's own make_decoder (torchvision on the CPU only without
+    CUDA: there it is just the nvJPEG path's test twin)."""
     decoders = {"pil": PilDecoder(pre)}
     gpu = [0] if device.type == "cuda" else []
-    builds = {"dali": (lambda dev: DaliDecoder(pre, bs, dev), [None] + gpu),
-              "torchvision": (lambda dev: TorchvisionDecoder(pre, dev), gpu or [None])}  # on CPU: only a test twin
-    for kind, (build, devs) in builds.items():
+    for kind, devs in (("dali", [None] + gpu), ("torchvision", gpu or [None])):
         for dev in devs:
-            name = f"{kind}-{'cpu' if dev is None else 'gpu'}"
             try:
-                decoders[name] = build(dev)
-            except Exception as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
-                print(f"{name} unavailable: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+                decoder = make_decoder(kind, pre, bs, dev)
+                decoders[decoder.name] = decoder
+            except UserError as e:  # no DALI wheel / no nvJPEG in this build: report, carry on
+                print(f"{e} ({'CPU' if dev is None else 'GPU'})", file=sys.stderr)
     return decoders
 
 
