@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from featpipe.errors import UserError, first_line
+from featpipe.pixels import rgb_pixels
 from featpipe.preprocess import Preprocessing
 
 MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
@@ -136,10 +137,13 @@ def resize_crop(im: Image.Image, pre: Preprocessing) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    # A read-only view of Pillow's pixels (a writable copy costs as much as the resize): interpolate only reads it.
-    x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None]  # channels_last view: the fast uint8 kernel
-    y = F.interpolate(x, size=(h, w), mode=pre.interpolation, antialias=True)
-    return y[0, :, top:top + pre.crop, left:left + pre.crop].permute(1, 2, 0).contiguous().numpy()
+    # Pillow's own pixels, read-only and uncopied (pixels.py): interpolate only reads them.
+    x = torch.from_numpy(rgb_pixels(im)).permute(2, 0, 1)[None]  # channels_last view: the fast uint8 kernel
+    y = F.interpolate(x, size=(h, w), mode=pre.interpolation, antialias=True)[0].permute(1, 2, 0).numpy()
+    out = np.empty((pre.crop, pre.crop, 3), np.uint8)
+    for c in range(3):  # channel by channel: numpy's strided copy runs 4x faster with 224-long inner loops
+        out[:, :, c] = y[top:top + pre.crop, left:left + pre.crop, c]
+    return out
 
 
 def crop_corner(h: int, w: int, crop: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@ and background decoding that yields the CPU to the model but never starves."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import struct
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 
 from featpipe.decode import DRAFT_MARGIN, PilDecoder, TorchvisionDecoder, pil_decode, probe, resize_crop
+from featpipe.pixels import rgb_pixels
 from featpipe.preprocess import Preprocessing
 from featpipe.registry import resolve
 
@@ -37,13 +39,33 @@ def reference(im: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])  # bilinear 256/224, bicubic 256/224
-@pytest.mark.parametrize("size", [(37, 23), (300, 200), (640, 480), (481, 1023), (2000, 1500), (4000, 250)])
+# (3000, 2000): Pillow keeps it in several memory blocks, so rgb_pixels copies; (4000, 250): Pillow's box resize
+@pytest.mark.parametrize("size", [(37, 23), (300, 200), (640, 480), (481, 1023), (2000, 1500), (3000, 2000),
+                                  (4000, 250)])
 def test_resize_crop_gives_torchvisions_pixels(photo, backbone, size):
     pre = resolve(backbone).preprocessing
     im = photo.resize(size, Image.Resampling.BICUBIC)
     out, want = resize_crop(im, pre), reference(im, pre)
     assert out.shape == want.shape == (pre.crop, pre.crop, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - want).max() <= 1
+
+
+def test_rgb_pixels_are_pillows_own_memory_and_outlive_the_image(photo):
+    im = photo.resize((640, 480))
+    first, again = rgb_pixels(im), rgb_pixels(im)
+    assert first.shape == (480, 640, 4) and not first.flags.writeable
+    assert first.__array_interface__["data"][0] == again.__array_interface__["data"][0]  # no copy: the same memory
+    want = np.asarray(im).copy()
+    assert np.array_equal(first[..., :3], want)
+    del im, again
+    gc.collect()
+    assert np.array_equal(first[..., :3], want)  # still Pillow's memory, held by the export
+
+
+@pytest.mark.parametrize("im", [Image.new("RGB", (3000, 2000), (1, 2, 3)), Image.new("L", (30, 20), 7),
+                                Image.new("RGBA", (30, 20), (1, 2, 3, 4))], ids=["several-blocks", "L", "RGBA"])
+def test_rgb_pixels_copies_what_pillow_cannot_export_whole(im):
+    assert np.array_equal(rgb_pixels(im), np.asarray(im))  # (H, W, 3) or (H, W): np.asarray's own copy
 
 
 @pytest.mark.parametrize("size", [(1024, 768), (1600, 1200), (1200, 1600), (3000, 2000)])
