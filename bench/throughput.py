@@ -105,6 +105,19 @@ def forward_all(embedder: Embedder, pixels: torch.Tensor, bs: int) -> None:
         np.asarray(out)
 
 
+def forward_replicas(embedder: Embedder, pixels: torch.Tensor, bs: int, pool: ThreadPoolExecutor) -> list:
+    """The same model on one thread per core, each running whole batches with torch's ops single-threaded: no
+    barrier after every op, so the most these cores do for the model alone. extract does not run it this way
+    (it was slower there: decoding then finds no idle moment; bench/README.md)."""
+    return list(pool.map(embedder, batches(pixels, bs)))
+
+
+def single_threaded() -> None:
+    """Thread initializer: torch fixes a thread's op thread count at its first use; make that now, then set it to 1."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def run_extract(images: Path, cache: Path, args, decoder: str) -> dict:
     cfg = ExtractConfig(images, args.backbone, cache, args.device, decoder, args.precision, args.batch_size)
     res = extract(cfg)
@@ -236,6 +249,12 @@ def bench(args) -> dict:
     cuda = (device.index or 0) if device.type == "cuda" else None
     auto = make_decoder("auto", spec.preprocessing, bs, cuda).name.split("-")[0]
 
+    replicas = None
+    if device.type == "cpu":
+        replicas = ThreadPoolExecutor(info["cores_usable"], initializer=single_threaded)
+        same = forward_replicas(embedder, pixels[:2 * bs], bs, replicas)  # warm-up, and the same embeddings
+        assert np.allclose(np.concatenate(same), embedder(pixels[:2 * bs]), atol=1e-4), "replicas disagree"
+        configure_cpu()  # the replicas' threads set torch's process-wide count to 1: back to one per core
     t: dict[str, list[float]] = {}
     cfgs: dict[str, ExtractConfig] = {}
     stages: dict[str, dict] = {}
@@ -244,6 +263,8 @@ def bench(args) -> dict:
         for name, dec in decoders.items():
             t.setdefault(f"decode:{name}", []).append(timed(decode_all, dec, data, probes, bs)[0])
         t.setdefault("forward", []).append(timed(forward_all, embedder, pixels, bs)[0])
+        if replicas:
+            t.setdefault("forward_replicas", []).append(timed(forward_replicas, embedder, pixels, bs, replicas)[0])
         for b in sweep:
             t.setdefault(f"forward@{b}", []).append(timed(forward_all, embedder, pixels, b)[0])
         for dec in extract_decoders:
@@ -271,6 +292,7 @@ def bench(args) -> dict:
         "precision": precision, "extract_decoder": names[auto],
         "decode_img_s": {k.split(":")[1]: v for k, v in rate.items() if k.startswith("decode:")},
         "forward_img_s": rate["forward"],
+        "forward_img_s_replicas": rate.get("forward_replicas"),
         "forward_img_s_by_batch": {k.split("@")[1]: v for k, v in rate.items() if k.startswith("forward@")},
         "extract_img_s": rate[f"extract:{auto}"],
         "extract_img_s_by_decoder": {k.split(":")[1]: v for k, v in rate.items() if k.startswith("extract:")},
@@ -283,6 +305,9 @@ def bench(args) -> dict:
         "raw_seconds": {k: [round(x, 4) for x in v] for k, v in t.items()},
     }
     res["extract_vs_forward"] = round(res["extract_img_s"] / res["forward_img_s"], 3)
+    if replicas:
+        res["extract_vs_forward_replicas"] = round(res["extract_img_s"] / res["forward_img_s_replicas"], 3)
+        replicas.shutdown()
     res["extract_vs_naive"] = round(res["extract_img_s"] / res["naive_img_s"], 2)
     res["cold_vs_warm"] = round(cold / warm, 1)
     res["machine"] = {**info, "loadavg_end": os.getloadavg()}
@@ -293,6 +318,8 @@ def table(res: dict) -> str:
     rows = [*(f"decode-only {k:<18} {v:>9.1f} img/s" for k, v in res["decode_img_s"].items()),
             f"forward-only (bs {res['batch_size']}, {res['precision']}) {res['forward_img_s']:>9.1f} img/s",
             *(f"forward-only bs {k:<14} {v:>9.1f} img/s" for k, v in res["forward_img_s_by_batch"].items()),
+            *([f"forward-only, 1 model/core    {res['forward_img_s_replicas']:>9.1f} img/s"]
+              if res["forward_img_s_replicas"] else []),
             *(f"extract --decoder {k:<12} {v:>9.1f} img/s" for k, v in res["extract_img_s_by_decoder"].items()),
             f"naive torchvision fp32       {res['naive_img_s']:>9.1f} img/s",
             f"cold extract                 {res['cold_seconds']:>9.2f} s",
@@ -300,6 +327,8 @@ def table(res: dict) -> str:
             f"head fit (logistic, CV'd C)  {res['head_fit_seconds']:>9.2f} s",
             f"fine-tune epoch              {res['finetune_epoch_seconds']:>9.2f} s",
             f"extract / forward-only       {res['extract_vs_forward']:>9.3f}  (target >= 0.85)",
+            *([f"extract / 1 model/core       {res['extract_vs_forward_replicas']:>9.3f}"]
+              if "extract_vs_forward_replicas" in res else []),
             f"extract / naive              {res['extract_vs_naive']:>9.2f}  (target >= 3)",
             f"cold / warm                  {res['cold_vs_warm']:>9.1f}  (target >= 50)",
             *(f"cosine {k:<21} min {v['min']:.4f} median {v['median']:.4f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,16 +116,16 @@ class Embedder:
 
 def keep_fp32(modules: list[torch.nn.Module], device_type: str) -> None:
     """Run these modules in fp32 inside an enclosing bf16 autocast (hooks: the state dict stays unchanged)."""
-    active: list[torch.autocast] = []
+    local = threading.local()  # autocast state is per thread, and so is each call's stack of contexts
 
     def enter(module, args):
         ctx = torch.autocast(device_type, enabled=False)
         ctx.__enter__()
-        active.append(ctx)
+        local.__dict__.setdefault("active", []).append(ctx)
         return tuple(a.float() for a in args)
 
     def leave(module, args, out):
-        active.pop().__exit__(None, None, None)
+        local.active.pop().__exit__(None, None, None)
 
     for m in modules:
         m.register_forward_pre_hook(enter)

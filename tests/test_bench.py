@@ -29,6 +29,8 @@ def test_every_figure_is_reported(report):
     for k in FIGURES:
         assert isinstance(report[k], (int, float)) and report[k] > 0, (k, report[k])
     assert report["decode_img_s"]["pil"] > 0 and all(v > 0 for v in report["decode_img_s"].values())
+    if report["device"] == "cpu":  # one model per core: the forward ceiling without op-level threading
+        assert report["forward_img_s_replicas"] > 0 and report["extract_vs_forward_replicas"] > 0
     assert report["images"] == 200 and report["repeats"] == 1
     m = report["machine"]
     assert {"cpu", "cores_usable", "torch", "commit", "date"} <= set(m) and m["cores_usable"] >= 1
