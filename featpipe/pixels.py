@@ -1,7 +1,7 @@
 """A Pillow RGB image's pixels as a numpy array without copying them, through the Arrow C data interface.
 
-`np.asarray(im)` packs Pillow's 4-byte pixels into a new 3-byte buffer. Pillow (>= 11.2) exports its own memory as
-Arrow instead; torch's antialiased resize takes 4-channel pixels as they are (its uint8 kernel works on 4 channels
+`np.asarray(im)` packs Pillow's 4-byte pixels into a new 3-byte buffer. Pillow (>= 13 here) exports its own memory
+as Arrow instead; torch's antialiased resize takes 4-channel pixels as they are (its uint8 kernel works on 4 channels
 anyway), and the crop keeps 3 of them. decode.resize_crop on the bench images (drafted JPEGs, one core): 0.69 ms
 CPU per image with np.asarray, 0.58 ms with this, next to ~2.4 ms of JPEG decoding (bench/README.md).
 """
@@ -11,7 +11,12 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+import PIL
 from PIL import Image
+
+# Pillow 11.2-12.x export padded rows (PILLOW_ALIGNMENT) as if they were packed, and crash exporting a 0-pixel
+# image; from 13 on, an image Pillow cannot export as packed rows is copied.
+EXPORTS_PACKED_ROWS = int(PIL.__version__.split(".")[0]) >= 13
 
 
 class _ArrowSchema(ctypes.Structure):
@@ -41,10 +46,10 @@ _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 
 def rgb_pixels(im: Image.Image) -> np.ndarray:
     """(H, W, 4) read-only view of an RGB image's memory (channel 4 unused), or a packed (H, W, 3) copy where Pillow
-    cannot export it whole (older Pillow, an image spread over several memory blocks, another mode).
+    cannot export it whole (Pillow < 13, an image spread over several memory blocks, another mode).
 
     The view stays valid after `im` is gone: it holds the exported array, whose release tells Pillow."""
-    if im.mode != "RGB" or not hasattr(im, "__arrow_c_array__"):
+    if im.mode != "RGB" or not EXPORTS_PACKED_ROWS:
         return np.asarray(im)
     try:
         schema_capsule, array_capsule = im.__arrow_c_array__()

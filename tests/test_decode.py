@@ -7,6 +7,7 @@ import gc
 import io
 import os
 import struct
+import subprocess
 import sys
 import threading
 
@@ -60,6 +61,19 @@ def test_rgb_pixels_are_pillows_own_memory_and_outlive_the_image(photo):
     del im, again
     gc.collect()
     assert np.array_equal(first[..., :3], want)  # still Pillow's memory, held by the export
+
+
+def test_rgb_pixels_with_padded_rows_still_gives_the_pixels():
+    """PILLOW_ALIGNMENT pads each row; the view must never read the padding as pixels (Pillow 11.2-12 exported
+    padded rows as packed: pixels.EXPORTS_PACKED_ROWS)."""
+    code = ("import numpy as np; from PIL import Image; from featpipe.pixels import rgb_pixels\n"
+            "for w, h in [(640, 480), (333, 251), (17, 9), (1, 5), (16, 9)]:\n"
+            "    im = Image.effect_noise((w, h), 60).convert('RGB')\n"
+            "    assert np.array_equal(rgb_pixels(im)[..., :3], np.asarray(im)), (w, h)\n")
+    for alignment in ("16", "64"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PILLOW_ALIGNMENT": alignment})
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("im", [Image.new("RGB", (3000, 2000), (1, 2, 3)), Image.new("L", (30, 20), 7),
