@@ -24,7 +24,7 @@ import numpy as np
 from featpipe import __version__, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
-from featpipe.splits import check_k
+from featpipe.splits import Groups, check_k
 from featpipe.train import TrainConfig, decode_images, finetune, scan_images, scratch
 
 METHODS = ("scratch", "head", "finetune")
@@ -224,7 +224,8 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
     y = features.y if features is not None else images.y.numpy()
     from featpipe.splits import val_split
 
-    split = val_split(y, classes, cfg.val_fraction, cfg.seed, zero_ok=False)
+    groups = features.groups if features is not None else images.groups
+    split = val_split(y, classes, cfg.val_fraction, cfg.seed, zero_ok=False, groups=groups)
     rows = []
     for method in [m for m in METHODS if m in cfg.methods]:
         log(f"== {method} / {spec.name}")
@@ -254,10 +255,10 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
     tr, va = split.train, split.val
     t0 = time.perf_counter()
-    head = fit_head(f.X[tr], f.y[tr], len(f.classes), hc)
+    head = fit_head(f.X[tr], f.y[tr], len(f.classes), hc, f.groups[tr])
     seconds = time.perf_counter() - t0
-    k = min(cfg.cv, int(np.bincount(f.y).min()))
-    cv = cross_validate(f.X, f.y, f.classes, k, hc) if k >= 2 else (None, None)
+    k = min(cfg.cv, int(Groups.of(f.y, f.groups).per_class(len(f.classes)).min()))
+    cv = cross_validate(f.X, f.y, f.classes, k, hc, f.groups) if k >= 2 else (None, None)
     pred = head.predict_proba(f.X[va]).argmax(1)
     r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X[tr], f.y[tr]), 4),
          "val_accuracy": round(float((pred == f.y[va]).mean()), 4), "train_seconds": round(seconds, 3),

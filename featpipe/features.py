@@ -6,11 +6,13 @@ from the data dir keeps its cache row yet never reaches a head, and a moved imag
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from featpipe.extract import ExtractConfig, ExtractResult
+from featpipe.splits import content_groups
 
 
 @dataclass
@@ -20,6 +22,40 @@ class Features:
     classes: list[str]  # sorted class folder names
     paths: list[str]
     result: ExtractResult  # the extract run that guaranteed the rows (backbone, weights sha, preprocessing)
+    groups: np.ndarray  # int64 (N,): equal for files with identical bytes (every split keeps them together)
+
+    def duplicates(self) -> "Duplicates":
+        return find_duplicates(self.paths, [self.classes[i] for i in self.y], self.groups)
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Files whose bytes another file of the data dir already has; groups of copies under different classes."""
+
+    files: int
+    conflicts: list[list[tuple[str, str]]]  # per group: (path, class) of each copy
+
+    def report(self, log=lambda s: print(s, file=sys.stderr)) -> None:
+        """One line for the count, one naming the copies filed under two classes (both labels stay in training,
+        on the same side of every split; which one is right only the user knows)."""
+        if self.files:
+            log(f"{self.files} duplicate file(s) (identical bytes to another file): each set of copies is kept on "
+                f"one side of every split")
+        if self.conflicts:
+            first = " = ".join(f"{p} ({c})" for p, c in self.conflicts[0])
+            more = f"; and {len(self.conflicts) - 1} more such set(s)" if len(self.conflicts) > 1 else ""
+            log(f"warning: identical bytes under different classes: {first}{more}; both labels are kept: delete "
+                f"the wrong copy")
+
+    def to_json(self) -> dict:
+        return {"duplicate_files": self.files, "label_conflicts": [[p for p, _ in g] for g in self.conflicts]}
+
+
+def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> Duplicates:
+    order = np.argsort(groups, kind="stable")
+    sets = np.split(order, np.flatnonzero(np.diff(groups[order])) + 1) if len(order) else []
+    conflicts = [[(paths[i], labels[i]) for i in s] for s in sets if len({labels[i] for i in s}) > 1]
+    return Duplicates(int(len(paths) - len(sets)), conflicts)
 
 
 def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
@@ -32,7 +68,9 @@ def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
         from featpipe.extract import extract
 
         result = extract(cfg)
-    return from_result(result)
+    features = from_result(result)
+    features.duplicates().report()
+    return features
 
 
 def from_result(result: ExtractResult) -> Features:
@@ -46,4 +84,4 @@ def from_result(result: ExtractResult) -> Features:
     label_id = {c: i for i, c in enumerate(classes)}
     X = rows.embeddings[[index[m.sha256] for m in members]].astype(np.float32, copy=False)
     y = np.array([label_id[m.label] for m in members], dtype=np.int64)
-    return Features(X, y, classes, [m.path for m in members], result)
+    return Features(X, y, classes, [m.path for m in members], result, content_groups([m.sha256 for m in members]))

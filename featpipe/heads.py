@@ -23,7 +23,7 @@ import torch.nn as nn
 from threadpoolctl import threadpool_limits
 
 from featpipe.errors import UserError
-from featpipe.splits import check_folds, check_fraction, check_k, kfold, val_split
+from featpipe.splits import Groups, check_folds, check_fraction, check_k, kfold, val_split
 
 if TYPE_CHECKING:
     from featpipe.extract import ExtractConfig
@@ -121,29 +121,33 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups: np.ndarray | None = None) -> Head:
+    """`groups` (featpipe.splits): the inner C folds and the MLP's early-stopping split keep copies together."""
     with one_thread():
-        return (_fit_logistic if cfg.kind == "logistic" else _fit_mlp)(unit_norm(X), y, n_classes, cfg)
+        return (_fit_logistic if cfg.kind == "logistic" else _fit_mlp)(unit_norm(X), y, n_classes, cfg, groups)
 
 
 def accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
     return float((head.predict_proba(X).argmax(1) == y).mean()) if len(y) else None
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig) -> tuple[float, float]:
+def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig,
+                   groups: np.ndarray | None = None) -> tuple[float, float]:
     """Mean and (population) std of held-out accuracy over stratified K folds of (X, y), refitting the whole head
     procedure (standardiser, C sweep with its own inner CV, or MLP early stopping) on each fold's training part."""
-    check_folds(y, classes, k)
-    accs = [accuracy(fit_head(X[tr], y[tr], len(classes), cfg), X[te], y[te]) for tr, te in kfold(y, k, cfg.seed)]
+    check_folds(y, classes, k, groups=groups)
+    g = np.arange(len(y)) if groups is None else groups
+    accs = [accuracy(fit_head(X[tr], y[tr], len(classes), cfg, g[tr]), X[te], y[te])
+            for tr, te in kfold(y, k, cfg.seed, g)]
     return float(np.mean(accs)), float(np.std(accs))
 
 
 # ---- logistic ------------------------------------------------------------------------------------------------
 
-def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups) -> Head:
     mean, scale = _standardiser(X)
     Z = (X - mean) / scale
-    C, cv_acc = _choose_C(Z, y, cfg)
+    C, cv_acc = _choose_C(Z, y, cfg, groups)
     model = _logreg(C, max_iter=1000).fit(Z, y)
     w, b = _full_rows(model, n_classes)
     return Head("logistic", {"mean": mean, "scale": scale, "w1": w, "b1": b},
@@ -162,12 +166,13 @@ def _logreg(C: float, max_iter: int = 200, warm_start: bool = False):
     return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, warm_start=warm_start)
 
 
-def _choose_C(Z: np.ndarray, y: np.ndarray, cfg: HeadConfig) -> tuple[float, float | None]:
+def _choose_C(Z: np.ndarray, y: np.ndarray, cfg: HeadConfig, groups=None) -> tuple[float, float | None]:
     """Highest mean inner-CV accuracy over the grid; ties go to the lowest held-out log-loss.
 
     On small separable sets many C tie on accuracy; the smallest of them (the old rule) gave near-uniform
     probabilities (top class 0.21-0.26 of 5) while a C a few steps up was just as accurate and confident."""
-    folds = min(cfg.inner_folds, int(np.bincount(y)[np.unique(y)].min()))
+    per_class = Groups.of(y, groups).per_class(int(y.max()) + 1)
+    folds = min(cfg.inner_folds, int(per_class[np.unique(y)].min()))
     if folds < 2 or len(cfg.Cs) == 1:
         return (cfg.Cs[0] if len(cfg.Cs) == 1 else 1.0), None
     acc, loss = np.zeros(len(cfg.Cs)), np.zeros(len(cfg.Cs))
@@ -175,7 +180,7 @@ def _choose_C(Z: np.ndarray, y: np.ndarray, cfg: HeadConfig) -> tuple[float, flo
         from sklearn.exceptions import ConvergenceWarning
 
         warnings.simplefilter("ignore", ConvergenceWarning)  # mid-path fits only need to rank C, not converge
-        for tr, te in kfold(y, folds, cfg.seed):
+        for tr, te in kfold(y, folds, cfg.seed, groups):
             model = _logreg(cfg.Cs[0], warm_start=True)
             for i, C in enumerate(cfg.Cs):
                 proba = model.set_params(C=C).fit(Z[tr], y[tr]).predict_proba(Z[te])
@@ -201,14 +206,14 @@ def _full_rows(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- mlp -----------------------------------------------------------------------------------------------------
 
-def _fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> Head:
+def _fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups) -> Head:
     """One hidden layer + dropout, Adam, full batch; early stopping on an inner stratified split (best-loss
     weights kept). Classes too small for an inner split: fixed max_epochs, no early stopping."""
     torch.manual_seed(cfg.seed)
     mean, scale = _standardiser(X)
     Z = torch.from_numpy((X - mean) / scale)
     t = torch.from_numpy(y)
-    tr, va = _inner_split(y, cfg)
+    tr, va = _inner_split(y, cfg, groups)
     net = nn.Sequential(nn.Linear(X.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                         nn.Linear(cfg.hidden, n_classes))
     best, epochs = _train(net, (Z[tr], t[tr]), (Z[va], t[va]) if len(va) else None, cfg)
@@ -218,11 +223,11 @@ def _fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig) -> H
     return Head("mlp", arrays, {"hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": epochs})
 
 
-def _inner_split(y: np.ndarray, cfg: HeadConfig) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.bincount(y)
+def _inner_split(y: np.ndarray, cfg: HeadConfig, groups) -> tuple[np.ndarray, np.ndarray]:
+    counts = Groups.of(y, groups).per_class(int(y.max()) + 1)
     if counts[counts > 0].min() < 2:
         return np.arange(len(y)), np.array([], dtype=np.int64)
-    split = val_split(y, [str(c) for c in range(len(counts))], cfg.inner_val_fraction, cfg.seed)
+    split = val_split(y, [str(c) for c in range(len(counts))], cfg.inner_val_fraction, cfg.seed, groups=groups)
     return split.train, split.val
 
 
@@ -272,20 +277,21 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     from featpipe.features import load_features
 
     f = load_features(cfg.extract, progress)
-    split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed)
+    split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
-        check_folds(f.y, f.classes, cfg.cv)
+        check_folds(f.y, f.classes, cfg.cv, groups=f.groups)
     t0 = time.perf_counter()
-    head = fit_head(f.X[split.train], f.y[split.train], len(f.classes), cfg.head)
+    head = fit_head(f.X[split.train], f.y[split.train], len(f.classes), cfg.head, f.groups[split.train])
     fit_seconds = time.perf_counter() - t0
     # K-fold over every labelled image (the usual meaning of CV accuracy); separate fits, so the holdout's
     # val_accuracy stays untouched by them.
-    cv = cross_validate(f.X, f.y, f.classes, cfg.cv, cfg.head) if cfg.cv else (None, None)
+    cv = cross_validate(f.X, f.y, f.classes, cfg.cv, cfg.head, f.groups) if cfg.cv else (None, None)
     report = {"head": head.kind, "backbone": f.result.backbone,
               "train_accuracy": _round(accuracy(head, f.X[split.train], f.y[split.train])),
               "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
-              "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes}
+              "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
+              **f.duplicates().to_json()}
     key = f.result.key
     out = cfg.out or Path("models") / f"{key.backbone}-{head.kind}"
     bundle = Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head,

@@ -2,6 +2,10 @@
 
 Rows arrive sorted by path (featpipe.features), and the shuffles depend only on (seed, class index, class size):
 the same member list gives the same split whatever the backbone, the head, or the order the cache stored rows in.
+Every split and fold is made over content groups (`groups`: one id per row, the same for files with identical
+bytes), so a file and its copy always land on the same side: a copy in validation would score as a seen image.
+A group is stratified by its first row's class; with no duplicates every group is one row and the splits are the
+row-level ones.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ class Split:
     val: np.ndarray
 
 
-def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zero_ok: bool = True) -> Split:
-    """Per class, round(fraction * n) images (at least 1, and never all) go to validation; fraction 0: none.
+def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zero_ok: bool = True,
+              groups: np.ndarray | None = None) -> Split:
+    """Per class, whole groups in a seeded order until round(fraction * n) images (at least 1, never every group)
+    are in validation; fraction 0: none.
 
     `zero_ok`: whether the caller accepts fraction 0 (heads do; training needs a share for early stopping), which
     decides what a class too small to split is told to do."""
@@ -30,20 +36,53 @@ def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zer
     if len(present) < 2:
         raise UserError(f"a classifier needs at least 2 classes with images, found {len(present)}"
                         f"{': ' + present[0] if present else ''}")
-    train, val = [np.array([], np.int64)], [np.array([], np.int64)]
+    g = Groups.of(y, groups)
+    val = [np.array([], np.int64)]
     for c, name in enumerate(classes):
-        idx = np.flatnonzero(y == c)
-        if not len(idx):
+        members = np.flatnonzero(g.stratum == c)  # this class's groups, in first-row order
+        if not len(members):
             continue
-        n_val = 0 if fraction == 0 else max(1, round(fraction * len(idx)))
-        if n_val >= len(idx):
+        sizes = g.sizes[members]
+        n_val = 0 if fraction == 0 else max(1, round(fraction * sizes.sum()))
+        order = np.random.default_rng([seed, c]).permutation(len(members))
+        take = int(np.searchsorted(np.cumsum(sizes[order]), n_val)) + 1 if n_val else 0
+        if take >= len(members):
             fix = "add images or pass --val-fraction 0" if zero_ok else "training needs at least 2 per class"
-            raise UserError(f"class {name!r} has {len(idx)} image(s): too few to hold out a validation share "
-                            f"(--val-fraction {fraction}); {fix}")
-        order = np.random.default_rng([seed, c]).permutation(len(idx))
-        val.append(idx[order[:n_val]])
-        train.append(idx[order[n_val:]])
-    return Split(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)))
+            distinct = f" ({len(members)} distinct)" if len(members) < sizes.sum() else ""
+            raise UserError(f"class {name!r} has {sizes.sum()} image(s){distinct}: too few to hold out a validation "
+                            f"share (--val-fraction {fraction}); {fix}")
+        val.append(members[order[:take]])
+    held = np.isin(g.row_group, np.concatenate(val))
+    return Split(np.flatnonzero(~held), np.flatnonzero(held))
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Rows -> content groups, numbered in order of each group's first row."""
+
+    row_group: np.ndarray  # (N,) group id of each row
+    stratum: np.ndarray  # (G,) class of each group's first row
+    sizes: np.ndarray  # (G,) rows per group
+
+    @classmethod
+    def of(cls, y: np.ndarray, groups: np.ndarray | None) -> "Groups":
+        if groups is None:  # every row its own group
+            return cls(np.arange(len(y)), np.asarray(y), np.ones(len(y), np.int64))
+        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        rank = np.empty(len(first), np.int64)
+        rank[np.argsort(first)] = np.arange(len(first))
+        row_group = rank[inverse.ravel()]
+        return cls(row_group, np.asarray(y)[np.sort(first)], np.bincount(row_group, minlength=len(first)))
+
+    def per_class(self, n_classes: int) -> np.ndarray:
+        """Distinct groups per class (by stratum): what a fold count is bounded by."""
+        return np.bincount(self.stratum, minlength=n_classes)
+
+
+def content_groups(keys: list[str]) -> np.ndarray:
+    """One int per row, equal for equal keys (sha256 hex digests): the `groups` every split takes."""
+    _, inverse = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+    return inverse.ravel().astype(np.int64)
 
 
 def check_fraction(fraction: float) -> None:
@@ -56,18 +95,21 @@ def check_k(k: int, what: str = "--cv") -> None:
         raise UserError(f"{what} must be at least 2 (got {k})")
 
 
-def check_folds(y: np.ndarray, classes: list[str], k: int, what: str = "--cv") -> None:
-    """K-fold CV needs k >= 2 and every class to have at least k images (one per fold)."""
+def check_folds(y: np.ndarray, classes: list[str], k: int, what: str = "--cv",
+                groups: np.ndarray | None = None) -> None:
+    """K-fold CV needs k >= 2 and every class to have at least k distinct images (one per fold)."""
     check_k(k, what)
-    counts = np.bincount(y, minlength=len(classes))
+    counts = Groups.of(y, groups).per_class(len(classes))
     present = np.flatnonzero(counts)
     c = present[np.argmin(counts[present])]
     if counts[c] < k:
-        raise UserError(f"{what} {k} needs at least {k} training images per class, but class {classes[c]!r} has "
-                        f"{counts[c]}; use a smaller {what}")
+        raise UserError(f"{what} {k} needs at least {k} distinct training images per class, but class "
+                        f"{classes[c]!r} has {counts[c]}; use a smaller {what}")
 
 
-def kfold(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified K folds (callers check feasibility first with check_folds)."""
+def kfold(y: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K folds over groups, as row indices (callers check feasibility first with check_folds)."""
+    g = Groups.of(y, groups)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(skf.split(np.zeros(len(y)), y))
+    return [(np.flatnonzero(np.isin(g.row_group, tr)), np.flatnonzero(np.isin(g.row_group, te)))
+            for tr, te in skf.split(np.zeros(len(g.stratum)), g.stratum)]

@@ -11,6 +11,7 @@ All three use featpipe.splits.val_split on the same path-sorted member list, so 
 from __future__ import annotations
 
 import copy
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
 from featpipe.heads import Head, HeadConfig, fit_head
 from featpipe.preprocess import Preprocessing
-from featpipe.splits import Split, val_split
+from featpipe.splits import Split, content_groups, val_split
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Images:
     y: torch.Tensor
     classes: list[str]
     paths: list[str]
+    groups: np.ndarray  # featpipe.splits content groups: identical files share one, and one side of the split
     split: Split
     crop: int
     val_pixels: torch.Tensor  # uint8 (len(split.val), crop, crop, 3): the extractor's preprocessing exactly
@@ -121,34 +123,39 @@ def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre:
     square = Preprocessing(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
     decoder = PilDecoder(square)
     results = list(decoder.pool.map(lambda p: _decode_file(decoder, p), paths))
-    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    for p, r in zip(paths, results):
+    keep = [i for i, (_, r) in enumerate(results) if not isinstance(r, str)]
+    for p, (_, r) in zip(paths, results):
         if isinstance(r, str):
             print(f"skipped {p}: {r}", file=sys.stderr)
     if not keep:
         raise UserError("no decodable image to train on")
     y = labels[keep]
-    split = val_split(y, classes, val_fraction, seed, zero_ok=False)
-    pixels = torch.from_numpy(np.stack([results[i] for i in keep]))
+    groups = content_groups([results[i][0] for i in keep])
+    split = val_split(y, classes, val_fraction, seed, zero_ok=False, groups=groups)
+    pixels = torch.from_numpy(np.stack([results[i][1] for i in keep]))
     kept = [paths[i] for i in keep]
     crop = PilDecoder(pre)
-    val = list(crop.pool.map(lambda i: _decode_file(crop, kept[i]), split.val))
+    val = [r for _, r in crop.pool.map(lambda i: _decode_file(crop, kept[i]), split.val)]
     if any(isinstance(v, str) for v in val):
         raise UserError(f"a validation image changed while decoding: {next(v for v in val if isinstance(v, str))}")
-    return Images(pixels, torch.from_numpy(y), classes, kept, split, pre.crop,
+    return Images(pixels, torch.from_numpy(y), classes, kept, groups, split, pre.crop,
                   torch.from_numpy(np.stack(val)).reshape(-1, pre.crop, pre.crop, 3),
                   round(time.perf_counter() - t0, 4))
 
 
-def _decode_file(decoder: PilDecoder, path: str) -> np.ndarray | str:
-    """The square uint8 image, or why not (unreadable, not an image, too large, corrupt): never an exception."""
+def _decode_file(decoder: PilDecoder, path: str) -> tuple[str, np.ndarray | str]:
+    """(sha256 of the bytes, the square uint8 image or why not: unreadable, not an image, too large, corrupt);
+    never an exception. The hash groups identical files for the split, as the cache's row key does."""
     data, err = read_file(ImageFile(Path(path), ""))
-    return err or probe(data).skip_reason or decoder.decode_one(data)
+    if err:
+        return "", err
+    return hashlib.sha256(data).hexdigest(), probe(data).skip_reason or decoder.decode_one(data)
 
 
 def scan_images(cfg: TrainConfig) -> Images:
     """The data dir's decodable images in path order, as featpipe.features orders its rows (same split)."""
     from featpipe.dataset import require_every_class, scan
+    from featpipe.features import find_duplicates
 
     root, files, classes = scan(cfg.data_dir)
     files = sorted(files, key=lambda f: str(f.path))
@@ -156,6 +163,7 @@ def scan_images(cfg: TrainConfig) -> Images:
     images = decode_images([str(f.path) for f in files], labels, classes,
                            registry.resolve(cfg.backbone).preprocessing, cfg.val_fraction, cfg.seed)
     require_every_class(root, classes, {classes[i] for i in images.y.tolist()})
+    find_duplicates(images.paths, [classes[i] for i in images.y.tolist()], images.groups).report()
     return images
 
 

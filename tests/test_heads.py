@@ -20,7 +20,7 @@ from featpipe.splits import check_folds, kfold, val_split
 from tests.conftest import run_cli, run_json
 
 KEYS = {"head", "backbone", "train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "fit_seconds",
-        "n_train", "n_val", "classes", "model_path"}
+        "n_train", "n_val", "classes", "model_path", "duplicate_files", "label_conflicts"}
 
 
 @pytest.fixture(scope="module")
