@@ -77,11 +77,17 @@ class Cache:
         self.lockfile = self.path.with_suffix(".lock")
         self._lock_fd: int | None = None
         self._journal_fh = None
+        self.writable = True  # lock() finds out
 
     # ---- locking -------------------------------------------------------------------------------------------
     def lock(self, wait: bool = True) -> "Cache":
-        """Exclusive writer lock. Waits (saying so once on stderr) unless wait=False, then raises UserError."""
-        _ensure_writable_dir(self.dir)
+        """Exclusive writer lock. Waits (saying so once on stderr) unless wait=False, then raises UserError.
+
+        A cache dir this process cannot write (a shared team cache) is opened read-only instead: readers need no
+        lock, and append() refuses only when a run has something new to write."""
+        self.writable = _writable_dir(self.dir)
+        if not self.writable:
+            return self
         fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -156,6 +162,9 @@ class Cache:
     # ---- journal -------------------------------------------------------------------------------------------
     def append(self, rows: Rows) -> None:
         """Journal one batch; flushed before returning so a SIGKILL after this call keeps it."""
+        if not self.writable:
+            raise UserError(f"cache dir {self.dir} is not writable and this run has new images to embed; "
+                            f"pass --cache-dir to a writable folder")
         assert self._lock_fd is not None, "append() needs the writer lock"
         if self._journal_fh is None:
             self._journal_fh = open(self.journal, "ab")
@@ -265,13 +274,12 @@ def _os_strings(values) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in values]
 
 
-def _ensure_writable_dir(d: Path) -> None:
+def _writable_dir(d: Path) -> bool:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create cache dir {d}: {e.strerror}") from None
-    if not os.access(d, os.W_OK) or (os.geteuid() == 0 and _readonly_mount_or_mode(d)):
-        raise UserError(f"cache dir {d} is not writable; pass --cache-dir to a writable folder")
+    return os.access(d, os.W_OK) and not (os.geteuid() == 0 and _readonly_mount_or_mode(d))
 
 
 def _readonly_mount_or_mode(d: Path) -> bool:

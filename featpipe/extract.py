@@ -139,10 +139,11 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         engine = _make_engine(cfg, spec, key, timer)
         new_rows, skipped, reused = engine.run(files, known, cache, progress)
         final = _refresh(rows, new_rows, reused)
-        if len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused):
+        if cache.writable and (len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused)):
             with timer("commit"), _user_error_if_disk_fails(cache.path):
                 cache.commit(final)
-        engine.index.save(root)
+        if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
+            engine.index.save(root)
     present = set(final.sha256)
     members = [m for m in engine.members if m.sha256 in present]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved

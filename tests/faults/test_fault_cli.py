@@ -34,8 +34,27 @@ def test_data_dir_without_class_folders(tmp_path):
     assert "not a directory" in one_line_error(str(tmp_path / "loose.jpg"))
 
 
+def test_read_only_warm_cache_serves_every_command(small_data, tmp_path):
+    """A shared team cache, warm and read-only: reading it needs no write access; nothing in it is touched."""
+    from PIL import Image
+
+    cache = tmp_path / "team"
+    run_cli("extract", small_data, "--cache-dir", cache, check=True)
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    cache.chmod(0o555)
+    try:
+        for args in (["extract", small_data], ["fit-head", small_data, "--out", tmp_path / "m", "--val-fraction", "0"]):
+            run_cli(*args, "--cache-dir", cache, check=True)
+        assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+        Image.new("RGB", (64, 48), (200, 30, 90)).save(small_data / "tools" / "new.jpg")
+        assert "not writable and this run has new images" in one_line_error(str(small_data), "--cache-dir",
+                                                                             str(cache))
+    finally:
+        cache.chmod(0o755)
+
+
 def test_read_only_cache_dir(small_data, tmp_path):
-    """Mode 555 means read-only even to root (who could write anyway): refused before any work."""
+    """Mode 555 means read-only even to root (who could write anyway): nothing written, one line."""
     cache = tmp_path / "ro"
     cache.mkdir()
     cache.chmod(0o555)
