@@ -39,6 +39,7 @@ class Bundle:
     classes: list[str]
     head: Head
     metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # {"dir", "class_counts"}: what it was trained on
     finetuned: bool = False
     path: Path | None = None  # where it was loaded from
 
@@ -51,17 +52,18 @@ class Bundle:
 
 def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
     """Write the array files, then bundle.json (atomically, last): a bundle.json present means a whole bundle."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as head_bytes
 
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in bundle.head.arrays.items()}, str(out / HEAD_FILE))
+        # bytes written with open(): safetensors' own save_file makes 0600 files, whatever the umask
+        (out / HEAD_FILE).write_bytes(head_bytes({k: np.ascontiguousarray(v) for k, v in bundle.head.arrays.items()}))
         files = {HEAD_FILE: sha256_file(out / HEAD_FILE)}
         if backbone_state is not None:
-            from safetensors.torch import save_file as save_torch
+            from safetensors.torch import save as backbone_bytes
 
-            save_torch({k: v.contiguous() for k, v in backbone_state.items()}, str(out / BACKBONE_FILE))
+            (out / BACKBONE_FILE).write_bytes(backbone_bytes({k: v.contiguous() for k, v in backbone_state.items()}))
             files[BACKBONE_FILE] = sha256_file(out / BACKBONE_FILE)
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(_manifest(bundle, files, backbone_state is not None), indent=2) + "\n")
@@ -71,11 +73,22 @@ def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
     return out
 
 
+def check_overwrite(out: Path, data_dir: str) -> None:
+    """Before any work: a bundle at `out` trained on another data dir is not replaced without --force."""
+    try:
+        old = json.loads((out / MANIFEST).read_text()).get("data", {}).get("dir")
+    except (OSError, ValueError, AttributeError):
+        return  # nothing there, or nothing readable to protect
+    if old and old != data_dir:
+        raise UserError(f"{out} holds a model trained on {old}, not {data_dir}; pass --force to replace it or "
+                        f"--out to write elsewhere")
+
+
 def _manifest(b: Bundle, files: dict[str, str], finetuned: bool) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "featpipe_version": __version__,
             "backbone": b.backbone, "weights_sha256": b.weights_sha256,
             "preprocessing": json.loads(b.preprocessing.to_json()), "classes": b.classes,
-            "head": {"kind": b.head.kind, "params": b.head.params}, "metrics": b.metrics,
+            "head": {"kind": b.head.kind, "params": b.head.params}, "metrics": b.metrics, "data": b.data,
             "finetuned": finetuned, "files": files}
 
 
@@ -99,7 +112,7 @@ def load(path: Path) -> Bundle:
         head = Head(m["head"]["kind"], _read_arrays(root / HEAD_FILE), m["head"].get("params", {}))
         pre = Preprocessing.from_json(json.dumps(m["preprocessing"]))
         bundle = Bundle(m["backbone"], m["weights_sha256"], pre, classes, head, m.get("metrics", {}),
-                        m.get("finetuned") is True, root)
+                        m.get("data", {}), m.get("finetuned") is True, root)
     except KeyError as e:
         raise UserError(f"model bundle {root}: bundle.json lacks {e}") from None
     except (TypeError, AttributeError, ValueError) as e:

@@ -23,7 +23,22 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from featpipe import __version__
+
+        typer.echo(f"featpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print featpipe's version and exit.")] = False) -> None:
+    """Prove on your own images that a pretrained backbone beats training from scratch — then ship the fast model."""
 
 DataDir = Annotated[Optional[Path], typer.Argument(
     help="ImageFolder tree DATA_DIR/<class>/<image>. Default: the shipped 196-photo, 5-class dataset.",
@@ -46,11 +61,43 @@ RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--e
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="--engine ray: embedding actors (default: one "
                                                    "per GPU of the cluster, else one per CPU).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a bundle at the output dir even if it was trained "
+                                        "on another data dir.")]
+
+
+def _data(data_dir: Optional[Path]) -> Optional[Path]:
+    """A missing DATA_DIR is easy to miss: say once that the shipped photos stand in for it."""
+    if data_dir is None:
+        print("featpipe: no DATA_DIR given: using the shipped demo set (196 photos, 5 classes); pass DATA_DIR to use "
+              "your own images", file=sys.stderr)
+    return data_dir
+
+
+def _classes(counts: dict[str, int]) -> str:
+    return "classes: " + ", ".join(f"{c} {n}" for c, n in counts.items())
+
+
+def _json_safe(obj):
+    """File names that are not UTF-8 reach Python as lone surrogates, which strict JSON readers reject: such a
+    string is written percent-encoded whole (urllib.parse.unquote_to_bytes gives back the name's bytes)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            from urllib.parse import quote
+
+            return quote(obj.encode("utf-8", "surrogateescape"), safe="/")
+        return obj
+    if isinstance(obj, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.write(json.dumps(_json_safe(obj)) + "\n")
     else:
         typer.echo(text)
 
@@ -74,7 +121,7 @@ def extract(
     """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
     from featpipe.extract import ExtractConfig
 
-    cfg = ExtractConfig(data_dir, backbone, cache_dir, device, decoder, precision, batch_size, weights,
+    cfg = ExtractConfig(_data(data_dir), backbone, cache_dir, device, decoder, precision, batch_size, weights,
                         engine=engine, ray_address=ray_address, workers=workers)
     from featpipe.progress import run_extract
 
@@ -113,18 +160,20 @@ def fit_head(
     out: Annotated[Optional[Path], typer.Option("--out", help="Bundle directory (default "
                                                 "models/<backbone>-<head>).")] = None,
     weights: WeightsOpt = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
     from featpipe.extract import ExtractConfig
     from featpipe.heads import FitConfig, HeadConfig, fit_and_save
 
-    r = fit_and_save(FitConfig(ExtractConfig(data_dir, backbone, cache_dir, device, weights=weights),
-                               HeadConfig(head, seed), cv, val_fraction, out))
+    r = fit_and_save(FitConfig(ExtractConfig(_data(data_dir), backbone, cache_dir, device, weights=weights),
+                               HeadConfig(head, seed), cv, val_fraction, out, force))
     cv_text = f", cv {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f}" if cv else ""
     val_text = f"{r['val_accuracy']:.3f}" if r["val_accuracy"] is not None else "n/a"
     _emit(r, as_json, f"{r['head']} head on {r['backbone']}: train {r['train_accuracy']:.3f}, val {val_text} "
-          f"({r['n_train']} train / {r['n_val']} val){cv_text}; fit {r['fit_seconds']:.2f} s\nmodel: {r['model_path']}")
+          f"({r['n_train']} train / {r['n_val']} val){cv_text}; fit {r['fit_seconds']:.2f} s\n"
+          f"{_classes(r['class_counts'])}\nmodel: {r['model_path']}")
 
 
 @app.command()
@@ -154,7 +203,7 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Most epochs (ea
 
 def _train_summary(res) -> str:
     return (f"{res.method} {res.backbone}: train acc {res.train_accuracy:.3f}, val acc {res.val_accuracy:.3f}, "
-            f"best epoch {res.best_epoch}/{res.epochs_run}, {res.train_seconds:.1f} s"
+            f"best epoch {res.best_epoch}/{res.epochs_run}, {res.train_seconds:.1f} s\n{_classes(res.class_counts)}"
             + (f"\nmodel: {res.model_path}" if res.model_path else ""))
 
 
@@ -173,14 +222,16 @@ def finetune(
     seed: SeedOpt = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
                                                 "models/<backbone>-finetuned).")] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the last blocks of a pretrained backbone, head warm-started from the cached-feature head; saves a
     bundle `featpipe predict` loads."""
     from featpipe.train import TrainConfig, finetune as run
 
-    res = run(TrainConfig(data_dir, backbone, cache_dir, device, epochs=epochs, unfreeze_blocks=unfreeze_blocks,
-                          val_fraction=val_fraction, seed=seed, out=out, head=head))
+    res = run(TrainConfig(_data(data_dir), backbone, cache_dir, device, epochs=epochs,
+                          unfreeze_blocks=unfreeze_blocks, val_fraction=val_fraction, seed=seed, out=out, head=head,
+                          force=force))
     _emit(res.to_json(), as_json, _train_summary(res))
 
 
@@ -197,7 +248,8 @@ def scratch(
     """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat."""
     from featpipe.train import TrainConfig, scratch as run
 
-    res = run(TrainConfig(data_dir, backbone, device=device, epochs=epochs, val_fraction=val_fraction, seed=seed))
+    res = run(TrainConfig(_data(data_dir), backbone, device=device, epochs=epochs, val_fraction=val_fraction,
+                          seed=seed))
     _emit(res.to_json(), as_json, _train_summary(res))
 
 
@@ -250,6 +302,8 @@ def _run_experiment(config: Optional[Path], flags: dict, as_json: bool) -> None:
 
     kw = read_config(config) if config else {}
     kw.update({k: v for k, v in flags.items() if v is not None})
+    if "data_dir" in flags:  # demo has none to give: it is the shipped set by definition
+        _data(kw.get("data_dir"))
     report = run(ExperimentConfig(**kw))
     summary = table(report) + f"\n\nreport: {report['files']['report.md']}"
     if as_json:

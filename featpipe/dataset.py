@@ -10,11 +10,18 @@ from pathlib import Path
 from featpipe.errors import UserError
 
 SHIPPED_NAME = "gcompris-photos"
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"}
 
 
 def shipped_dataset() -> Path:
     """The 196-photo, 5-class CC0 set inside the package, so the demo needs no user data."""
     return Path(str(resources.files("featpipe") / "data" / SHIPPED_NAME))
+
+
+def describe(root: Path | None) -> str:
+    """What a model was trained on, as bundle.json records it: the data dir's absolute path, or the shipped set
+    by name (its path differs between installs)."""
+    return f"shipped:{SHIPPED_NAME}" if root is None else os.path.abspath(root)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
     classes = sorted(d.name for d in _entries(root) if _is_dir(d) and not d.name.startswith("."))
     if not classes:
         raise UserError(f"no class folders in {root} (expected DATA_DIR/<class>/<image>)")
+    _refuse_split_parent(root, classes)
     files = []
     for cls in classes:
         for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=False):
@@ -45,6 +53,15 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
                 if not name.startswith("."):
                     files.append(ImageFile(Path(dirpath) / name, cls))
     return root, files, classes
+
+
+def _refuse_split_parent(root: Path, classes: list[str]) -> None:
+    """`data/` holding train/ val/ test/ would train a 3-class model "train/test/val" without a word."""
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES and any(_is_dir(e) for e in _entries(root / c))]
+    if splits:
+        first = next((c for c in splits if c.lower().startswith("train")), splits[0])
+        raise UserError(f"{root} holds split folders ({', '.join(splits)}), not class folders: pass "
+                        f"{root / first} as DATA_DIR (its subfolders are the classes)")
 
 
 def require_every_class(root: Path, classes: list[str], present: set[str], skipped: list[dict] = ()) -> None:

@@ -67,14 +67,14 @@ class ExperimentConfig:
 
     def train_config(self, method: str, backbone: str) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "backbone", "cache_dir", "device",
-                                                                     "val_fraction", "seed", "out", "head"}
+                                                                     "val_fraction", "seed", "out", "head", "force"}
         given = getattr(self, method)
         unknown = sorted(set(given) - known)
         if unknown:
             raise UserError(f"[{method}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         out = self.out / "models" / f"{backbone}-finetuned"
         return TrainConfig(self.data_dir, backbone, self.cache_dir, self.device, val_fraction=self.val_fraction,
-                           seed=self.seed, out=out, head=self.head, **given)
+                           seed=self.seed, out=out, head=self.head, force=True, **given)  # its own report dir
 
     def resolved(self) -> dict:
         """Every setting actually used, defaults filled in: what report.json records."""

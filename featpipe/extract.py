@@ -25,7 +25,7 @@ import numpy as np
 
 from featpipe import fileindex, registry
 from featpipe.cache import Cache, CacheKey, Rows
-from featpipe.dataset import ImageFile, require_every_class, scan
+from featpipe.dataset import ImageFile, describe, require_every_class, scan
 from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError
 
@@ -84,6 +84,7 @@ class ExtractResult:
     device: str
     precision: str
     stage_seconds: dict = field(default_factory=dict)
+    data_dir: str = ""  # featpipe.dataset.describe: the absolute path, or shipped:<name>
     members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
     key: CacheKey | None = field(default=None, repr=False)  # lets callers read the rows without re-hashing weights
     rows: Rows | None = field(default=None, repr=False)  # the cache as committed: heads need not read it again
@@ -153,7 +154,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         seconds=round(seconds, 4),
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
-        precision=engine.precision, stage_seconds=timer.totals(),
+        precision=engine.precision, stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
         members=members, key=key, rows=final,
     )
 

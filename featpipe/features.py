@@ -24,6 +24,10 @@ class Features:
     result: ExtractResult  # the extract run that guaranteed the rows (backbone, weights sha, preprocessing)
     groups: np.ndarray  # int64 (N,): equal for files with identical bytes (every split keeps them together)
 
+    def data(self) -> dict:
+        """What bundle.json and every training summary record about the training data."""
+        return {"dir": self.result.data_dir, "class_counts": class_counts(self.y, self.classes)}
+
     def duplicates(self) -> "Duplicates":
         return find_duplicates(self.paths, [self.classes[i] for i in self.y], self.groups)
 
@@ -49,6 +53,10 @@ class Duplicates:
 
     def to_json(self) -> dict:
         return {"duplicate_files": self.files, "label_conflicts": [[p for p, _ in g] for g in self.conflicts]}
+
+
+def class_counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
+    return dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist()))
 
 
 def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> Duplicates:

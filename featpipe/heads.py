@@ -262,6 +262,7 @@ class FitConfig:
     cv: int | None = None
     val_fraction: float = 0.2
     out: Path | None = None  # default models/<backbone>-<head>
+    force: bool = False  # replace a bundle at `out` trained on another data dir
 
     def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
         check_fraction(self.val_fraction)
@@ -273,9 +274,14 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report.
 
     fit_seconds times the final fit alone (standardiser + C sweep, or MLP training), not --cv's refits."""
-    from featpipe.bundle import Bundle, save
+    from featpipe.bundle import Bundle, check_overwrite, save
+    from featpipe.dataset import describe
     from featpipe.features import load_features
+    from featpipe.registry import resolve
 
+    out = cfg.out or Path("models") / f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}"
+    if not cfg.force:
+        check_overwrite(out, describe(cfg.extract.data_dir))
     f = load_features(cfg.extract, progress)
     split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
@@ -291,12 +297,13 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
-              **f.duplicates().to_json()}
+              "class_counts": f.data()["class_counts"], "data_dir": f.data()["dir"], **f.duplicates().to_json()}
     key = f.result.key
-    out = cfg.out or Path("models") / f"{key.backbone}-{head.kind}"
+    metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
+                                                            "label_conflicts")}
     bundle = Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head,
-                    {k: v for k, v in report.items() if k not in ("head", "backbone", "classes")}
-                    | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction, "seed": cfg.head.seed})
+                    metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction, "seed": cfg.head.seed},
+                    data=f.data())
     return report | {"model_path": str(save(bundle, out))}
 
 

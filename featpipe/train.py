@@ -30,6 +30,7 @@ from featpipe.decode import PilDecoder, crop_corner, probe
 from featpipe.embed import configure_cpu, resolve_device, resolve_precision
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
+from featpipe.features import class_counts, find_duplicates
 from featpipe.heads import Head, HeadConfig, fit_head
 from featpipe.preprocess import Preprocessing
 from featpipe.splits import Split, content_groups, val_split
@@ -53,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     out: Path | None = None  # fine-tune: bundle dir (default models/<backbone>-finetuned)
     head: str = "logistic"  # fine-tune: the warm-started head's kind (heads.KINDS)
+    force: bool = False  # replace a bundle at `out` trained on another data dir
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -107,6 +109,7 @@ class TrainResult:
     precision: str
     n_train: int
     n_val: int
+    class_counts: dict[str, int]
     model_path: str | None = None
     val_pred: np.ndarray | None = field(default=None, repr=False)  # for the confusion matrix
 
@@ -155,7 +158,6 @@ def _decode_file(decoder: PilDecoder, path: str) -> tuple[str, np.ndarray | str]
 def scan_images(cfg: TrainConfig) -> Images:
     """The data dir's decodable images in path order, as featpipe.features orders its rows (same split)."""
     from featpipe.dataset import require_every_class, scan
-    from featpipe.features import find_duplicates
 
     root, files, classes = scan(cfg.data_dir)
     files = sorted(files, key=lambda f: str(f.path))
@@ -315,7 +317,7 @@ def _result(method: str, model: Classifier, images: Images, cfg: TrainConfig, de
         method, model.backbone.spec.name, round(train_acc, 4), round(float((val_pred == y[va]).mean()), 4),
         round(seconds, 2), best_epoch, len([h for h in history if h["epoch"] > 0]), history,
         sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), hyper, str(device),
-        precision, len(tr), len(va), val_pred=val_pred)
+        precision, len(tr), len(va), class_counts(y, images.classes), val_pred=val_pred)
 
 
 def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -327,7 +329,13 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     from featpipe.extract import ExtractConfig
     from featpipe.features import load_features
 
+    from featpipe.bundle import check_overwrite
+    from featpipe.dataset import describe
+
     spec = registry.resolve(cfg.backbone)
+    out = cfg.out or Path("models") / f"{spec.name}-finetuned"
+    if not cfg.force:
+        check_overwrite(out, describe(cfg.data_dir))
     features = features or load_features(ExtractConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device))
     images = images or decode_images(features.paths, features.y, features.classes, spec.preprocessing,
                                      cfg.val_fraction, cfg.seed)
@@ -357,7 +365,7 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
              "batchnorm": "inference mode (running statistics frozen)"}
     res = _result("finetune", model, images, cfg, device, precision, best_epoch, seconds + head_seconds, history,
                   hyper)
-    res.model_path = str(save_bundle(model, features, res, cfg.out or Path("models") / f"{spec.name}-finetuned"))
+    res.model_path = str(save_bundle(model, features, res, out))
     return res
 
 
@@ -372,7 +380,7 @@ def save_bundle(model: Classifier, features, res: TrainResult, out: Path) -> Pat
                                             "n_train", "n_val")} | res.hyperparameters
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
     return save(Bundle(key.backbone, key.weights_sha256, key.preprocessing, features.classes, head, metrics,
-                       finetuned=True), out, backbone_state=state)
+                       data=features.data(), finetuned=True), out, backbone_state=state)
 
 
 def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
