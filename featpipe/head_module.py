@@ -1,0 +1,86 @@
+"""Heads as torch modules: what fine-tuning trains, and how the MLP head is fitted.
+
+Apart from featpipe.heads so that a logistic head fits, predicts and saves without importing torch (torch's import
+is most of a warm fit-head's wall time). Plain arrays in and out: this module knows nothing of featpipe's types.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class UnitNorm(nn.Module):
+    """L2-normalise each embedding. Pooled post-ReLU CNN features vary in norm with image content, not class;
+    on the shipped set 5-fold CV of the logistic head rose from 0.949 to 0.966 (mean of 4 fold seeds)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x.float(), dim=1)
+
+
+def to_module(kind: str, arrays: dict[str, np.ndarray], dropout: float) -> nn.Module:
+    """embeddings (N, dim) -> logits (N, classes): unit-normalise, then the first Linear with the standardiser
+    folded in (W' = W/sigma, b' = b - W @ (mu/sigma))."""
+    a = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()}
+    first = _linear(a["w1"] / a["scale"], a["b1"] - a["w1"] @ (a["mean"] / a["scale"]))
+    if kind == "logistic":
+        return nn.Sequential(UnitNorm(), first)
+    return nn.Sequential(UnitNorm(), first, nn.ReLU(), nn.Dropout(dropout), _linear(a["w2"], a["b2"]))
+
+
+def from_module(module: nn.Module) -> tuple[str, dict[str, np.ndarray], float | None]:
+    """to_module()'s inverse after fine-tuning changed the layers: (kind, arrays, dropout). The standardiser stays
+    folded into the first Linear (identity mean and scale here); the kind follows from the number of Linears."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    tensors = [t.detach().float().cpu().numpy() for m in linears for t in (m.weight, m.bias)]
+    dim = tensors[0].shape[1]
+    arrays = {"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32),
+              **dict(zip(("w1", "b1", "w2", "b2"), tensors))}
+    dropout = [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
+    return ("logistic" if len(linears) == 1 else "mlp"), arrays, (dropout[0] if dropout else None)
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    return layer
+
+
+def fit_mlp(Z: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int, cfg
+            ) -> tuple[dict[str, np.ndarray], int]:
+    """One hidden layer + dropout on standardised rows Z, AdamW, full batch; early stopping on the `val` rows'
+    loss (best weights kept), or a fixed cfg.max_epochs without them. Returns (w1, b1, w2, b2 arrays, epochs)."""
+    torch.manual_seed(cfg.seed)
+    Zt, t = torch.from_numpy(Z), torch.from_numpy(y)
+    net = nn.Sequential(nn.Linear(Z.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                        nn.Linear(cfg.hidden, n_classes))
+    best, epochs = _train(net, (Zt[train], t[train]), (Zt[val], t[val]) if len(val) else None, cfg)
+    net.load_state_dict(best)
+    return dict(zip(("w1", "b1", "w2", "b2"), (p.detach().numpy() for p in net.parameters()))), epochs
+
+
+def _train(net: nn.Module, train, val, cfg) -> tuple[dict, int]:
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    best_loss, best, best_epoch = float("inf"), copy.deepcopy(net.state_dict()), 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        net.train()
+        opt.zero_grad()
+        loss_fn(net(train[0]), train[1]).backward()
+        opt.step()
+        if val is None:
+            best, best_epoch = net.state_dict(), epoch
+            continue
+        net.eval()
+        with torch.no_grad():
+            loss = loss_fn(net(val[0]), val[1]).item()
+        if loss < best_loss:
+            best_loss, best, best_epoch = loss, copy.deepcopy(net.state_dict()), epoch
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    return best, best_epoch
