@@ -77,12 +77,10 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     W.require_file(path)
     model = _build(spec)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read weights {path}: {type(e).__name__}: {first_line(e)}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict (name -> tensor)")
+        raise W.load_error(path, e) from None
+    state = W.state_dict_of(loaded, path)
     if spec.remap:
         state = W.remap_positional(state, model.state_dict())
     try:

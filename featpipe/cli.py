@@ -189,13 +189,13 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a model bundle; unreadable files are listed as skipped, never fatal."""
-    from featpipe.predict import PredictConfig, predict as do_predict
+    from featpipe.predict import PredictConfig, run_predict
 
-    r = do_predict(PredictConfig(model, paths, top_k, device, weights))
+    r = run_predict(PredictConfig(model, paths, top_k, device, weights))
     lines = [f"{p['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])
              for p in r["predictions"]]
-    lines += [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
-    _emit(r, as_json, "\n".join(lines))
+    if as_json or lines:  # every file skipped: no blank line on stdout
+        _emit(r, as_json, "\n".join(lines))
 
 
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Stratified validation share (same split for "

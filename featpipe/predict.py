@@ -7,8 +7,10 @@ trained on), or the bundle's own `backbone.safetensors` when it is a fine-tuned 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,22 +30,57 @@ class PredictConfig:
     weights: Path | None = None  # the local checkpoint a head-only bundle was fitted with (`--weights`)
 
 
-def predict(cfg: PredictConfig) -> dict:
-    """{"model", "predictions": [{"path", "top": [{"class", "probability"}]}], "skipped": [{"path", "reason"}]}."""
+def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = None) -> dict:
+    """{"model", "predictions": [{"path", "top": [{"class", "probability"}]}], "skipped": [{"path", "reason"}]};
+    `progress(done, total)` as batches of files complete."""
     if cfg.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {cfg.top_k})")
     bundle = B.load(cfg.model)
+    if bundle.finetuned and cfg.weights is not None:  # it would be ignored: backbone.safetensors holds every weight
+        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it is fine-tuned and carries its "
+                        f"own backbone ({B.BACKBONE_FILE}); drop --weights")
     files = collect(cfg.paths)
+    if not files:
+        raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
     embedder = _embedder(bundle, cfg.device, cfg.weights)
+    predictions, skipped = _classify(files, bundle, embedder, cfg.top_k, progress or (lambda done, total: None))
+    return {"model": str(bundle.path), "predictions": predictions, "skipped": skipped}
+
+
+def _classify(files: list[Path], bundle: B.Bundle, embedder, top_k: int, progress) -> tuple[list, list]:
+    """Batches of files -> (predictions, skipped); progress(done, total) before the first batch and after each."""
     decoder = PilDecoder(bundle.preprocessing)
     predictions, skipped = [], []
+    progress(0, len(files))
     for start in range(0, len(files), BATCH):
         pixels, ok, reasons = _decode(files[start:start + BATCH], decoder)
         skipped += [{"path": str(f), "reason": r} for f, r in reasons]
         if ok:
             proba = bundle.head.predict_proba(embedder(pixels))
-            predictions += [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
-    return {"model": str(bundle.path), "predictions": predictions, "skipped": skipped}
+            predictions += [{"path": str(f), "top": _top(p, bundle.classes, top_k)} for f, p in zip(ok, proba)]
+        progress(min(start + BATCH, len(files)), len(files))
+    return predictions, skipped
+
+
+def run_predict(cfg: PredictConfig) -> dict:
+    """predict() as a person sees it, like progress.run_extract: a progress bar, a summary line and the skipped
+    files, all on stderr (stdout is left for the predictions or --json)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.perf_counter()
+    console = Console(stderr=True)
+    with Progress(TextColumn("predict {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_interactive) as bar:  # off a terminal rich's bar is only a blank line
+        task = bar.add_task("predict", total=None, name=Path(cfg.model).name)
+        r = predict(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    n, m = len(r["predictions"]), len(r["skipped"])
+    console.print(f"predicted {n} image{'s' * (n != 1)}, skipped {m} in {time.perf_counter() - t0:.2f} s "
+                  f"({r['model']})", highlight=False, markup=False, soft_wrap=True)
+    for s in r["skipped"]:
+        console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False, markup=False, soft_wrap=True)
+    return r
 
 
 def collect(paths: list[Path]) -> list[Path]:

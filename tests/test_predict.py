@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,3 +110,66 @@ def test_predict_missing_path_and_bad_model(model, tmp_path):
         predict(PredictConfig(model, [tmp_path / "nope.jpg"]))
     with pytest.raises(UserError, match="not a model bundle"):
         predict(PredictConfig(tmp_path, [tmp_path]))
+
+
+def test_plain_text_stdout_holds_only_predictions(model, sample, tmp_path):
+    """Skipped files and the summary go to stderr, so `predict ... > out.txt` keeps one line per prediction."""
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    proc = run_cli("predict", model, *sample, bad, "--top-k", "1", check=True)
+    assert [line.partition(": ")[0] for line in proc.stdout.splitlines()] == [str(p) for p in sample]
+    assert f"skipped {bad}: not an image" in proc.stderr and "skipped" not in proc.stdout
+    assert re.search(rf"^predicted {len(sample)} images, skipped 1 in [\d.]+ s", proc.stderr, re.M), proc.stderr
+    assert all(line.strip() for line in proc.stderr.splitlines()), proc.stderr  # no blank line off a terminal
+
+
+def test_json_keeps_stdout_to_one_object_and_summarises_on_stderr(model, sample):
+    proc = run_cli("predict", model, sample[0], "--json", check=True)
+    assert len(json.loads(proc.stdout)["predictions"]) == 1
+    assert re.search(r"^predicted 1 image, skipped 0 in [\d.]+ s", proc.stderr, re.M), proc.stderr
+
+
+def test_progress_bar_on_a_terminal(model, sample):
+    """rich draws the bar when stderr is a terminal (TTY_COMPATIBLE=1 says so for a pipe): label and final count."""
+    proc = run_cli("predict", model, *sample, env={"TTY_COMPATIBLE": "1"}, check=True)
+    assert f"predict {model.name}" in proc.stderr and f"{len(sample)}/{len(sample)}" in proc.stderr
+    assert len(proc.stdout.splitlines()) == len(sample) and "\x1b" not in proc.stdout
+
+
+def test_no_images_found_is_one_line_exit_2(model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_bytes(b"\0")  # hidden entries are not searched
+    proc = run_cli("predict", model, tmp_path / "empty", tmp_path / "hidden")
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert f"no images found in {tmp_path / 'empty'}, {tmp_path / 'hidden'}" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def finetuned(model, tmp_path_factory) -> Path:
+    """A fine-tuned bundle: the pretrained weights stored as the bundle's own backbone.safetensors."""
+    from featpipe import registry
+    from featpipe.backbone import load
+
+    b = B.load(model)
+    return B.save(b, tmp_path_factory.mktemp("ft") / "ft", backbone_state=load(registry.resolve(b.backbone))
+                  .model.state_dict())
+
+
+def test_weights_with_a_finetuned_bundle_is_refused(finetuned, sample):
+    """--weights would be ignored (backbone.safetensors is the backbone): say so rather than run."""
+    from featpipe import registry
+
+    ckpt = registry.resolve("mobilenet_v2").offline_path()  # a real, fitting checkpoint: only the bundle is wrong
+    proc = run_cli("predict", finetuned, sample[0], "--weights", ckpt)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert "fine-tuned" in proc.stderr and "drop --weights" in proc.stderr
+
+
+def test_weights_that_are_not_a_checkpoint_say_so(model, sample, tmp_path):
+    """A text file as --weights: not "trained on other weights (sha256 …)", which hides what is wrong."""
+    text = tmp_path / "weights.txt"
+    text.write_text("ignore me\n")
+    proc = run_cli("predict", model, sample[0], "--weights", text)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot read weights {text}: it is not a PyTorch checkpoint" in proc.stderr
