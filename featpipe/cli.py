@@ -189,7 +189,8 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a model bundle; unreadable files are listed as skipped, never fatal."""
-    from featpipe.predict import PredictConfig, run_predict
+    from featpipe.predict import PredictConfig
+    from featpipe.progress import run_predict
 
     r = run_predict(PredictConfig(model, paths, top_k, device, weights))
     lines = [f"{p['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])

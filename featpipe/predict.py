@@ -7,7 +7,6 @@ trained on), or the bundle's own `backbone.safetensors` when it is a fine-tuned 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,27 +59,6 @@ def _classify(files: list[Path], bundle: B.Bundle, embedder, top_k: int, progres
             predictions += [{"path": str(f), "top": _top(p, bundle.classes, top_k)} for f, p in zip(ok, proba)]
         progress(min(start + BATCH, len(files)), len(files))
     return predictions, skipped
-
-
-def run_predict(cfg: PredictConfig) -> dict:
-    """predict() as a person sees it, like progress.run_extract: a progress bar, a summary line and the skipped
-    files, all on stderr (stdout is left for the predictions or --json)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    t0 = time.perf_counter()
-    console = Console(stderr=True)
-    with Progress(TextColumn("predict {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True,
-                  disable=not console.is_interactive) as bar:  # off a terminal rich's bar is only a blank line
-        task = bar.add_task("predict", total=None, name=Path(cfg.model).name)
-        r = predict(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    n, m = len(r["predictions"]), len(r["skipped"])
-    console.print(f"predicted {n} image{'s' * (n != 1)}, skipped {m} in {time.perf_counter() - t0:.2f} s "
-                  f"({r['model']})", highlight=False, markup=False, soft_wrap=True)
-    for s in r["skipped"]:
-        console.print(f"  skipped {s['path']}: {s['reason']}", highlight=False, markup=False, soft_wrap=True)
-    return r
 
 
 def collect(paths: list[Path]) -> list[Path]:
