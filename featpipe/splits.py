@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from featpipe.errors import UserError
 
@@ -110,6 +109,20 @@ def check_folds(y: np.ndarray, classes: list[str], k: int, what: str = "--cv",
 def kfold(y: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified K folds over groups, as row indices (callers check feasibility first with check_folds)."""
     g = Groups.of(y, groups)
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(np.flatnonzero(np.isin(g.row_group, tr)), np.flatnonzero(np.isin(g.row_group, te)))
-            for tr, te in skf.split(np.zeros(len(g.stratum)), g.stratum)]
+    fold = stratified_folds(g.stratum, k, seed)[g.row_group]
+    return [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(k)]
+
+
+def stratified_folds(strata: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The test fold of each item, as sklearn's StratifiedKFold(k, shuffle=True, random_state=seed) assigns them
+    (tests check it is the same): importing sklearn costs more than a warm fit-head's whole budget."""
+    _, first, inverse = np.unique(strata, return_index=True, return_inverse=True)
+    encoded = np.argsort(np.argsort(first))[inverse.ravel()]  # classes numbered in order of first appearance
+    ordered = np.sort(encoded)
+    allocation = np.array([np.bincount(ordered[i::k], minlength=len(first)) for i in range(k)])
+    rng, fold = np.random.RandomState(seed), np.empty(len(strata), np.int64)
+    for c in range(len(first)):
+        per_class = np.arange(k).repeat(allocation[:, c])
+        rng.shuffle(per_class)
+        fold[encoded == c] = per_class
+    return fold

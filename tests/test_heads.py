@@ -20,7 +20,7 @@ from featpipe.splits import check_folds, kfold, val_split
 from tests.conftest import run_cli, run_json
 
 KEYS = {"head", "backbone", "train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "fit_seconds",
-        "n_train", "n_val", "classes", "model_path", "duplicate_files", "label_conflicts"}
+        "n_train", "n_val", "classes", "model_path", "duplicate_files", "label_conflicts", "class_counts", "data_dir"}
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +206,44 @@ def test_fit_head_class_without_valid_image(shipped, tmp_path):
     proc = run_cli("fit-head", data, "--cache-dir", tmp_path / "c", "--out", tmp_path / "m")
     assert proc.returncode == 2 and "fishes" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_logreg_reaches_sklearns_optimum(feats, classes):
+    """featpipe.logreg stands in for sklearn's LogisticRegression(lbfgs): same objective value at the optimum (to
+    a small relative tolerance) and the same probabilities, on real features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featpipe import logreg
+
+    keep = feats.y < classes
+    X = unit_norm(feats.X[keep])
+    Z, y = ((X - X.mean(0)) / X.std(0)).astype(np.float32), feats.y[keep]
+    for C in (0.01, 1.0):
+        ours, ref = logreg.fit(Z, y, C, max_iter=1000), LogisticRegression(C=C, max_iter=1000).fit(Z, y)
+        np.testing.assert_allclose(ours.predict_proba(Z), ref.predict_proba(Z), atol=1e-4)
+
+        def objective(coef, icpt):
+            p = logreg.LogReg(ours.classes, coef, icpt, True).predict_proba(Z)[np.arange(len(y)), y]
+            return C * -np.log(p).sum() + 0.5 * float(np.sum(coef.astype(np.float64) ** 2))
+
+        assert objective(ours.coef, ours.intercept) == pytest.approx(objective(ref.coef_, ref.intercept_), rel=1e-5)
+
+
+def test_stratified_folds_are_sklearns():
+    """The fold assignment is sklearn's StratifiedKFold(shuffle=True), so CV numbers did not move when the
+    heads stopped importing sklearn."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from featpipe.splits import stratified_folds
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        k = int(rng.integers(2, 6))
+        y = np.repeat(rng.permutation(int(rng.integers(2, 8))) * 3 + 7, k)
+        y = rng.permutation(np.concatenate([y, rng.choice(y, int(rng.integers(0, 200)))]))
+        seed = int(rng.integers(0, 1000))
+        ref = np.empty(len(y), np.int64)
+        for i, (_, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)):
+            ref[te] = i
+        np.testing.assert_array_equal(stratified_folds(y, k, seed), ref)
