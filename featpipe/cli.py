@@ -247,13 +247,17 @@ def scratch(
     epochs: EpochsOpt = 3,
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
+                                                "models/<backbone>-scratch).")] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat."""
+    """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat;
+    saves a bundle `featpipe predict` loads."""
     from featpipe.train import TrainConfig, scratch as run
 
     res = run(TrainConfig(_data(data_dir), backbone, device=device, epochs=epochs, val_fraction=val_fraction,
-                          seed=seed))
+                          seed=seed, out=out, force=force))
     _emit(res.to_json(), as_json, _train_summary(res))
 
 

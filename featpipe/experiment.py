@@ -2,6 +2,7 @@
 
 Per backbone the images are extracted once (cached embeddings for the head and the fine-tune warm start) and
 decoded once (uint8 in memory for fine-tune and scratch); those one-time costs are timed apart from training.
+Every row's model is saved as a bundle `featpipe predict` loads (cfg.out/models/<backbone>-<method or head kind>).
 Every pretrained backbone's weights are checked before any work, so a config naming an unavailable one stops at
 once instead of after an hour of the others.
 """
@@ -72,7 +73,7 @@ class ExperimentConfig:
         unknown = sorted(set(given) - known)
         if unknown:
             raise UserError(f"[{method}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        out = self.out / "models" / f"{backbone}-finetuned"
+        out = self.out / "models" / f"{backbone}-{'finetuned' if method == 'finetune' else method}"
         return TrainConfig(self.data_dir, backbone, self.cache_dir, self.device, val_fraction=self.val_fraction,
                            seed=self.seed, out=out, head=self.head, force=True, **given)  # its own report dir
 
@@ -161,7 +162,8 @@ def check_weights(cfg: ExperimentConfig) -> list:
 
 
 def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Run every method x backbone; write report.json, report.md, report.png and confusion.png under cfg.out."""
+    """Run every method x backbone; write report.json, report.md, report.png and confusion.png under cfg.out, and
+    each row's model bundle under cfg.out/models (the report links to them)."""
     from featpipe.dataset import scan
     from featpipe.embed import configure_cpu, resolve_device
 
@@ -192,6 +194,7 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
                     "training": {f"{r['method']}/{r['backbone']}": r["train_seconds"] for r in results},
                     "total_seconds": None},
         "best": {"method": best["method"], "backbone": best["backbone"], "val_accuracy": best["val_accuracy"],
+                 "model_path": best["model_path"],
                  "confusion": confusion(y_val, preds[(best["method"], best["backbone"])], len(first["classes"]))},
         "config": cfg.resolved(),
     }
@@ -249,7 +252,8 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
 
 
 def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
-    """Fit the head on the training split's cached features (timed), score it, and K-fold CV it on every image."""
+    """Fit the head on the training split's cached features (timed), score it, K-fold CV it on every image, and
+    save it as fit-head would."""
     from featpipe.heads import HeadConfig, accuracy, cross_validate, fit_head
 
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
@@ -266,7 +270,20 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
          "cv_accuracy_std": None if cv[1] is None else round(cv[1], 4), "cv_folds": k if k >= 2 else None,
          "history": [], "hyperparameters": {"head": hc.kind, **head.params}, "n_train": int(len(tr)),
          "n_val": int(len(va)), "only_last_layers_trained": True}
+    r["model_path"] = str(save_head(cfg, f, head, r))
     return r, pred
+
+
+def save_head(cfg: ExperimentConfig, f, head, r: dict) -> Path:
+    """A head bundle exactly like fit-head's, under the report dir (models/<backbone>-<head>)."""
+    from featpipe.bundle import save
+    from featpipe.heads import head_bundle
+
+    metrics = {k: r[k] for k in ("train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "n_train",
+                                 "n_val", "cv_folds")}
+    metrics |= {"fit_seconds": r["train_seconds"], "duplicate_files": f.duplicates().files,
+                "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    return save(head_bundle(f, head, metrics), cfg.out / "models" / f"{f.result.key.backbone}-{head.kind}")
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> list[list[int]]:

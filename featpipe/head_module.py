@@ -21,26 +21,29 @@ class UnitNorm(nn.Module):
         return nn.functional.normalize(x.float(), dim=1)
 
 
-def to_module(kind: str, arrays: dict[str, np.ndarray], dropout: float) -> nn.Module:
-    """embeddings (N, dim) -> logits (N, classes): unit-normalise, then the first Linear with the standardiser
-    folded in (W' = W/sigma, b' = b - W @ (mu/sigma))."""
+def to_module(kind: str, arrays: dict[str, np.ndarray], dropout: float, unit_norm: bool = True) -> nn.Module:
+    """embeddings (N, dim) -> logits (N, classes): unit-normalise (unless `unit_norm` is off: a scratch model's
+    head), then the first Linear with the standardiser folded in (W' = W/sigma, b' = b - W @ (mu/sigma))."""
     a = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()}
-    first = _linear(a["w1"] / a["scale"], a["b1"] - a["w1"] @ (a["mean"] / a["scale"]))
-    if kind == "logistic":
-        return nn.Sequential(UnitNorm(), first)
-    return nn.Sequential(UnitNorm(), first, nn.ReLU(), nn.Dropout(dropout), _linear(a["w2"], a["b2"]))
+    layers = [UnitNorm()] if unit_norm else []
+    layers.append(_linear(a["w1"] / a["scale"], a["b1"] - a["w1"] @ (a["mean"] / a["scale"])))
+    if kind == "mlp":
+        layers += [nn.ReLU(), nn.Dropout(dropout), _linear(a["w2"], a["b2"])]
+    return nn.Sequential(*layers)
 
 
-def from_module(module: nn.Module) -> tuple[str, dict[str, np.ndarray], float | None]:
-    """to_module()'s inverse after fine-tuning changed the layers: (kind, arrays, dropout). The standardiser stays
-    folded into the first Linear (identity mean and scale here); the kind follows from the number of Linears."""
+def from_module(module: nn.Module) -> tuple[str, dict[str, np.ndarray], float | None, bool]:
+    """to_module()'s inverse after training changed the layers: (kind, arrays, dropout, unit_norm). The
+    standardiser stays folded into the first Linear (identity mean and scale here); the kind follows from the
+    number of Linears."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     tensors = [t.detach().float().cpu().numpy() for m in linears for t in (m.weight, m.bias)]
     dim = tensors[0].shape[1]
     arrays = {"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32),
               **dict(zip(("w1", "b1", "w2", "b2"), tensors))}
     dropout = [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
-    return ("logistic" if len(linears) == 1 else "mlp"), arrays, (dropout[0] if dropout else None)
+    unit_norm = any(isinstance(m, UnitNorm) for m in module.modules())
+    return ("logistic" if len(linears) == 1 else "mlp"), arrays, (dropout[0] if dropout else None), unit_norm
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:

@@ -62,21 +62,24 @@ class Head:
         """The head as a torch module (featpipe.head_module.to_module): what fine-tuning trains."""
         from featpipe.head_module import to_module
 
-        return to_module(self.kind, self.arrays, self.params.get("dropout", 0.0))
+        return to_module(self.kind, self.arrays, self.params.get("dropout", 0.0), self.params.get("unit_norm", True))
 
     @classmethod
     def from_torch_module(cls, module, params: dict) -> "Head":
         """as_torch_module()'s inverse after fine-tuning changed the layers."""
         from featpipe.head_module import from_module
 
-        kind, arrays, dropout = from_module(module)
-        return cls(kind, arrays, params | ({"dropout": dropout} if dropout is not None else {}))
+        kind, arrays, dropout, unit_norm = from_module(module)
+        return cls(kind, arrays, params | ({"dropout": dropout} if dropout is not None else {})
+                   | ({} if unit_norm else {"unit_norm": False}))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """What as_torch_module() computes, in numpy: predicting needs no torch."""
         a = self.arrays
         with threadpool_limits(1):
-            h = ((unit_norm(np.asarray(X, np.float32)) - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
+            X = np.asarray(X, np.float32)
+            X = unit_norm(X) if self.params.get("unit_norm", True) else X
+            h = ((X - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
             if self.kind == "mlp":
                 h = np.maximum(h, 0) @ a["w2"].T + a["b2"]
         h = np.exp(h - h.max(axis=1, keepdims=True))
@@ -220,7 +223,7 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report.
 
     fit_seconds times the final fit alone (standardiser + C sweep, or MLP training), not --cv's refits."""
-    from featpipe.bundle import Bundle, check_overwrite, save
+    from featpipe.bundle import check_overwrite, save
     from featpipe.dataset import describe
     from featpipe.features import load_features
     from featpipe.registry import resolve
@@ -244,13 +247,19 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
               "class_counts": f.data()["class_counts"], "data_dir": f.data()["dir"], **f.duplicates().to_json()}
-    key = f.result.key
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
                                                             "label_conflicts")}
-    bundle = Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head,
-                    metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction, "seed": cfg.head.seed},
-                    data=f.data())
+    bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
+                                             "seed": cfg.head.seed})
     return report | {"model_path": str(save(bundle, out))}
+
+
+def head_bundle(f, head: Head, metrics: dict):
+    """A head fitted on cached features `f` (featpipe.features.Features) as the bundle fit-head saves."""
+    from featpipe.bundle import Bundle
+
+    key = f.result.key
+    return Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head, metrics, data=f.data())
 
 
 def _round(x: float | None) -> float | None:

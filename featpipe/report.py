@@ -1,6 +1,8 @@
 """The experiment's outputs: report.json (everything), report.md (the table), report.png, confusion.png.
 
-The markdown is rendered from the same dict that report.json holds, so the two can never disagree.
+The markdown is rendered from the same dict that report.json holds, so the two can never disagree. It links each
+row's saved model bundle (paths relative to the report dir) and, past PAIRS_ABOVE classes, lists the best model's
+most confused pairs, since confusion.png (sized to the class count) is then too dense to read numbers from.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from featpipe.errors import UserError
 
 MARKERS = {"scratch": "^", "head": "o", "finetune": "s"}
 HOW_FITTED = {"logistic": "C chosen by inner CV", "mlp": "early stopping on an inner split"}
+PAIRS_ABOVE = 30  # classes: past this the confusion plot's cells are too small to read, so report.md lists pairs
+TOP_PAIRS = 10
 
 
 def write(report: dict, out: Path) -> dict:
@@ -22,7 +26,7 @@ def write(report: dict, out: Path) -> dict:
     except OSError as e:
         raise UserError(f"cannot create report dir {out}: {e.strerror or e}") from None
     report["files"] = {name: str(out / name) for name in ("report.json", "report.md", "report.png", "confusion.png")}
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.md").write_text(markdown(report, out))
     plot(report, out / "report.png")
     plot_confusion(report, out / "confusion.png")
     tmp = out / "report.json.tmp"
@@ -77,7 +81,8 @@ def verdicts(report: dict) -> list[str]:
     return out
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, out: Path = Path(".")) -> str:
+    """`out`: the report dir, which the model links are relative to."""
     d, t = report["dataset"], report["timings"]
     one_time = ", ".join(f"{k}: extract {v['extract_seconds']:.1f} s, decode {v['decode_seconds']:.1f} s"
                          for k, v in t["one_time"].items())
@@ -96,11 +101,48 @@ def markdown(report: dict) -> str:
         *verdicts(report),
         f"- Always answering the largest class scores {d['majority_val_accuracy']:.3f} on val: a row at or below that "
         f"has learned nothing usable yet.", "",
-        f"Best on validation: {best['method']} / {best['backbone']} ({best['val_accuracy']:.3f}). Tutorial task "
-        f"(val ≥ 0.80 in under 30 min, training only the last layers) met by: {', '.join(met) or 'none'}.", "",
+        f"Best on validation: {best['method']} / {best['backbone']} ({best['val_accuracy']:.3f})"
+        f"{_saved_as(best, out)}. Tutorial task (val ≥ 0.80 in under 30 min, training only the last layers) met by: "
+        f"{', '.join(met) or 'none'}.", "",
+        *models(report, out), *confused_pairs(report),
         f"Total wall time {t['total_seconds']:.1f} s.", "",
     ]
     return "\n".join(parts)
+
+
+def _link(path: str, out: Path) -> str:
+    rel = os.path.relpath(path, out)  # relative: the report dir can be moved or shared with its models
+    return f"[{rel}]({rel})"
+
+
+def _saved_as(row: dict, out: Path) -> str:
+    return f", saved as {_link(row['model_path'], out)}" if row.get("model_path") else ""
+
+
+def models(report: dict, out: Path) -> list[str]:
+    """One line linking every saved model bundle (each row's), for `featpipe predict MODEL IMAGES`."""
+    links = [f"{r['method']} / {r['backbone']} {_link(r['model_path'], out)}" for r in report["results"]
+             if r.get("model_path")]
+    return [f"Models (`featpipe predict MODEL IMAGES...`): {'; '.join(links)}.", ""] if links else []
+
+
+def top_confusions(m: list[list[int]], classes: list[str], k: int = TOP_PAIRS) -> list[tuple[str, str, int]]:
+    """The k largest off-diagonal cells as (true, predicted, count); ties in class order."""
+    cells = [(-v, i, j) for i, row in enumerate(m) for j, v in enumerate(row) if i != j and v > 0]
+    return [(classes[i], classes[j], -v) for v, i, j in sorted(cells)[:k]]
+
+
+def confused_pairs(report: dict) -> list[str]:
+    """Above PAIRS_ABOVE classes: the best model's most confused pairs as a table (confusion.png is too dense)."""
+    classes, best = report["dataset"]["classes"], report["best"]
+    if len(classes) <= PAIRS_ABOVE:
+        return []
+    pairs = top_confusions(best["confusion"], classes)
+    head = f"Most confused pairs on validation ({best['method']} / {best['backbone']}, {len(classes)} classes):"
+    if not pairs:
+        return [head + " none, every validation image is right.", ""]
+    return [head, "", "| true | predicted | images |", "| --- | --- | --- |",
+            *(f"| {t} | {p} | {n} |" for t, p, n in pairs), ""]
 
 
 def plot(report: dict, path: Path) -> None:
@@ -127,7 +169,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(report: dict, path: Path) -> None:
+def confusion_layout(classes: list[str]) -> tuple[float, float]:
+    """(font size in points, figure side in inches): each class gets a row tall enough for its tick label at that
+    size, plus room for the longest label; 5 classes keep the old 5.5-inch figure."""
+    n = len(classes)
+    font = max(6.0, min(10.0, 10.0 - (n - 10) / 10))
+    cell = 2.0 * font / 72  # a tick label is ~1.2 font sizes tall: ample gap, and room for a 3-digit count
+    label = max(map(len, classes)) * 0.62 * font / 72
+    return font, max(5.5, n * cell + label + 1.2)
+
+
+def confusion_figure(report: dict):
+    """The best model's confusion matrix as a matplotlib Figure (plot_confusion saves it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,17 +188,29 @@ def plot_confusion(report: dict, path: Path) -> None:
 
     best, classes = report["best"], report["dataset"]["classes"]
     m = best["confusion"]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    font, side = confusion_layout(classes)
+    fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(m, cmap="Blues")
     top = max(max(row) for row in m)
     for i, row in enumerate(m):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+            if v or len(classes) <= PAIRS_ABOVE:  # many classes: zeros are noise
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=font,
+                        color="white" if v > top / 2 else "black")
+    many = len(classes) > 10  # upright-rotated labels stack without overlap however many there are
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if many else 45, ha="center" if many else "right",
+                  fontsize=font)
+    ax.set_yticks(range(len(classes)), classes, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{best['method']} / {best['backbone']}: val accuracy {best['val_accuracy']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_confusion(report: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(report)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # never clips a long label or the title
     plt.close(fig)

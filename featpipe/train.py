@@ -52,7 +52,7 @@ class TrainConfig:
     min_scale: float = 0.35  # RandomResizedCrop's smallest area share: tiny data, few epochs, keep objects in view
     val_fraction: float = 0.2
     seed: int = 0
-    out: Path | None = None  # fine-tune: bundle dir (default models/<backbone>-finetuned)
+    out: Path | None = None  # bundle dir (default models/<backbone>-finetuned, or -scratch)
     head: str = "logistic"  # fine-tune: the warm-started head's kind (heads.KINDS)
     force: bool = False  # replace a bundle at `out` trained on another data dir
 
@@ -365,29 +365,36 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
              "batchnorm": "inference mode (running statistics frozen)"}
     res = _result("finetune", model, images, cfg, device, precision, best_epoch, seconds + head_seconds, history,
                   hyper)
-    res.model_path = str(save_bundle(model, features, res, out))
+    res.model_path = str(save_bundle(model, res, out, features.result.key.weights_sha256, features.classes,
+                                     features.data(), {"finetuned": True}))
     return res
 
 
-def save_bundle(model: Classifier, features, res: TrainResult, out: Path) -> Path:
-    """Fine-tuned backbone (full state dict) + the trained head (Head.from_torch_module: as_torch_module() puts
-    back the same layers that were trained)."""
+def save_bundle(model: Classifier, res: TrainResult, out: Path, weights_sha256: str, classes: list[str],
+                data: dict, params: dict) -> Path:
+    """The trained backbone (full state dict) + its head (Head.from_torch_module: as_torch_module() puts back the
+    same layers that were trained)."""
     from featpipe.bundle import Bundle, save
 
-    head = Head.from_torch_module(model.head, {"finetuned": True})
-    key = features.result.key
+    spec = model.backbone.spec
     metrics = {k: getattr(res, k) for k in ("train_accuracy", "val_accuracy", "train_seconds", "best_epoch",
                                             "n_train", "n_val")} | res.hyperparameters
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
-    return save(Bundle(key.backbone, key.weights_sha256, key.preprocessing, features.classes, head, metrics,
-                       data=features.data(), finetuned=True), out, backbone_state=state)
+    return save(Bundle(spec.name, weights_sha256, spec.preprocessing, classes, Head.from_torch_module(model.head,
+                       params), metrics, data=data, finetuned=True), out, backbone_state=state)
 
 
 def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
             images: Images | None = None) -> TrainResult:
     """The same architecture from random init with a new linear head, every layer trained at lr_head: the
-    tutorial's "before". Needs no pretrained weights and no extraction."""
+    tutorial's "before". Needs no pretrained weights and no extraction; saves a bundle."""
+    from featpipe.bundle import check_overwrite
+    from featpipe.dataset import describe
+
     spec = registry.resolve(cfg.backbone)
+    out = cfg.out or Path("models") / f"{spec.name}-scratch"
+    if not cfg.force:
+        check_overwrite(out, describe(cfg.data_dir))
     images = images or scan_images(cfg)
     device, precision = _runtime(cfg, 1)
     backbone = load(spec, pretrained=False).model
@@ -400,4 +407,9 @@ def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, fi
              "epochs": cfg.epochs, "patience": cfg.patience, "init": "random",
              "augmentation": f"RandomResizedCrop({images.crop}, scale=({cfg.min_scale}, 1)) + HorizontalFlip",
              "batchnorm": "training mode"}
-    return _result("scratch", model, images, cfg, device, precision, best_epoch, seconds, history, hyper)
+    res = _result("scratch", model, images, cfg, device, precision, best_epoch, seconds, history, hyper)
+    # no pretrained weights: "random-init"; every weight is in backbone.safetensors, so predict loads it as it
+    # loads a fine-tuned bundle
+    data = {"dir": describe(cfg.data_dir), "class_counts": res.class_counts}
+    res.model_path = str(save_bundle(model, res, out, "random-init", images.classes, data, {"scratch": True}))
+    return res

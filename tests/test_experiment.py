@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import make_subset, run_cli, run_json
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_experiment_writes_consistent_reports(small_data, tmp_path):
-    config = tmp_path / "quick.toml"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, shipped) -> tuple[dict, Path, Path, str]:
+    """One short real experiment on 5 classes x 4 photos, shared by the tests below: (report, out, data, stderr)."""
+    tmp = tmp_path_factory.mktemp("experiment")
+    data = make_subset(shipped, tmp / "data", 4)
+    config = tmp / "quick.toml"
     config.write_text('[experiment]\nout = "ignored-because-the-flag-wins"\ncv = 3\n'
                       '[finetune]\nepochs = 1\nunfreeze_blocks = 2\n[scratch]\nepochs = 1\n')
-    out = tmp_path / "rep"
-    proc = run_cli("experiment", small_data, "--backbones", "mobilenet_v2", "--config", config, "--out", out,
-                   "--cache-dir", tmp_path / "cache", "--json", check=True)
-    r = json.loads(proc.stdout)
-    assert "| method | backbone |" in proc.stderr and "(3-fold CV " in proc.stderr  # the table, beside the JSON
+    out = tmp / "rep"
+    proc = run_cli("experiment", data, "--backbones", "mobilenet_v2", "--config", config, "--out", out,
+                   "--cache-dir", tmp / "cache", "--json", check=True)
+    return json.loads(proc.stdout), out, data, proc.stderr
+
+
+def test_experiment_writes_consistent_reports(quick_run):
+    r, out, _, stderr = quick_run
+    assert "| method | backbone |" in stderr and "(3-fold CV " in stderr  # the table, beside the JSON
     for name in ("report.json", "report.md", "report.png", "confusion.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == r  # --json prints what report.json holds
@@ -58,6 +67,52 @@ def test_experiment_writes_consistent_reports(small_data, tmp_path):
             # 3 decimals in the table: a half-way value like 0.0625 may round either way
             assert (mean, std) == pytest.approx((x["cv_accuracy_mean"], x["cv_accuracy_std"]), abs=5e-4 + 1e-9)
     assert re.search(r"Fine-tuning mobilenet_v2 (helped|did not help)", (out / "report.md").read_text())
+
+
+def test_every_rows_model_is_saved_and_linked(quick_run):
+    r, out, _, _ = quick_run
+    models = out / "models"
+    assert {x["method"]: x["model_path"] for x in r["results"]} == {
+        "scratch": str(models / "mobilenet_v2-scratch"), "head": str(models / "mobilenet_v2-logistic"),
+        "finetune": str(models / "mobilenet_v2-finetuned")}
+    best = next(x for x in r["results"] if (x["method"], x["backbone"]) == (r["best"]["method"], r["best"]["backbone"]))
+    assert r["best"]["model_path"] == best["model_path"]
+    md = (out / "report.md").read_text()
+    rel = os.path.relpath(best["model_path"], out)
+    assert f"saved as [{rel}]({rel})" in md and str(out) not in md  # relative links: the report dir can move
+    assert all(f"({os.path.relpath(x['model_path'], out)})" in md for x in r["results"])
+    kinds = {x["method"]: json.loads((Path(x["model_path"]) / "bundle.json").read_text()) for x in r["results"]}
+    assert (kinds["head"]["finetuned"], kinds["scratch"]["finetuned"], kinds["finetune"]["finetuned"]) == (
+        False, True, True)  # scratch: its whole random-init-trained backbone travels in the bundle
+    assert kinds["scratch"]["weights_sha256"] == "random-init"
+
+
+def test_predict_loads_every_saved_model(quick_run):
+    """The best row's bundle through the CLI; each kind in-process. The head bundle must be the head row's head:
+    on all 20 images it gets right what the row's train and val accuracies say (one image of float slack)."""
+    from featpipe.predict import PredictConfig, predict
+
+    r, _, data, _ = quick_run
+    p = run_json("predict", r["best"]["model_path"], data, "--top-k", "1")
+    assert len(p["predictions"]) == 20 and not p["skipped"]
+    for x in r["results"]:
+        got = predict(PredictConfig(Path(x["model_path"]), [data], top_k=1))["predictions"]
+        right = sum(g["top"][0]["class"] == Path(g["path"]).parent.name for g in got)
+        assert len(got) == 20, x["method"]
+        if x["method"] == "head":
+            expected = x["train_accuracy"] * x["n_train"] + x["val_accuracy"] * x["n_val"]
+            assert abs(right - expected) <= 1, (right, expected)
+
+
+def test_the_head_bundle_is_the_one_fit_head_makes(quick_run, tmp_path):
+    """Same data, split, seed and cache: fit-head's bundle holds the same head, classes and provenance."""
+    r, out, data, _ = quick_run
+    run_cli("fit-head", data, "--cache-dir", out.parent / "cache", "--out", tmp_path / "fh", check=True)
+    ours, theirs = (json.loads((d / "bundle.json").read_text()) for d in (out / "models" / "mobilenet_v2-logistic",
+                                                                          tmp_path / "fh"))
+    for key in ("backbone", "weights_sha256", "preprocessing", "classes", "head", "data", "files", "finetuned"):
+        assert ours[key] == theirs[key], key
+    assert ours["metrics"].keys() >= {"train_accuracy", "val_accuracy", "n_train", "n_val", "fit_seconds", "seed"}
 
 
 def test_bonus_resnet50_stops_at_once_offline(tmp_path):

@@ -247,3 +247,17 @@ def test_stratified_folds_are_sklearns():
         for i, (_, te) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y)):
             ref[te] = i
         np.testing.assert_array_equal(stratified_folds(y, k, seed), ref)
+
+
+def test_a_head_without_unit_norm_round_trips(feats):
+    """A scratch model's plain Linear head: from_torch_module marks it, and predict_proba and as_torch_module
+    both leave the features unnormalised, as it was trained."""
+    layer = torch.nn.Linear(feats.X.shape[1], 5)
+    head = Head.from_torch_module(layer, {"scratch": True})
+    assert head.params == {"scratch": True, "unit_norm": False}
+    assert [type(m).__name__ for m in head.as_torch_module()] == ["Linear"]
+    x = torch.from_numpy(feats.X[:8])
+    with torch.no_grad():
+        want = torch.softmax(layer(x), 1).numpy()
+        np.testing.assert_allclose(torch.softmax(head.as_torch_module()(x), 1).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(head.predict_proba(feats.X[:8]), want, atol=1e-5)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -86,13 +88,47 @@ def test_finetune_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path, 
     assert len(p["predictions"]) == 1 and p["predictions"][0]["top"][0]["class"] in manifest["classes"]
 
 
-def test_scratch_end_to_end(small_data):
+def test_scratch_end_to_end_saves_a_bundle_predict_loads(small_data, tmp_path):
     (small_data / "tools" / "notes.txt").write_text("not an image")  # skipped and listed, never fatal
-    r = run_json("scratch", small_data, "--epochs", "1", "--seed", "3")
-    assert RESULT_KEYS <= r.keys() and r["method"] == "scratch" and r["model_path"] is None
+    out = tmp_path / "sc"
+    r = run_json("scratch", small_data, "--epochs", "1", "--seed", "3", "--out", out)
+    assert RESULT_KEYS <= r.keys() and r["method"] == "scratch" and r["model_path"] == str(out)
     assert [h["epoch"] for h in r["history"]] == [1] and HISTORY_KEYS <= r["history"][0].keys()
     assert r["trainable_params"] == r["total_params"]
     assert r["n_train"] + r["n_val"] == 20
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["finetuned"] is True and (out / "backbone.safetensors").is_file()
+    assert manifest["weights_sha256"] == "random-init" and manifest["data"]["dir"] == str(small_data)
+    p = run_json("predict", out, small_data / "tools", "--top-k", "1")
+    assert len(p["predictions"]) == 4 and p["predictions"][0]["top"][0]["class"] in manifest["classes"]
+
+
+def test_scratch_bundle_predicts_what_the_trained_model_did(small_data, tmp_path):
+    """predict on the val images (the same split scan_images makes) gives training's own val predictions: the
+    bundle holds every trained weight, BatchNorm statistics included, and the head predict computes."""
+    from featpipe.predict import PredictConfig, predict
+    from featpipe.train import scan_images
+
+    cfg = TrainConfig(data_dir=small_data, epochs=2, val_fraction=0.5, out=tmp_path / "sc")
+    res = scratch(cfg, log=lambda s: None)
+    images = scan_images(cfg)
+    val = [Path(images.paths[i]) for i in images.split.val]
+    got = predict(PredictConfig(Path(res.model_path), val, top_k=1))["predictions"]
+    same = np.mean([images.classes.index(g["top"][0]["class"]) for g in got] == res.val_pred)
+    # training scores its head under bf16 autocast, predict in float32: a barely trained model's near-tied
+    # logits may flip one image; an untrained or wrongly assembled bundle agrees at chance (about 1 in 5)
+    assert same >= 0.8, same
+    assert json.loads((Path(res.model_path) / "bundle.json").read_text())["head"]["params"]["unit_norm"] is False
+
+
+def test_scratch_refuses_to_replace_a_model_of_other_data_before_any_work(small_data, tmp_path):
+    out = tmp_path / "sc"
+    out.mkdir()
+    (out / "bundle.json").write_text(json.dumps({"data": {"dir": "/elsewhere/photos"}}))
+    proc = run_cli("scratch", small_data, "--epochs", "1", "--out", out)
+    assert proc.returncode == 2 and "/elsewhere/photos" in proc.stderr and "--force" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # refused up front: no training log before it
+    assert json.loads((out / "bundle.json").read_text()) == {"data": {"dir": "/elsewhere/photos"}}
 
 
 def test_bad_input_is_one_line_exit_2():
@@ -102,25 +138,25 @@ def test_bad_input_is_one_line_exit_2():
         "featpipe: error: data directory not found: /nonexistent/data"]
 
 
-def test_a_class_with_no_valid_image_is_a_user_error(small_data):
+def test_a_class_with_no_valid_image_is_a_user_error(small_data, tmp_path):
     """Scratch decodes the data dir itself (no cache): the same refusal as extract, before any training."""
     (small_data / "zebras").mkdir()
     (small_data / "zebras" / "z.jpg").write_text("not an image")
     with pytest.raises(UserError, match=r"class folder .*zebras has no valid image$"):
-        scratch(TrainConfig(data_dir=small_data, epochs=1))
+        scratch(TrainConfig(data_dir=small_data, epochs=1, out=tmp_path / "sc"))
 
 
-def test_one_class_or_a_one_image_class_is_a_user_error(small_data):
+def test_one_class_or_a_one_image_class_is_a_user_error(small_data, tmp_path):
     """Before any training; and the advice must be one training accepts (not --val-fraction 0)."""
     for cls in ["animals", "fishes", "monuments"]:
         shutil.rmtree(small_data / cls)
     for f in sorted((small_data / "tools").iterdir())[1:]:
         f.unlink()
     with pytest.raises(UserError, match="'tools' has 1 image.*training needs at least 2 per class$"):
-        scratch(TrainConfig(data_dir=small_data, epochs=1))
+        scratch(TrainConfig(data_dir=small_data, epochs=1, out=tmp_path / "sc"))
     shutil.rmtree(small_data / "tools")
     with pytest.raises(UserError, match="at least 2 classes with images, found 1: renewable_energy$"):
-        scratch(TrainConfig(data_dir=small_data, epochs=1))
+        scratch(TrainConfig(data_dir=small_data, epochs=1, out=tmp_path / "sc"))
 
 
 @pytest.mark.parametrize("kw, match", [
