@@ -53,7 +53,7 @@ def _loss_grad(theta: np.ndarray, Z: np.ndarray, onehot: np.ndarray, rows: int, 
     """Mean log-loss + l2/2 ||W||^2 and its gradient. Two classes: the first class's logit is fixed at 0, so the
     softmax is sklearn's sigmoid and the penalty falls on its one vector."""
     W, b = _unpack(theta, rows, Z.shape[1])
-    raw = Z @ W.T.astype(Z.dtype) + b
+    raw = Z @ W.T.astype(Z.dtype) + b.astype(Z.dtype)  # all in Z's dtype: a float64 operand would copy Z each call
     logits = np.concatenate([np.zeros_like(raw), raw], axis=1) if rows == 1 else raw
     shifted = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=1))
