@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import socket
 import sys
 import urllib.error
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ import torch.nn as nn
 from featpipe import weights as W
 from featpipe.errors import UserError, first_line
 from featpipe.registry import BackboneSpec
+
+NET_TIMEOUT_S = 10  # per connect or read (HF's own download timeout): a live download never stalls that long
+HUB_CHECK_TIMEOUT_S = 5  # the one metadata request to the HF hub before timm's download (_require_hub)
 
 
 class Backbone(nn.Module):
@@ -104,7 +108,7 @@ def _torchvision_pretrained(spec: BackboneSpec) -> Loaded:
     weights = torchvision.models.get_model_weights(spec.arch).DEFAULT if spec.url is None else next(
         w for w in torchvision.models.get_model_weights(spec.arch) if w.url == spec.url)
     try:
-        with stdout_to_stderr():
+        with socket_timeout(NET_TIMEOUT_S), stdout_to_stderr():
             model = torchvision.models.get_model(spec.arch, weights=weights)
     except (urllib.error.URLError, OSError) as e:
         raise offline_error(spec, f"download failed: {getattr(e, 'reason', e)}") from None
@@ -115,12 +119,61 @@ def _torchvision_pretrained(spec: BackboneSpec) -> Loaded:
 def _timm_pretrained(spec: BackboneSpec) -> Loaded:
     import timm
 
-    try:
-        with stdout_to_stderr():
-            model = timm.create_model(spec.arch, pretrained=True)
-    except Exception as e:  # huggingface_hub raises its own offline/HTTP errors
-        raise offline_error(spec, f"download failed: {type(e).__name__}") from None
+    with _hf_hub_access(spec):
+        try:
+            with socket_timeout(NET_TIMEOUT_S), stdout_to_stderr():
+                model = timm.create_model(spec.arch, pretrained=True)
+        except Exception as e:  # huggingface_hub raises its own offline/HTTP errors
+            raise offline_error(spec, f"download failed: {first_line(e) or type(e).__name__}") from None
     return Loaded(_split(model, spec), _state_sha256(model))
+
+
+@contextlib.contextmanager
+def _hf_hub_access(spec: BackboneSpec) -> Iterator[None]:
+    """Weights in the local HF hub cache load with the hub offline (no request at all); otherwise the hub must
+    answer one quick request first. Left alone, huggingface_hub retries an unreachable hub with backoff (~50 s,
+    a warning per try), and it has no setting to turn that off."""
+    if spec.hf_hub is None:  # weights timm fetches by URL go through torch.hub: socket_timeout covers them
+        yield
+        return
+    from huggingface_hub import constants
+
+    if spec.hf_cached() is None:
+        _require_hub(spec)
+        yield
+        return
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # read on each request, restored below
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def _require_hub(spec: BackboneSpec) -> None:
+    """huggingface_hub's own metadata request for the first file timm will ask for, once, without retries: proxies,
+    HF_ENDPOINT, tokens and HF_HUB_OFFLINE apply as in the download. Any HTTP answer (even 404) means online."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub = spec.hf_hub
+    try:
+        get_hf_file_metadata(hf_hub_url(hub.repo, hub.files[0], revision=hub.revision), timeout=HUB_CHECK_TIMEOUT_S)
+    except HfHubHTTPError:
+        return
+    except Exception as e:  # httpx's connect/timeout errors, OfflineModeIsEnabled
+        raise offline_error(spec, f"download failed: {first_line(e) or type(e).__name__}") from None
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """torch.hub opens its URL with no timeout: a network that drops packets (a silent firewall or proxy) would
+    hang the download forever instead of failing."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from featpipe.extract import _DONE, ExtractConfig, Item, StageTimer, _Engine, em
 OBJECT_STORE_BYTES = 200 * 2**20  # a local Ray holds only a few batches of encoded images at a time
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
 IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: an actor never waits for the driver's round trip
+REAP_SECONDS = 3  # after ray.shutdown(): how long a local Ray's leftover agents and workers get to exit on SIGTERM
 DIE_ONCE_ENV = "FEATPIPE_RAY_DIE_ONCE"  # test hook, see _die_once
 # The AF_UNIX path limit (107 bytes) minus the longest socket path Ray puts under its temp dir (pids up to 7 digits).
 # 60 was 2-4 bytes short: a cache dir under /tmp/pytest-of-root/pytest-128/ broke ray.init.
@@ -96,9 +98,13 @@ class RayEngine(_Engine):
     def __init__(self, cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer):
         super().__init__(cfg, spec, key, timer)
         self.ray = _import_ray()
+        if cfg.workers and not cfg.ray_address:  # now, not after the tens of seconds a local Ray takes to start
+            _check_workers(cfg.workers, local_cpus(), None, gpu=False, where="this machine (a local Ray)")
         self.actors: list = []
         self.in_flight: dict = {}  # ObjectRef -> (batch, actor)
         self.started_ray = False
+        self.ray_children: list = []  # the processes ray.init started here (gcs, raylet, ...), see _shutdown
+        self.released = threading.Event()  # set once a local Ray is shut down: its owner thread may end
 
     def run(self, *args):
         """The local engine's run; Ray's driver thread prints raylet events ("worker died, retrying") to stdout,
@@ -108,7 +114,35 @@ class RayEngine(_Engine):
                 return super().run(*args)
             finally:
                 if self.started_ray:
-                    self.ray.shutdown()
+                    self._shutdown()
+                self.released.set()
+
+    def _shutdown(self) -> None:
+        """ray.shutdown() gives the raylet one second to stop its agents and workers before SIGKILL; on a busy
+        machine that is too short and they linger, orphaned, for a minute or two. Whatever is left is stopped here."""
+        procs = _with_descendants(self.ray_children)  # listed now: once the raylet is gone, its workers are orphans
+        self.ray.shutdown(wait_for_processes=True)
+        stop_processes(procs)
+
+    def _init_local_ray(self, **kw) -> None:
+        """ray.init on a thread that lives until the run ends: Ray's own processes get SIGKILL when the thread that
+        started them ends (PR_SET_PDEATHSIG), and the decode thread that asks for Ray ends before the run does."""
+        started, failed = threading.Event(), []
+
+        def own() -> None:
+            before = {p.pid for p in _children()}
+            try:
+                self.ray.init(**kw)
+                self.ray_children = [p for p in _children() if p.pid not in before]
+            except BaseException as e:  # re-raised in the caller's thread
+                failed.append(e)
+            started.set()
+            self.released.wait()
+
+        threading.Thread(target=own, name="ray-owner", daemon=True).start()
+        started.wait()
+        if failed:
+            raise failed[0]
 
     def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
         """Stage 2 on Ray: keep every actor busy with batches from the reader, pass results on as they finish."""
@@ -176,10 +210,10 @@ class RayEngine(_Engine):
 
     def _worker_count(self, gpu: bool) -> int:
         """--workers, else one actor per GPU (or CPU); more than the cluster can place would wait forever."""
-        have = int(self.ray.cluster_resources().get("GPU" if gpu else "CPU", 0))
-        n = self.cfg.workers or max(1, have)
-        if n > have:
-            raise UserError(f"--workers {n} needs {n} {'GPUs' if gpu else 'CPUs'}; the Ray cluster has {have}")
+        res = self.ray.cluster_resources()
+        cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
+        n = self.cfg.workers or max(1, min(cpus, gpus) if gpu else cpus)
+        _check_workers(n, cpus, gpus, gpu, where="the Ray cluster")
         return n
 
     def _connect(self) -> None:
@@ -195,10 +229,55 @@ class RayEngine(_Engine):
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise UserError(f"cannot join the Ray cluster at {self.cfg.ray_address}: {e}") from None
         else:
-            cpus = max(self.cfg.workers or 0, len(os.sched_getaffinity(0)))
-            ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                     _temp_dir=str(ray_temp_dir(self.cfg.cache_dir)), **quiet)
+            self._init_local_ray(num_cpus=local_cpus(), object_store_memory=OBJECT_STORE_BYTES,
+                                 include_dashboard=False, _temp_dir=str(ray_temp_dir(self.cfg.cache_dir)), **quiet)
         self.started_ray = True
+
+
+def local_cpus() -> int:
+    """The CPUs a local Ray gets: the ones this process may run on (a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _check_workers(n: int, cpus: int, gpus: int | None, gpu: bool, where: str) -> None:
+    """Every actor takes one CPU (and one GPU on a GPU cluster): more than fit would wait forever for a slot."""
+    fit = min(cpus, gpus or 0) if gpu else cpus
+    if n > fit:
+        have = f"{cpus} CPUs" + ("" if gpus is None else f" and {gpus} GPUs")
+        each = "one CPU and one GPU" if gpu else "one CPU"
+        raise UserError(f"--workers {n} is more than {where} can run: it has {have}, and each worker needs {each}")
+
+
+def _children() -> list:
+    """This process's direct children (psutil: a Ray dependency, vendored in ray/thirdparty_files)."""
+    import psutil
+
+    return psutil.Process().children()
+
+
+def _with_descendants(procs: list) -> list:
+    """procs and everything they started (the raylet's agents and workers), as far as still running."""
+    import psutil
+
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out += [p, *p.children(recursive=True)]
+    return out
+
+
+def stop_processes(procs: list, grace: float = REAP_SECONDS) -> None:
+    """SIGTERM what is still running, SIGKILL what ignores it for `grace` seconds. psutil checks each pid still
+    belongs to the process it was when listed, so a reused pid is never signalled."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def _check_reachable(address: str) -> None:

@@ -19,6 +19,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class HubFiles:
+    """Where timm loads a model's weights from on the Hugging Face hub: the files it tries, in its order."""
+
+    repo: str
+    revision: str | None
+    files: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: dict) -> HubFiles | None:
+        """From timm's pretrained_cfg (`hf_hub_id` is `repo[@revision]`); None for weights timm gets by URL."""
+        if not cfg.get("hf_hub_id"):
+            return None
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        name = cfg.get("hf_hub_filename") or "pytorch_model.bin"
+        return cls(repo, revision or None, (*_safe_alternatives(name), name))
+
+    def cached(self) -> str | None:
+        """The local hub cache's copy of the first of `files` it holds (huggingface_hub's own lookup), or None."""
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in self.files:
+            path = try_to_load_from_cache(self.repo, name, revision=self.revision)
+            if isinstance(path, str):  # not None (unknown) nor _CACHED_NO_EXIST (known missing upstream)
+                return path
+        return None
+
+
+def _safe_alternatives(name: str) -> tuple[str, ...]:
+    """timm prefers a .safetensors twin of a .bin file (timm.models._hub._get_safe_alternatives)."""
+    twins = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    if name in twins:
+        return (twins[name],)
+    return (name[:-4] + ".safetensors",) if name.endswith(".bin") else ()
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     name: str
     library: str  # "torchvision" | "timm"
@@ -31,6 +67,7 @@ class BackboneSpec:
     remap: bool = False  # positional key remap (TF-port checkpoints)
     url: str | None = None  # torchvision checkpoint URL (its file name carries the sha256 prefix)
     install_hint: str = field(default="", compare=False)
+    hf_hub: HubFiles | None = None  # timm weights on the Hugging Face hub
 
     def offline_path(self) -> Path | None:
         if self.offline_module is None:
@@ -54,10 +91,15 @@ class BackboneSpec:
         return load(self).weights_sha256
 
     def weights_available(self) -> bool:
-        """True when loading needs no network: a packaged file, or the checkpoint already in torch's hub cache."""
-        if self.offline_path() is not None:
+        """True when loading needs no network: a packaged file, or the checkpoint already in torch's or the HF hub
+        cache."""
+        if self.offline_path() is not None or self.hf_cached() is not None:
             return True
         return self.url is not None and W.hub_checkpoint(self.url).exists()
+
+    def hf_cached(self) -> str | None:
+        """The local HF hub cache's copy of a file timm would load for this model, if it has one."""
+        return self.hf_hub.cached() if self.hf_hub else None
 
 
 def _lite(k: int, crop: int, crop_pct: float, digest: str) -> BackboneSpec:
@@ -130,7 +172,8 @@ def _timm_spec(name: str) -> BackboneSpec:
     cfg = model.pretrained_cfg
     pre = Preprocessing.from_crop_pct(cfg["input_size"][-1], cfg.get("crop_pct", 0.875), cfg["mean"], cfg["std"],
                                       "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear")
-    return BackboneSpec(name, "timm", name, pre, model.num_features, description=f"timm {name}")
+    return BackboneSpec(name, "timm", name, pre, model.num_features, description=f"timm {name}",
+                        hf_hub=HubFiles.of(cfg))
 
 
 def _last_linear_in_features(model) -> int:

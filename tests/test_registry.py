@@ -81,3 +81,13 @@ def test_offline_without_weights_fails_with_one_line(tmp_path, small_data):
     assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and "--weights PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_timm_names_know_where_timm_gets_their_weights():
+    """The HF hub repo and files timm asks for, in its order: what weights_available looks up in the hub cache."""
+    assert registry.resolve("test_vit").hf_hub == registry.HubFiles(
+        "timm/test_vit.r160_in1k", None, ("model.safetensors", "pytorch_model.bin"))
+    clip = registry.HubFiles.of({"hf_hub_id": "org/m@v2", "hf_hub_filename": "open_clip_pytorch_model.bin"})
+    assert clip == registry.HubFiles("org/m", "v2", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    assert registry.HubFiles.of({"hf_hub_id": "org/m", "hf_hub_filename": "w.safetensors"}).files == ("w.safetensors",)
+    assert registry.HubFiles.of({"url": "https://example.org/w.pth"}) is None
