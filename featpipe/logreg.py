@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize  # at import: heads.one_thread() can only pin the BLAS libraries already loaded
 
 
 @dataclass
@@ -32,8 +33,6 @@ class LogReg:
 def fit(Z: np.ndarray, y: np.ndarray, C: float, init: LogReg | None = None, max_iter: int = 100,
         tol: float = 1e-4) -> LogReg:
     """Minimise sklearn's objective; `init` warm-starts from a fit on the same classes (a C path)."""
-    from scipy.optimize import minimize
-
     classes, yi = np.unique(y, return_inverse=True)
     rows = 1 if len(classes) == 2 else len(classes)
     n, d = Z.shape
