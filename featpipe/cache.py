@@ -88,7 +88,11 @@ class Cache:
         self.writable = _writable_dir(self.dir)
         if not self.writable:
             return self
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # a shared dir whose lock file another user owns: read it, as a reader
+            self.writable = False
+            return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -21,7 +21,7 @@ def shipped_dataset() -> Path:
 def describe(root: Path | None) -> str:
     """What a model was trained on, as bundle.json records it: the data dir's absolute path, or the shipped set
     by name (its path differs between installs)."""
-    return f"shipped:{SHIPPED_NAME}" if root is None else os.path.abspath(root)
+    return f"shipped:{SHIPPED_NAME}" if root is None else os.path.realpath(root)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,9 @@ def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
 
 def _refuse_split_parent(root: Path, classes: list[str]) -> None:
     """`data/` holding train/ val/ test/ would train a 3-class model "train/test/val" without a word."""
-    splits = [c for c in classes if c.lower() in SPLIT_NAMES and any(_is_dir(e) for e in _entries(root / c))]
-    if splits:
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES
+              and any(_is_dir(e) and not e.name.startswith(".") for e in _entries(root / c))]
+    if len(splits) >= 2 or (splits and len(splits) == len(classes)):  # a real class may be named "train"
         first = next((c for c in splits if c.lower().startswith("train")), splits[0])
         raise UserError(f"{root} holds split folders ({', '.join(splits)}), not class folders: pass "
                         f"{root / first} as DATA_DIR (its subfolders are the classes)")

@@ -82,8 +82,7 @@ class Head:
             h = ((X - a["mean"]) / a["scale"]) @ a["w1"].T + a["b1"]
             if self.kind == "mlp":
                 h = np.maximum(h, 0) @ a["w2"].T + a["b2"]
-        h = np.exp(h - h.max(axis=1, keepdims=True))
-        return h / h.sum(axis=1, keepdims=True)
+        return logreg.softmax(h)
 
 
 def unit_norm(X: np.ndarray) -> np.ndarray:

@@ -121,7 +121,10 @@ class RayEngine(_Engine):
         """ray.shutdown() gives the raylet one second to stop its agents and workers before SIGKILL; on a busy
         machine that is too short and they linger, orphaned, for a minute or two. Whatever is left is stopped here."""
         procs = _with_descendants(self.ray_children)  # listed now: once the raylet is gone, its workers are orphans
-        self.ray.shutdown(wait_for_processes=True)
+        try:
+            self.ray.shutdown(wait_for_processes=True)
+        except TypeError:  # Ray before 2.5x has no wait_for_processes: stop_processes() below covers it
+            self.ray.shutdown()
         stop_processes(procs)
 
     def _init_local_ray(self, **kw) -> None:

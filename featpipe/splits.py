@@ -45,6 +45,8 @@ def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zer
         n_val = 0 if fraction == 0 else max(1, round(fraction * sizes.sum()))
         order = np.random.default_rng([seed, c]).permutation(len(members))
         take = int(np.searchsorted(np.cumsum(sizes[order]), n_val)) + 1 if n_val else 0
+        if 2 <= len(members) <= take and len(members) < sizes.sum():
+            take = len(members) - 1  # a large set of copies overshot the share: its last group stays in training
         if take >= len(members):
             fix = "add images or pass --val-fraction 0" if zero_ok else "training needs at least 2 per class"
             distinct = f" ({len(members)} distinct)" if len(members) < sizes.sum() else ""

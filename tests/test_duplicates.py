@@ -91,3 +91,12 @@ def test_cli_counts_copies_and_names_conflicting_labels(doubled, tmp_path):
     assert f"{len(list(data.rglob('*.jpg'))) // 2} duplicate file(s)" in proc.stderr
     warning = [line for line in proc.stderr.splitlines() if "identical bytes under different classes" in line]
     assert len(warning) == 1 and f"tools/{moved.name} (tools)" in warning[0] and "(fishes)" in warning[0]
+
+
+def test_uneven_copies_still_leave_a_group_in_training():
+    """A class of one file plus nine copies of another: holding out whole groups must not need every group."""
+    y = np.array([0] * 10 + [1] * 10)
+    groups = np.array(list(range(10)) + [10] + [11] * 9)
+    for seed in range(40):
+        s = val_split(y, ["a", "b"], 0.2, seed, groups=groups)
+        assert set(y[s.train]) == {0, 1} and set(y[s.val]) == {0, 1} and not sides(groups, s.train, s.val)
