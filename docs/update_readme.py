@@ -5,6 +5,7 @@ The README's demo numbers are never typed by hand: they come from the last `feat
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ def main(report_dir: Path = ROOT / "reports" / "demo") -> None:
     _, tail = rest.split(END, 1)
     lines = (report_dir / "report.md").read_text().strip().splitlines()
     body = "\n".join(lines[1:] if lines[0].startswith("# ") else lines).strip()
+    # report.md links the models it saved beside it (reports/ is not committed): in the README, names only
+    body = re.sub(r"\[([^\]]+)\]\(models/[^)]*\)", r"`\1`", body)
     (ROOT / "README.md").write_text(f"{head}{START}\n{body}\n{END}{tail}")
 
 
