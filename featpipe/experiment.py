@@ -281,7 +281,7 @@ def save_head(cfg: ExperimentConfig, f, head, r: dict) -> Path:
 
     metrics = {k: r[k] for k in ("train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "n_train",
                                  "n_val", "cv_folds")}
-    metrics |= {"fit_seconds": r["train_seconds"], "duplicate_files": f.duplicates().files,
+    metrics |= {"fit_seconds": r["train_seconds"], "duplicate_files": f.duplicates.files,
                 "val_fraction": cfg.val_fraction, "seed": cfg.seed}
     return save(head_bundle(f, head, metrics), cfg.out / "models" / f"{f.result.key.backbone}-{head.kind}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -28,7 +29,8 @@ class Features:
         """What bundle.json and every training summary record about the training data."""
         return {"dir": self.result.data_dir, "class_counts": class_counts(self.y, self.classes)}
 
-    def duplicates(self) -> "Duplicates":
+    @cached_property
+    def duplicates(self) -> "Duplicates":  # reported when loaded, then recorded by fit-head and the experiment
         return find_duplicates(self.paths, [self.classes[i] for i in self.y], self.groups)
 
 
@@ -77,7 +79,7 @@ def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
 
         result = extract(cfg)
     features = from_result(result)
-    features.duplicates().report()
+    features.duplicates.report()
     return features
 
 

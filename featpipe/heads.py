@@ -245,7 +245,7 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
-              "class_counts": f.data()["class_counts"], "data_dir": f.data()["dir"], **f.duplicates().to_json()}
+              "class_counts": f.data()["class_counts"], "data_dir": f.data()["dir"], **f.duplicates.to_json()}
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
                                                             "label_conflicts")}
     bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
