@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featpipe import __version__
+from featpipe.dataset import describe
 from featpipe.errors import UserError
 from featpipe.heads import KINDS, Head
 from featpipe.preprocess import Preprocessing
@@ -73,8 +74,16 @@ def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
     return out
 
 
+def output_dir(out: Path | None, name: str, data_dir: Path | None, force: bool) -> Path:
+    """Where a training command writes its bundle (`--out`, else models/<name>), checked before any work: a bundle
+    there trained on another data dir is not replaced without --force."""
+    out = Path(out) if out is not None else Path("models") / name
+    if not force:
+        check_overwrite(out, describe(data_dir))
+    return out
+
+
 def check_overwrite(out: Path, data_dir: str) -> None:
-    """Before any work: a bundle at `out` trained on another data dir is not replaced without --force."""
     try:
         old = json.loads((out / MANIFEST).read_text()).get("data", {}).get("dir")
     except (OSError, ValueError, AttributeError):

@@ -222,14 +222,12 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report.
 
     fit_seconds times the final fit alone (standardiser + C sweep, or MLP training), not --cv's refits."""
-    from featpipe.bundle import check_overwrite, save
-    from featpipe.dataset import describe
+    from featpipe.bundle import output_dir, save
     from featpipe.features import load_features
     from featpipe.registry import resolve
 
-    out = cfg.out or Path("models") / f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}"
-    if not cfg.force:
-        check_overwrite(out, describe(cfg.extract.data_dir))
+    out = output_dir(cfg.out, f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}", cfg.extract.data_dir,
+                     cfg.force)
     f = load_features(cfg.extract, progress)
     split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
@@ -240,12 +238,13 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     # K-fold over every labelled image (the usual meaning of CV accuracy); separate fits, so the holdout's
     # val_accuracy stays untouched by them.
     cv = cross_validate(f.X, f.y, f.classes, cfg.cv, cfg.head, f.groups) if cfg.cv else (None, None)
+    data = f.data()
     report = {"head": head.kind, "backbone": f.result.backbone,
               "train_accuracy": _round(accuracy(head, f.X[split.train], f.y[split.train])),
               "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
-              "class_counts": f.data()["class_counts"], "data_dir": f.data()["dir"], **f.duplicates.to_json()}
+              "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json()}
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
                                                             "label_conflicts")}
     bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,

@@ -69,21 +69,24 @@ class Groups:
     def of(cls, y: np.ndarray, groups: np.ndarray | None) -> "Groups":
         if groups is None:  # every row its own group
             return cls(np.arange(len(y)), np.asarray(y), np.ones(len(y), np.int64))
-        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
-        rank = np.empty(len(first), np.int64)
-        rank[np.argsort(first)] = np.arange(len(first))
-        row_group = rank[inverse.ravel()]
-        return cls(row_group, np.asarray(y)[np.sort(first)], np.bincount(row_group, minlength=len(first)))
+        row_group = first_seen_ids(groups)
+        _, first = np.unique(row_group, return_index=True)  # ids count up in first-row order
+        return cls(row_group, np.asarray(y)[first], np.bincount(row_group))
 
     def per_class(self, n_classes: int) -> np.ndarray:
         """Distinct groups per class (by stratum): what a fold count is bounded by."""
         return np.bincount(self.stratum, minlength=n_classes)
 
 
+def first_seen_ids(values) -> np.ndarray:
+    """One int per item, equal for equal values, numbered in the order each value first appears."""
+    _, first, inverse = np.unique(np.asarray(values), return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse.ravel()]
+
+
 def content_groups(keys: list[str]) -> np.ndarray:
     """One int per row, equal for equal keys (sha256 hex digests): the `groups` every split takes."""
-    _, inverse = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
-    return inverse.ravel().astype(np.int64)
+    return first_seen_ids(np.asarray(keys, dtype=object).astype(str))
 
 
 def check_fraction(fraction: float) -> None:
@@ -118,12 +121,12 @@ def kfold(y: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) ->
 def stratified_folds(strata: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The test fold of each item, as sklearn's StratifiedKFold(k, shuffle=True, random_state=seed) assigns them
     (tests check it is the same): importing sklearn costs more than a warm fit-head's whole budget."""
-    _, first, inverse = np.unique(strata, return_index=True, return_inverse=True)
-    encoded = np.argsort(np.argsort(first))[inverse.ravel()]  # classes numbered in order of first appearance
+    encoded = first_seen_ids(strata)
+    n_classes = int(encoded.max()) + 1
     ordered = np.sort(encoded)
-    allocation = np.array([np.bincount(ordered[i::k], minlength=len(first)) for i in range(k)])
+    allocation = np.array([np.bincount(ordered[i::k], minlength=n_classes) for i in range(k)])
     rng, fold = np.random.RandomState(seed), np.empty(len(strata), np.int64)
-    for c in range(len(first)):
+    for c in range(n_classes):
         per_class = np.arange(k).repeat(allocation[:, c])
         rng.shuffle(per_class)
         fold[encoded == c] = per_class

@@ -326,16 +326,12 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     `unfreeze_blocks` blocks and the head trained together (backbone at lr_backbone, head at lr_head).
 
     `features`/`images` let `featpipe experiment` share one extraction and one decode across methods."""
+    from featpipe.bundle import output_dir
     from featpipe.extract import ExtractConfig
     from featpipe.features import load_features
 
-    from featpipe.bundle import check_overwrite
-    from featpipe.dataset import describe
-
     spec = registry.resolve(cfg.backbone)
-    out = cfg.out or Path("models") / f"{spec.name}-finetuned"
-    if not cfg.force:
-        check_overwrite(out, describe(cfg.data_dir))
+    out = output_dir(cfg.out, f"{spec.name}-finetuned", cfg.data_dir, cfg.force)
     features = features or load_features(ExtractConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device))
     images = images or decode_images(features.paths, features.y, features.classes, spec.preprocessing,
                                      cfg.val_fraction, cfg.seed)
@@ -389,13 +385,11 @@ def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, fi
             images: Images | None = None) -> TrainResult:
     """The same architecture from random init with a new linear head, every layer trained at lr_head: the
     tutorial's "before". Needs no pretrained weights and no extraction; saves a bundle."""
-    from featpipe.bundle import check_overwrite
+    from featpipe.bundle import output_dir
     from featpipe.dataset import describe
 
     spec = registry.resolve(cfg.backbone)
-    out = cfg.out or Path("models") / f"{spec.name}-scratch"
-    if not cfg.force:
-        check_overwrite(out, describe(cfg.data_dir))
+    out = output_dir(cfg.out, f"{spec.name}-scratch", cfg.data_dir, cfg.force)
     images = images or scan_images(cfg)
     device, precision = _runtime(cfg, 1)
     backbone = load(spec, pretrained=False).model
