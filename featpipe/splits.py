@@ -24,12 +24,13 @@ class Split:
 
 
 def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zero_ok: bool = True,
-              groups: np.ndarray | None = None) -> Split:
+              groups: np.ndarray | None = None, small_in_train: bool = False) -> Split:
     """Per class, whole groups in a seeded order until round(fraction * n) images (at least 1, never every group)
     are in validation; fraction 0: none.
 
     `zero_ok`: whether the caller accepts fraction 0 (heads do; training needs a share for early stopping), which
-    decides what a class too small to split is told to do."""
+    decides what a class too small to split is told to do. `small_in_train`: such a class stays whole in training
+    instead (an internal hold-out, where the user has nothing to fix)."""
     check_fraction(fraction)
     present = [classes[c] for c in np.unique(y)]
     if len(present) < 2:
@@ -47,6 +48,8 @@ def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zer
         take = int(np.searchsorted(np.cumsum(sizes[order]), n_val)) + 1 if n_val else 0
         if 2 <= len(members) <= take and len(members) < sizes.sum():
             take = len(members) - 1  # a large set of copies overshot the share: its last group stays in training
+        if take >= len(members) and small_in_train:
+            continue
         if take >= len(members):
             fix = "add images or pass --val-fraction 0" if zero_ok else "training needs at least 2 per class"
             distinct = f" ({len(members)} distinct)" if len(members) < sizes.sum() else ""

@@ -340,8 +340,8 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
     device, precision = _runtime(cfg, 0)
     t0 = time.perf_counter()
     tr = images.split.train
-    head = fit_head(features.X[tr], features.y[tr], len(features.classes), HeadConfig(cfg.head, cfg.seed),
-                    features.groups[tr])
+    head = fit_head(features.X, features.y, len(features.classes), HeadConfig(cfg.head, cfg.seed), features.groups,
+                    rows=tr)
     head_seconds = time.perf_counter() - t0
     loaded = load(spec)
     trainable = freeze_all_but_last(loaded.model, cfg.unfreeze_blocks)
