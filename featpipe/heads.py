@@ -143,7 +143,7 @@ def standardised(X, rows: np.ndarray, dtype: str = "float32") -> logreg.Rows:
         norm[ch.pos] = 1.0 / np.maximum(np.sqrt(_to_numpy(xp.sum(ch.X * ch.X, axis=1))), 1e-12)
     s1, s2 = np.zeros(d), np.zeros(d)
     for ch in replace(raw, norm=norm, dtype="float64").subset(rows).chunks():  # sums without cancellation
-        Zc = ch.weigh(ch.X * ch.norm[:, None])
+        Zc = ch.X * ch.norm[:, None]
         s1, s2 = s1 + _to_numpy(xp.sum(Zc, axis=0)), s2 + _to_numpy(xp.sum(Zc * Zc, axis=0))
     mean = s1 / len(rows)
     std = np.sqrt(np.maximum(s2 / len(rows) - mean * mean, 0.0))
