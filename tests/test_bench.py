@@ -47,3 +47,19 @@ def test_every_path_computes_the_same_embeddings(report):
     for name in expected:
         assert agreement[name]["n"] == report["images"], name
         assert agreement[name]["min"] >= 0.98, (name, agreement[name])
+
+
+def test_heads_bench_reports_every_procedure(tmp_path):
+    """bench/heads.py at a toy size: every procedure at every size, with its time, test accuracy and search."""
+    out = tmp_path / "heads.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "heads.py"), "--rows", "1500", "--sizes", "800",
+                           "--classes", "4", "--dim", "64", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [(x["rows"], x["procedure"].split(",")[0]) for x in r["results"]] == [
+        (n, kind) for n in (800, 1500) for kind in ("logistic", "logistic", "mlp", "mlp")]
+    for x in r["results"]:
+        assert x["seconds"] > 0 and 0.25 < x["test_accuracy"] <= 1
+        assert ("c_search" in x) == x["procedure"].startswith("logistic")
+    assert {"cpu", "cores_usable", "commit", "date"} <= set(r["machine"])
