@@ -168,7 +168,8 @@ def fit_head(
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
     from featpipe.extract import ExtractConfig
-    from featpipe.heads import FitConfig, HeadConfig, fit_and_save
+    from featpipe.fit_head import FitConfig, fit_and_save
+    from featpipe.heads import HeadConfig
 
     r = fit_and_save(FitConfig(ExtractConfig(_data(data_dir), backbone, cache_dir, device, weights=weights),
                                HeadConfig(head, seed), cv, val_fraction, out, force))

@@ -254,22 +254,18 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
 def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
     """Fit the head on the training split's cached features (timed), score it, K-fold CV it on every image, and
     save it as fit-head would."""
-    from featpipe.heads import HeadConfig, accuracy, cross_validate, fit_head
+    from featpipe.fit_head import fit_and_score
+    from featpipe.heads import HeadConfig
 
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
-    tr, va = split.train, split.val
-    t0 = time.perf_counter()
-    head = fit_head(f.X, f.y, len(f.classes), hc, f.groups, rows=tr)
-    seconds = time.perf_counter() - t0
     k = min(cfg.cv, int(Groups.of(f.y, f.groups).per_class(len(f.classes)).min()))
-    cv = cross_validate(f.X, f.y, f.classes, k, hc, f.groups) if k >= 2 else (None, None)
-    pred = head.predict_proba(f.X[va]).argmax(1)
-    r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": round(accuracy(head, f.X, f.y, tr), 4),
-         "val_accuracy": round(float((pred == f.y[va]).mean()), 4), "train_seconds": round(seconds, 3),
-         "cv_accuracy_mean": None if cv[0] is None else round(cv[0], 4),
-         "cv_accuracy_std": None if cv[1] is None else round(cv[1], 4), "cv_folds": k if k >= 2 else None,
-         "history": [], "hyperparameters": {"head": hc.kind, **head.params}, "n_train": int(len(tr)),
-         "n_val": int(len(va)), "only_last_layers_trained": True}
+    head, s = fit_and_score(f, split, hc, k if k >= 2 else None)
+    pred = head.predict_proba(f.X[split.val]).argmax(1)
+    r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": s["train_accuracy"],
+         "val_accuracy": s["val_accuracy"], "train_seconds": round(s["fit_seconds"], 3),
+         "cv_accuracy_mean": s["cv_accuracy_mean"], "cv_accuracy_std": s["cv_accuracy_std"],
+         "cv_folds": k if k >= 2 else None, "history": [], "hyperparameters": {"head": hc.kind, **head.params},
+         "n_train": int(len(split.train)), "n_val": int(len(split.val)), "only_last_layers_trained": True}
     r["model_path"] = str(save_head(cfg, f, head, r))
     return r, pred
 
@@ -277,7 +273,7 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
 def save_head(cfg: ExperimentConfig, f, head, r: dict) -> Path:
     """A head bundle exactly like fit-head's, under the report dir (models/<backbone>-<head>)."""
     from featpipe.bundle import save
-    from featpipe.heads import head_bundle
+    from featpipe.fit_head import head_bundle
 
     metrics = {k: r[k] for k in ("train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "n_train",
                                  "n_val", "cv_folds")}

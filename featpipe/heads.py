@@ -14,9 +14,6 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 from array_api_compat import array_namespace, to_device
 from threadpoolctl import threadpool_limits
@@ -24,10 +21,7 @@ from threadpoolctl import threadpool_limits
 from featpipe import logreg
 from featpipe.c_search import choose_C
 from featpipe.errors import UserError
-from featpipe.splits import Groups, check_folds, check_fraction, check_k, kfold, val_split
-
-if TYPE_CHECKING:
-    from featpipe.extract import ExtractConfig
+from featpipe.splits import Groups, check_folds, kfold, val_split
 
 KINDS = ("logistic", "mlp")
 
@@ -232,69 +226,3 @@ def _inner_split(y: np.ndarray, cfg: HeadConfig, groups) -> tuple[np.ndarray, np
         return np.arange(len(y)), np.array([], dtype=np.int64)
     split = val_split(y, [str(c) for c in range(len(counts))], cfg.inner_val_fraction, cfg.seed, groups=groups)
     return split.train, split.val
-
-
-# ---- the fit-head command ------------------------------------------------------------------------------------
-
-@dataclass
-class FitConfig:
-    extract: ExtractConfig
-    head: HeadConfig
-    cv: int | None = None
-    val_fraction: float = 0.2
-    out: Path | None = None  # default models/<backbone>-<head>
-    force: bool = False  # replace a bundle at `out` trained on another data dir
-
-    def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
-        check_fraction(self.val_fraction)
-        if self.cv is not None:
-            check_k(self.cv)
-
-
-def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
-    """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report.
-
-    fit_seconds times the final fit alone (standardiser + C sweep, or MLP training), not --cv's refits."""
-    from featpipe.bundle import output_dir, save
-    from featpipe.features import load_features
-    from featpipe.registry import resolve
-
-    out = output_dir(cfg.out, f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}", cfg.extract.data_dir,
-                     cfg.force)
-    f = load_features(cfg.extract, progress)
-    split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
-    if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
-        check_folds(f.y, f.classes, cfg.cv, groups=f.groups)
-    hc = replace(cfg.head, device=cfg.extract.device)
-    t0 = time.perf_counter()
-    head = fit_head(f.X, f.y, len(f.classes), hc, f.groups, rows=split.train)
-    fit_seconds = time.perf_counter() - t0
-    # K-fold over every labelled image (the usual meaning of CV accuracy); separate fits, so the holdout's
-    # val_accuracy stays untouched by them.
-    cv = cross_validate(f.X, f.y, f.classes, cfg.cv, hc, f.groups) if cfg.cv else (None, None)
-    data = f.data()
-    report = {"head": head.kind, "backbone": f.result.backbone,
-              "train_accuracy": _round(accuracy(head, f.X, f.y, split.train)),
-              "val_accuracy": _round(accuracy(head, f.X, f.y, split.val)),
-              "cv_accuracy_mean": _round(cv[0]), "cv_accuracy_std": _round(cv[1]), "fit_seconds": round(fit_seconds, 4),
-              "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
-              "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json(),
-              "c_search": head.report.get("c_search")}
-    metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
-                                                            "label_conflicts", "c_search")}
-    bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
-                                             "seed": cfg.head.seed})
-    return report | {"model_path": str(save(bundle, out))}
-
-
-def head_bundle(f, head: Head, metrics: dict):
-    """A head fitted on cached features `f` (featpipe.features.Features) as the bundle fit-head saves."""
-    from featpipe.bundle import Bundle
-
-    key = f.result.key
-    return Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head, metrics, data=f.data())
-
-
-def _round(x: float | None) -> float | None:
-    """Accuracies to 4 places, as finetune and scratch report them."""
-    return None if x is None else round(x, 4)

@@ -10,7 +10,8 @@ import pytest
 
 from featpipe.extract import ExtractConfig
 from featpipe.features import load_features
-from featpipe.heads import FitConfig, HeadConfig, fit_and_save
+from featpipe.fit_head import FitConfig, fit_and_save
+from featpipe.heads import HeadConfig
 from featpipe.splits import content_groups, kfold, val_split
 from tests.conftest import make_subset, run_cli
 
