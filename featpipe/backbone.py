@@ -67,6 +67,11 @@ def load(spec: BackboneSpec, weights_path: Path | None = None, pretrained: bool 
     return _timm_pretrained(spec)
 
 
+def weights_sha256(spec: BackboneSpec, weights_path: Path | None = None) -> str:
+    """The hash that keys the cache: of the weights file when there is one, else of the loaded model's state."""
+    return W.known_sha256(spec, weights_path) or load(spec).weights_sha256
+
+
 def _build(spec: BackboneSpec) -> nn.Module:
     if spec.library == "torchvision":
         import torchvision

@@ -78,7 +78,7 @@ def collect(paths: list[Path]) -> list[Path]:
 
 def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
     from featpipe import registry
-    from featpipe.backbone import load
+    from featpipe.backbone import load, weights_sha256
     from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
 
     spec = registry.resolve(bundle.backbone)
@@ -89,9 +89,10 @@ def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
     dev = resolve_device(device)
     if bundle.finetuned:
         return Embedder(_finetuned(spec, bundle), dev, resolve_precision("auto", dev))
-    if spec.weights_sha256(weights) != bundle.weights_sha256:  # before building: a file's hash needs no model
+    sha = weights_sha256(spec, weights)  # before building: a file's hash needs no model
+    if sha != bundle.weights_sha256:
         raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
-                        f"{bundle.weights_sha256[:12]}…, but these are {spec.weights_sha256(weights)[:12]}…; pass "
+                        f"{bundle.weights_sha256[:12]}…, but these are {sha[:12]}…; pass "
                         f"the checkpoint it was fitted with as --weights PATH")
     return Embedder(load(spec, weights).model, dev, resolve_precision("auto", dev))
 
@@ -115,7 +116,7 @@ def _decode(files: list[Path], decoder) -> tuple[np.ndarray, list[Path], list[tu
     """Read, probe and Pillow-decode each file; anything unreadable becomes (path, reason), never an exception."""
     from featpipe.dataset import ImageFile
     from featpipe.decode import probe
-    from featpipe.extract import read_file
+    from featpipe.engine import read_file
 
     def one(f: Path) -> np.ndarray | str:
         data, err = read_file(ImageFile(f, ""))

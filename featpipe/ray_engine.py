@@ -30,7 +30,7 @@ import numpy as np
 from featpipe.cache import CacheKey
 from featpipe.decode import Probe
 from featpipe.errors import UserError
-from featpipe.extract import _DONE, ExtractConfig, Item, StageTimer, _Engine, embed_decoded, start_runtime
+from featpipe.engine import DONE, Engine, Item, StageTimer, embed_decoded, start_runtime
 
 OBJECT_STORE_BYTES = 200 * 2**20  # a local Ray holds only a few batches of encoded images at a time
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
@@ -54,7 +54,7 @@ def _import_ray():
 class EmbedWorker:
     """One Ray actor: model and decoder built once (actor start), then embeds batches of encoded bytes."""
 
-    def __init__(self, cfg: ExtractConfig, spec, die_once: str | None) -> None:
+    def __init__(self, cfg, spec, die_once: str | None) -> None:
         import ray
         import torch
 
@@ -89,13 +89,13 @@ def _die_once(marker: str | None) -> None:
     os._exit(1)
 
 
-class RayEngine(_Engine):
+class RayEngine(Engine):
     """The local engine with stage 2 (decode, and via `_forward` the model) replaced by Ray actors.
 
     Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray.
     """
 
-    def __init__(self, cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer):
+    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer):
         super().__init__(cfg, spec, key, timer)
         self.ray = _import_ray()
         if cfg.workers and not cfg.ray_address:  # now, not after the tens of seconds a local Ray takes to start
@@ -156,7 +156,7 @@ class RayEngine(_Engine):
                 eof = self._submit_next(encoded, decoded)
             if self.in_flight:
                 self._collect(decoded, block=not room)
-        decoded.put(_DONE)
+        decoded.put(DONE)
 
     def _submit_next(self, encoded: queue.Queue, decoded: queue.Queue) -> bool:
         """Take one reader message (waiting briefly if results are due); True once the reader is done."""
@@ -164,7 +164,7 @@ class RayEngine(_Engine):
             msg = encoded.get(timeout=0.02 if self.in_flight else None)
         except queue.Empty:
             return False
-        if msg is _DONE:
+        if msg is DONE:
             return True
         batch, settled = msg
         if settled:

@@ -74,22 +74,6 @@ class BackboneSpec:
             return None
         return W.packaged_file(self.offline_module, self.offline_file)
 
-    def weights_sha256(self, weights_path: Path | None = None) -> str:
-        """The hash that keys the cache; for file-based weights, computed without importing torch."""
-        if weights_path is not None:
-            return W.sha256_file(W.require_file(weights_path))
-        if self.url is not None:
-            path = W.install_into_hub_cache(self.url, self.offline_module) if self.offline_module else None
-            path = path or W.hub_checkpoint(self.url)
-            if path.exists():
-                return W.check_hash_prefix(path, self.url)
-        packaged = self.offline_path()
-        if packaged is not None:
-            return W.sha256_file(packaged)
-        from featpipe.backbone import load
-
-        return load(self).weights_sha256
-
     def weights_available(self) -> bool:
         """True when loading needs no network: a packaged file, or the checkpoint already in torch's or the HF hub
         cache."""

@@ -29,7 +29,8 @@ from featpipe.dataset import ImageFile
 from featpipe.decode import PilDecoder, crop_corner, probe
 from featpipe.embed import configure_cpu, resolve_device, resolve_precision
 from featpipe.errors import UserError
-from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, read_file
+from featpipe.engine import read_file
+from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES
 from featpipe.features import class_counts, find_duplicates
 from featpipe.heads import Head, HeadConfig, fit_head
 from featpipe.preprocess import Preprocessing

@@ -148,3 +148,18 @@ def remap_positional(source: dict, target: dict) -> dict:
             raise UserError(f"checkpoint tensor {ks} {tuple(vs.shape)} does not fit {kt} {tuple(vt.shape)}")
         out[kt] = vs
     return out
+
+
+def known_sha256(spec, weights_path: Path | None = None) -> str | None:
+    """The hash that keys the cache, from the weights file alone (no torch): --weights, a torchvision checkpoint
+    in torch's hub cache (its name carries the hash's prefix, checked), or a packaged file. None when only loading
+    the model can tell (featpipe.backbone.weights_sha256). `spec`: a registry.BackboneSpec."""
+    if weights_path is not None:
+        return sha256_file(require_file(weights_path))
+    if spec.url is not None:
+        path = install_into_hub_cache(spec.url, spec.offline_module) if spec.offline_module else None
+        path = path or hub_checkpoint(spec.url)
+        if path.exists():
+            return check_hash_prefix(path, spec.url)
+    packaged = spec.offline_path()
+    return sha256_file(packaged) if packaged is not None else None

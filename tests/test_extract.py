@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from featpipe import fileindex
-from featpipe.extract import decoders_version
+from featpipe.engine import decoders_version
 from tests.conftest import run_cli, run_json
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",

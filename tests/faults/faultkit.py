@@ -15,6 +15,7 @@ from PIL import Image
 
 from featpipe.cache import Cache, CacheKey, Rows
 from featpipe.registry import resolve
+from featpipe.weights import known_sha256
 
 
 def photo(src: Path, side: int = 320) -> Image.Image:
@@ -95,7 +96,7 @@ def rgba_png(im: Image.Image) -> bytes:
 
 def cache_for(cache_dir: Path, backbone: str = "mobilenet_v2") -> Cache:
     spec = resolve(backbone)
-    return Cache(cache_dir, CacheKey(spec.name, spec.weights_sha256(None), spec.preprocessing, spec.dim))
+    return Cache(cache_dir, CacheKey(spec.name, known_sha256(spec), spec.preprocessing, spec.dim))
 
 
 def read_rows(cache_dir: Path, backbone: str = "mobilenet_v2") -> Rows:
