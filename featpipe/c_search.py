@@ -70,13 +70,12 @@ def _holdout(rows, y, Cs, seed, groups, fraction, threads) -> Search:
                       small_in_train=True)
     fit_rows, held = rows.subset(split.train), rows.subset(split.val)
     models: dict[int, logreg.LogReg] = {}
+    steps: list[int] = []
 
     def score(i: int, init) -> tuple[float, float]:
         models[i] = logreg.fit(fit_rows, y[split.train], Cs[i], init=init, max_iter=200, threads=threads)
         steps.append(models[i].steps)
         return models[i].evaluate(held, y[split.val])
-
-    steps: list[int] = []
 
     scores: dict[int, tuple[float, float]] = {}
     for i in range(0, len(Cs), 2):  # a path: each fit starts from the previous C's

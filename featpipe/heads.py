@@ -155,9 +155,10 @@ def _on_device(X: np.ndarray, cfg: HeadConfig, small: bool):
         return X
     import torch  # only a large fit that may use the GPU pays for torch's import
 
-    if cfg.device == "auto" and not torch.cuda.is_available():
-        return X
-    return torch.as_tensor(X).to(cfg.device.replace("auto", "cuda"))
+    from featpipe.embed import resolve_device
+
+    device = resolve_device(cfg.device)  # --device cuda without a GPU: one line, as extract says it
+    return X if device.type == "cpu" else torch.as_tensor(X).to(device)
 
 
 def accuracy(head: Head, X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> float | None:

@@ -325,3 +325,16 @@ def test_mlp_minibatches_match_full_batch_accuracy():
     full = fit_head(X, y, 5, HeadConfig("mlp", batch_size=10**9), rows=train)
     assert abs(accuracy(mini, X, y, test) - accuracy(full, X, y, test)) <= 0.02
     assert mini.params["epochs"] < full.params["epochs"]
+
+
+def test_a_large_fit_runs_where_device_says(feats):
+    """device="cuda": a large fit's products run on the GPU and give the CPU's head; without a GPU, one line."""
+    cfg = HeadConfig(holdout_rows=100, device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            fit_head(feats.X, feats.y, 5, cfg)
+        return
+    gpu = fit_head(feats.X, feats.y, 5, cfg)
+    cpu = fit_head(feats.X, feats.y, 5, dataclasses.replace(cfg, device="cpu"))
+    assert gpu.params["C"] == cpu.params["C"]
+    np.testing.assert_allclose(gpu.predict_proba(feats.X), cpu.predict_proba(feats.X), atol=0.05)
