@@ -22,8 +22,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (no network there
 fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py \
-    tests/faults/test_fault_decode.py -k "gpu or (hostile and torchvision)" 2>&1 | tee "$out/pytest-gpu.log" || true
+python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py tests/test_heads.py \
+    tests/faults/test_fault_decode.py -k "gpu or (hostile and torchvision) or device_says" 2>&1 | tee "$out/pytest-gpu.log" || true
 for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
     python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-2000}" --repeats 3 \
         --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||
