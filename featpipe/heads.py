@@ -110,10 +110,10 @@ def one_thread(torch_threads: int | None = None):
 
 def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, groups: np.ndarray | None = None,
              rows: np.ndarray | None = None) -> Head:
-    """Fit on rows `rows` of X (default all; y and groups are per row of X). X is never copied: the solvers read
+    """Fit on the rows `rows` of X (default all; y and groups are per row of X). X is never copied: the solvers read
     it through featpipe.logreg.Rows. `groups` (featpipe.splits): C's folds or hold-out and the MLP's
     early-stopping split keep copies together."""
-    rows = np.arange(len(X)) if rows is None else np.asarray(rows)
+    rows = np.arange(len(X)) if rows is None else np.sort(rows)  # a set: its order must not change the fit
     g = np.arange(len(X)) if groups is None else np.asarray(groups)
     small, cores = len(rows) <= cfg.holdout_rows, len(os.sched_getaffinity(0))
     # One fit of a few thousand rows gains nothing from more threads (they only synchronise); independent fits

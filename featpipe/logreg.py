@@ -70,7 +70,7 @@ class Rows:
         numpy = xp.__name__.endswith("numpy")
         step = self.chunk if numpy else 32 * self.chunk  # a GPU wants bigger products; torch reuses memory itself
         n = len(self.idx)
-        whole = n > 0 and self.idx[-1] - self.idx[0] == n - 1  # sorted and unique, so a range
+        whole = n > 0 and self.idx[-1] - self.idx[0] == n - 1 and bool(np.all(np.diff(self.idx) == 1))
         buf = np.empty((min(step, n), self.dim), self.X.dtype) if numpy and not whole else None
         for s in range(0, n, step):
             rows = self.idx[s:s + step]

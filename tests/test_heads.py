@@ -303,11 +303,25 @@ def test_large_fits_are_deterministic_and_read_rows_in_place(feats):
     a, b = (fit_head(feats.X, feats.y, 5, cfg, rows=rows) for _ in range(2))
     for k in a.arrays:
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+    np.testing.assert_array_equal(fit_head(feats.X, feats.y, 5, cfg, rows=rows[::-1]).arrays["w1"], a.arrays["w1"])
     copied = fit_head(np.ascontiguousarray(feats.X[rows]), feats.y[rows], 5, cfg)
     assert copied.params["C"] == a.params["C"]  # the same problem; summed in another order, L-BFGS stops nearby
     p, q = copied.predict_proba(feats.X), a.predict_proba(feats.X)
     np.testing.assert_allclose(p, q, atol=0.05)  # weakly regularised: a flat optimum (0.02 apart at most, seen)
     assert (p.argmax(1) == q.argmax(1)).all()
+
+
+def test_rows_are_read_in_their_order(feats):
+    """Rows whose indices span a range without being one (ends in place, middle reversed) are gathered in their
+    order, not read as the range's slice."""
+    from featpipe import logreg
+
+    Z = feats.X / np.linalg.norm(feats.X, axis=1, keepdims=True)
+    every = np.arange(len(feats.y))
+    inside_out = np.concatenate([[0], every[-2:0:-1], [every[-1]]])
+    a = logreg.fit(logreg.Rows.of(Z).subset(inside_out), feats.y[inside_out], 0.1, max_iter=1000)
+    b = logreg.fit(logreg.Rows.of(Z), feats.y, 0.1, max_iter=1000)
+    np.testing.assert_allclose(a.predict_proba(Z), b.predict_proba(Z), atol=1e-3)
 
 
 def test_float16_features_fit_like_float32(feats):
