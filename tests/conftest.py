@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -14,6 +15,19 @@ import pytest
 from featpipe.dataset import shipped_dataset
 
 FULL = os.environ.get("FEATPIPE_FULL") == "1"  # `make test-all`: every slow trial, not CI's seeded subset
+# Whole modules of heavy work: training networks, benches, Ray clusters, hostile-input and kill trials.
+SLOW_MODULES = {"test_train", "test_experiment", "test_bench", "test_ray_engine", "test_extract", "test_offline",
+                "test_precision", "test_duplicates", "test_allocator", "test_cli_first_run", "test_predict"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """`pytest -m "not slow"` is the fast, in-process tier: a test is slow if it runs featpipe in a subprocess
+    (each loads torch: seconds apiece) or sits in a module of heavy work (SLOW_MODULES, tests/faults/)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if path.stem in SLOW_MODULES or "faults" in path.parts or "run_cli(" in source or "run_json(" in source:
+            item.add_marker(pytest.mark.slow)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = False):
