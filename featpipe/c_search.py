@@ -2,11 +2,12 @@
 
 Up to `HeadConfig.holdout_rows` training rows, every C of the grid is scored by stratified inner K-fold CV, each
 fold's path warm-started from strong to weak regularisation: the procedure that matched a careful plain script.
-Above it that is 55 fits of nearly the whole set (376 s at 54 k rows), so C is chosen as DINOv2's and Kornblith
-et al.'s probes do, on a stratified hold-out (10 %): the grid's decades as one warm-started path, stopped once a
-decade is both less accurate than the best and a worse fit than the one before (weak regularisation costs the most
-steps), then the half-decade between the best and its better neighbour: 3-7 fits of 90 % of the rows. The final fit
-warm-starts from the hold-out fit at the chosen C. Either way, ties on accuracy go to the lowest held-out log-loss.
+Above it that is 55 fits of nearly the whole set (minutes at 50 k rows: bench/README.md), so C is chosen as
+DINOv2's and Kornblith et al.'s probes do, on a stratified hold-out (10 %): the grid's decades as one warm-started
+path, stopped once a decade is both less accurate than the best and a worse fit than the one before (weak
+regularisation costs the most steps), then the half-decade between the best and its better neighbour: 3-7 fits of
+90 % of the rows. The final fit warm-starts from the hold-out fit at the chosen C. Either way, ties on accuracy go
+to the lowest held-out log-loss.
 """
 
 from __future__ import annotations

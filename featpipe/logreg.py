@@ -64,8 +64,7 @@ class Rows:
 
     def chunks(self) -> Iterator[Chunk]:
         """The rows a chunk at a time, in order, on X's device: slices of X where idx is a range, else gathered;
-        with numpy into one reused buffer (a fresh 10 MiB array per chunk costs page faults: 469 vs 23 ms for
-        45 k rows)."""
+        with numpy into one reused buffer (a fresh 10 MiB array per chunk costs page faults; bench/README.md)."""
         xp = array_namespace(self.X)
         numpy = xp.__name__.endswith("numpy")
         step = self.chunk if numpy else 32 * self.chunk  # a GPU wants bigger products; torch reuses memory itself
@@ -134,7 +133,7 @@ def fit(rows: Rows, y: np.ndarray, C: float, init: LogReg | None = None, max_ite
 
     `threads` > 1 (numpy rows): each thread takes a contiguous share of the rows and its partial sums add up in a
     fixed order. The callers pin BLAS to one thread: its own threads do not speed up products this thin (10
-    columns), and slow down scipy's optimiser (1.6 of 6.5 s of a 45 k-row fit on 2 cores)."""
+    columns), and slow down scipy's optimiser (bench/README.md, heads at scale)."""
     classes, yi = np.unique(y, return_inverse=True)
     k = 1 if len(classes) == 2 else len(classes)
     theta0 = np.zeros(k * (rows.dim + 1)) if init is None else np.concatenate([init.coef.ravel(), init.intercept])
@@ -186,7 +185,7 @@ def _sums(W: np.ndarray, b: np.ndarray, rows: Rows, target, n_classes: int, k: i
     """Summed log-loss, G^T (X * norm) and G's column sums (G: d loss / d logits) over `rows`, chunk by chunk.
 
     The products run in the working dtype; everything per logit in float64 (it is n x K, cheap): with a float32
-    loss, rounding noise near the optimum failed the line search's decrease test, 5 evaluations a step."""
+    loss, rounding noise near the optimum failed the line search's decrease test, several evaluations a step."""
     xp = array_namespace(rows.X)
     Vt, c = _fold(W, b, rows)
     classes = rows.put(np.arange(n_classes), "int64")
