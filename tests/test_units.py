@@ -21,9 +21,9 @@ KEY = CacheKey("mobilenet_v2", "ab" * 32, Preprocessing(256, 224, (0.5,) * 3, (0
 
 
 def rows(n: int, start: int = 0) -> Rows:
-    rng = np.random.default_rng(start)
-    return Rows([f"{i:064x}" for i in range(start, start + n)], rng.standard_normal((n, 4)).astype(np.float32),
-                [f"/d/c{i % 2}/{i}.jpg" for i in range(start, start + n)], [f"c{i % 2}" for i in range(start, start + n)])
+    ids = range(start, start + n)
+    emb = np.random.default_rng(start).standard_normal((n, 4)).astype(np.float32)
+    return Rows([f"{i:064x}" for i in ids], emb, [f"/d/c{i % 2}/{i}.jpg" for i in ids], [f"c{i % 2}" for i in ids])
 
 
 def same(a: Rows, b: Rows) -> bool:
