@@ -6,7 +6,8 @@ The features imitate a real probe, not an easy one: post-ReLU, unit-normalised l
 overlap (a logistic head reaches ~90 %, not 100 %), 64 informative directions spread over all `--dim`.
 
     python bench/heads.py [--rows 50000] [--classes 10] [--dim 1280] [--sizes 10000,50000] [--device cpu]
-                          [--skip-old-above N] [--json OUT.json]      (bench/README.md has the last run)
+                          [--skip-old-above N] [--features-dtype float16] [--json OUT.json]
+                          (bench/README.md has the last run)
 """
 
 from __future__ import annotations
@@ -76,15 +77,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda (where the scaling procedures run)")
     ap.add_argument("--skip-old-above", type=int, default=50_000, help="main's procedures only up to this size")
     ap.add_argument("--only", default="", help="the procedures whose name contains this (default: all)")
+    ap.add_argument("--features-dtype", default="float32", help="float32 | float16: how X is held (fit-head's flag)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     sizes = sorted({int(s) for s in a.sizes.split(",") if s} | {a.rows})
     X, y = synthetic(max(sizes) + TEST_ROWS, a.classes, a.dim)
+    X = X.astype(a.features_dtype)
     names = [n for n in PROCEDURES if a.only in n]
     results = [run(X, y, n, name, a.device) for n in sizes for name in names
                if "main" not in name or n <= a.skip_old_above]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"results": results, "classes": a.classes, "dim": a.dim, "test_rows": TEST_ROWS,
+              "features_dtype": a.features_dtype,
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "cores_usable": len(os.sched_getaffinity(0)), "commit": commit,
                           "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg()}}

@@ -153,8 +153,9 @@ def fit_head(
     backbone: BackboneOpt = "mobilenet_v2",
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
-    head: Annotated[str, typer.Option("--head", help="logistic (scaled logistic regression, C swept by CV) | mlp "
-                                      "(one hidden layer, early stopping).")] = "logistic",
+    head: Annotated[str, typer.Option("--head", help="logistic (scaled logistic regression; C by inner CV, or on a "
+                                      "hold-out above 10,000 rows) | mlp (one hidden layer, early stopping).")
+                    ] = "logistic",
     cv: Annotated[Optional[int], typer.Option("--cv", help="Also report K-fold CV accuracy (mean ± std) of the "
                                               "whole head procedure over every image.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Stratified share of each class held out "
@@ -164,6 +165,9 @@ def fit_head(
                                                 "models/<backbone>-<head>).")] = None,
     weights: WeightsOpt = None,
     force: ForceOpt = False,
+    features_dtype: Annotated[str, typer.Option("--features-dtype", help="float32 | float16: how the cached "
+                                                "embeddings are held while fitting (float16: half the memory).")
+                              ] = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
@@ -172,7 +176,7 @@ def fit_head(
     from featpipe.heads import HeadConfig
 
     r = fit_and_save(FitConfig(ExtractConfig(_data(data_dir), backbone, cache_dir, device, weights=weights),
-                               HeadConfig(head, seed), cv, val_fraction, out, force))
+                               HeadConfig(head, seed), cv, val_fraction, out, force, features_dtype))
     cv_text = f", cv {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f}" if cv else ""
     val_text = f"{r['val_accuracy']:.3f}" if r["val_accuracy"] is not None else "n/a"
     _emit(r, as_json, f"{r['head']} head on {r['backbone']}: train {r['train_accuracy']:.3f}, val {val_text} "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featpipe.bundle import Bundle, output_dir, save
+from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.features import Features, load_features
 from featpipe.heads import Head, HeadConfig, accuracy, cross_validate, fit_head
@@ -23,8 +24,11 @@ class FitConfig:
     val_fraction: float = 0.2
     out: Path | None = None  # default models/<backbone>-<head>
     force: bool = False  # replace a bundle at `out` trained on another data dir
+    features_dtype: str = "float32"  # float16: X held at half the memory while fitting
 
     def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
+        if self.features_dtype not in ("float32", "float16"):
+            raise UserError(f"--features-dtype must be float32 or float16 (got {self.features_dtype!r})")
         check_fraction(self.val_fraction)
         if self.cv is not None:
             check_k(self.cv)
@@ -35,6 +39,8 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     out = output_dir(cfg.out, f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}", cfg.extract.data_dir,
                      cfg.force)
     f = load_features(cfg.extract, progress)
+    if cfg.features_dtype != "float32":  # the float32 rows are freed once converted
+        f = replace(f, X=f.X.astype(cfg.features_dtype))
     split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
         check_folds(f.y, f.classes, cfg.cv, groups=f.groups)

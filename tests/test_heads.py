@@ -157,6 +157,18 @@ def test_fit_head_logistic_cli(warm_cache, tmp_path, capsys):
     assert set(load_file(str(out / "head.safetensors"))) == {"mean", "scale", "w1", "b1"}
 
 
+def test_fit_head_float16_features(warm_cache, tmp_path):
+    """--features-dtype float16 holds X at half the memory and fits the same head (up to rounding); a bad value is
+    one line before any work."""
+    half = run_json("fit-head", "--cache-dir", warm_cache, "--features-dtype", "float16", "--out", tmp_path / "h")
+    full = run_json("fit-head", "--cache-dir", warm_cache, "--out", tmp_path / "f")
+    assert half["c_search"]["chosen"] == full["c_search"]["chosen"]
+    assert abs(half["val_accuracy"] - full["val_accuracy"]) <= 0.03
+    proc = run_cli("fit-head", "--cache-dir", warm_cache, "--features-dtype", "int8", "--out", tmp_path / "x")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "featpipe: error: --features-dtype must be float32 or float16 (got 'int8')"]
+
+
 def test_fit_head_mlp_cli(warm_cache, tmp_path):
     r = run_json("fit-head", "--cache-dir", warm_cache, "--head", "mlp", "--out", tmp_path / "m")
     assert set(r) == KEYS and r["head"] == "mlp" and r["cv_accuracy_mean"] is None and r["cv_accuracy_std"] is None
