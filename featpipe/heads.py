@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 import numpy as np
-from array_api_compat import array_namespace, to_device
+from array_api_compat import array_namespace
 from threadpoolctl import threadpool_limits
 
 from featpipe import logreg
@@ -128,25 +128,18 @@ def fit_head(X: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig, grou
 def standardised(X, rows: np.ndarray, dtype: str = "float32") -> logreg.Rows:
     """Unit-normalised rows of X, standardised by their mean and std over `rows` (StandardScaler's rule: a
     constant feature gets scale 1), as a Rows view: two passes over X, no copy of it."""
-    d = int(X.shape[1])
-    raw = logreg.Rows(X, np.arange(len(X)), np.ones(len(X), np.float32), np.zeros(d, np.float32),
-                      np.ones(d, np.float32), dtype)
-    xp = array_namespace(X)
+    raw, xp = logreg.Rows.of(X, dtype), array_namespace(X)
     norm = np.empty(len(X), np.float32)
     for ch in raw.chunks():
-        norm[ch.pos] = 1.0 / np.maximum(np.sqrt(_to_numpy(xp.sum(ch.X * ch.X, axis=1))), 1e-12)
-    s1, s2 = np.zeros(d), np.zeros(d)
+        norm[ch.pos] = 1.0 / np.maximum(np.sqrt(logreg.host(xp.sum(ch.X * ch.X, axis=1))), 1e-12)
+    s1, s2 = np.zeros(raw.dim), np.zeros(raw.dim)
     for ch in replace(raw, norm=norm, dtype="float64").subset(rows).chunks():  # sums without cancellation
         Zc = ch.X * ch.norm[:, None]
-        s1, s2 = s1 + _to_numpy(xp.sum(Zc, axis=0)), s2 + _to_numpy(xp.sum(Zc * Zc, axis=0))
+        s1, s2 = s1 + logreg.host(xp.sum(Zc, axis=0)), s2 + logreg.host(xp.sum(Zc * Zc, axis=0))
     mean = s1 / len(rows)
     std = np.sqrt(np.maximum(s2 / len(rows) - mean * mean, 0.0))
     scale = np.where(std > np.maximum(1e-6 * np.abs(mean), 1e-12), std, 1.0)  # a constant's std is rounding
     return replace(raw, idx=rows, norm=norm, mean=mean.astype(np.float32), scale=scale.astype(np.float32))
-
-
-def _to_numpy(a) -> np.ndarray:
-    return np.asarray(to_device(a, "cpu"), np.float64)
 
 
 def _on_device(X: np.ndarray, cfg: HeadConfig, small: bool):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
-from array_api_compat import array_namespace, device as device_of, to_device
+from array_api_compat import array_namespace, device as device_of, is_numpy_array, to_device
 from scipy.optimize import minimize  # at import: heads.one_thread() can only pin the BLAS libraries already loaded
 
 
@@ -43,7 +43,7 @@ class Rows:
 
     @classmethod
     def of(cls, Z, dtype: str = "float32") -> "Rows":
-        """A plain, already standardised matrix."""
+        """A matrix taken as it is: every row, factor 1, no standardisation (or one already applied)."""
         n, d = Z.shape
         return cls(Z, np.arange(n), np.ones(n, np.float32), np.zeros(d, np.float32), np.ones(d, np.float32), dtype)
 
@@ -53,6 +53,11 @@ class Rows:
     @property
     def dim(self) -> int:
         return int(self.X.shape[1])
+
+    @property
+    def on_numpy(self) -> bool:
+        """X is a numpy array (the CPU path), not a torch tensor."""
+        return is_numpy_array(self.X)
 
     def subset(self, positions: np.ndarray) -> "Rows":
         return replace(self, idx=self.idx[positions])
@@ -65,8 +70,7 @@ class Rows:
     def chunks(self) -> Iterator[Chunk]:
         """The rows a chunk at a time, in order, on X's device: slices of X where idx is a range, else gathered;
         with numpy into one reused buffer (a fresh 10 MiB array per chunk costs page faults; bench/README.md)."""
-        xp = array_namespace(self.X)
-        numpy = xp.__name__.endswith("numpy")
+        xp, numpy = array_namespace(self.X), self.on_numpy
         step = self.chunk if numpy else 32 * self.chunk  # a GPU wants bigger products; torch reuses memory itself
         n = len(self.idx)
         whole = n > 0 and self.idx[-1] - self.idx[0] == n - 1 and bool(np.all(np.diff(self.idx) == 1))
@@ -137,8 +141,7 @@ def fit(rows: Rows, y: np.ndarray, C: float, init: LogReg | None = None, max_ite
     classes, yi = np.unique(y, return_inverse=True)
     k = 1 if len(classes) == 2 else len(classes)
     theta0 = np.zeros(k * (rows.dim + 1)) if init is None else np.concatenate([init.coef.ravel(), init.intercept])
-    numpy = array_namespace(rows.X).__name__.endswith("numpy")
-    bounds = np.linspace(0, len(rows), (threads if numpy else 1) + 1).astype(int)
+    bounds = np.linspace(0, len(rows), (threads if rows.on_numpy else 1) + 1).astype(int)
     parts = [(rows.subset(np.arange(a, b)), rows.put(yi[a:b], "int64")) for a, b in zip(bounds, bounds[1:]) if b > a]
     with ThreadPoolExecutor(len(parts)) if len(parts) > 1 else nullcontext() as pool:
         res = minimize(_loss_grad, theta0, args=(parts, pool, len(classes), k, len(rows), 1.0 / (C * len(rows))),
@@ -198,7 +201,12 @@ def _sums(W: np.ndarray, b: np.ndarray, rows: Rows, target, n_classes: int, k: i
         G = (xp.exp(logits - lse[:, None]) - onehot)[:, n_classes - k:]
         gsum = gsum + xp.sum(G, axis=0)
         gX = gX + xp.astype(G * ch.norm[:, None], ch.X.dtype).T @ ch.X  # the chunk's other product, still in cache
-    return loss, *(np.asarray(to_device(a, "cpu"), np.float64) for a in (gX, gsum))
+    return loss, host(gX), host(gsum)
+
+
+def host(a) -> np.ndarray:
+    """A numpy or torch array (any device) as a float64 numpy array on the CPU."""
+    return np.asarray(to_device(a, "cpu"), np.float64)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
