@@ -12,6 +12,7 @@ import torch
 
 from featpipe.backbone import Backbone
 from featpipe.errors import UserError
+from featpipe.hardware import cpu_has_bf16
 
 # bf16: the first convolutions (full resolution, linear bottleneck) keep fp32. Measured on the shipped set, per-image
 # cosine to fp32 embeddings, worst image: mobilenet_v2 0.9896 all-bf16 -> 0.9997; efficientnet_lite0 0.9969 ->
@@ -26,16 +27,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available")
     return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (x3-4 over fp32 here); elsewhere bf16 is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

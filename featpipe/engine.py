@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from featpipe import fileindex
-from featpipe.cache import Cache, CacheKey, Rows
+from featpipe.cache import Cache, CacheKey, Hashes, Rows
 from featpipe.dataset import ImageFile
 from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError
@@ -100,11 +100,10 @@ class Engine:
     DALI or loads weights. Queues are bounded, so memory holds a few batches whatever the dataset size.
     """
 
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer):  # cfg: an extract.ExtractConfig
+    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, writable: bool = True):  # cfg: ExtractConfig
         self.cfg, self.spec, self.key, self.timer = cfg, spec, key, timer
         self.decoder_name, self.device_name, self.precision = "none", "none", "none"
         self.skipped: list[dict] = []
-        self.reused: dict[str, tuple[str, str]] = {}  # hash -> where its file is now (refreshes cache rows)
         self.reused_files = 0  # files served by an existing row: identical files count once each
         self.first_copy: set[str] = set()  # hashes this run computes
         self.copies: list[tuple[ImageFile, str]] = []  # later files with those bytes: settled like the first
@@ -113,13 +112,14 @@ class Engine:
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
         self.model_waiting = threading.Event()
-        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version(cfg.decoder))
+        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version(cfg.decoder), writable)
 
-    def run(self, files: list[ImageFile], known: set[str], cache: Cache, progress):
+    def run(self, files: list[ImageFile], known: Hashes, cache: Cache, progress):
+        """Journal a row for every image `known` lacks; returns (hashes computed, skipped)."""
         encoded: queue.Queue = queue.Queue(maxsize=4)
         decoded: queue.Queue = queue.Queue(maxsize=3)
         written: queue.Queue = queue.Queue(maxsize=8)
-        out: list[Rows] = []
+        out: set[str] = set()
         stages = [(self._read, (files, known, encoded)), (self._decode, (encoded, decoded)),
                   (self._write, (written, cache, out))]
         threads = [threading.Thread(target=self._guard, args=(fn, args), daemon=True) for fn, args in stages]
@@ -143,7 +143,7 @@ class Engine:
             raise self.errors[0]
         self._settle_copies()
         self.skipped.sort(key=lambda s: s["path"])
-        return _concat(out, self.key.dim), self.skipped, self.reused
+        return out, self.skipped
 
     def _settle_copies(self) -> None:
         """A file whose bytes another file of this run carried is reused if that copy decoded, else skipped."""
@@ -176,7 +176,7 @@ class Engine:
             else:
                 args[-1].put(DONE)
 
-    def _read(self, files: list[ImageFile], known: set[str], encoded: queue.Queue) -> None:
+    def _read(self, files: list[ImageFile], known: Hashes, encoded: queue.Queue) -> None:
         batch: list[Item] = []
         settled = 0
         for f, data, digest, err in self._hashed(files, known):
@@ -186,7 +186,6 @@ class Engine:
                     if digest in self.first_copy:
                         self.copies.append((f, digest))
                     else:
-                        self.reused[digest] = (str(f.path), f.label)
                         self.reused_files += 1
                     settled += 1
                     continue
@@ -208,7 +207,7 @@ class Engine:
         encoded.put((batch, settled))
         encoded.put(DONE)
 
-    def _hashed(self, files: list[ImageFile], known: set[str]) -> Iterator[tuple[ImageFile, bytes | None, str | None,
+    def _hashed(self, files: list[ImageFile], known: Hashes) -> Iterator[tuple[ImageFile, bytes | None, str | None,
                                                                                    str | None]]:
         """(file, bytes, sha256, unreadable reason) in scan order, read and hashed on a few threads (hashlib
         releases the GIL). A file the index knows unchanged, with a cache row, is not read at all (bytes None).
@@ -221,7 +220,7 @@ class Engine:
             while window:
                 yield window.popleft().result()
 
-    def _read_hash(self, f: ImageFile, known: set[str]) -> tuple[ImageFile, bytes | None, str | None, str | None]:
+    def _read_hash(self, f: ImageFile, known: Hashes) -> tuple[ImageFile, bytes | None, str | None, str | None]:
         with self.timer("stat"):
             st = fileindex.stat(f.path)
             digest = self.index.unchanged(f.path, st) if st else None
@@ -281,12 +280,12 @@ class Engine:
                              [it.file.label for it in ok]))
         return len(batch)
 
-    def _write(self, written: queue.Queue, cache: Cache, out: list[Rows]) -> None:
+    def _write(self, written: queue.Queue, cache: Cache, out: set[str]) -> None:
         while (rows := written.get()) is not DONE:
             rows.embeddings = np.asarray(rows.embeddings)  # waits for an async GPU copy: here, not in compute
-            with self.timer("write"), user_error_if_disk_fails(cache.journal):
+            with self.timer("write"), user_error_if_disk_fails(cache.dir):
                 cache.append(rows)
-            out.append(rows)
+            out.update(rows.sha256)
 
 
 @contextmanager
@@ -342,10 +341,3 @@ def embed_decoded(embedder, pixels, reasons: list[str | None], timer: StageTimer
         return None
     with timer("forward"):
         return embedder(pixels) if wait else embedder.submit(pixels)
-
-
-def _concat(parts: list[Rows], dim: int) -> Rows:
-    if not parts:
-        return Rows.empty(dim)
-    return Rows([h for r in parts for h in r.sha256], np.concatenate([r.embeddings for r in parts]),
-                [p for r in parts for p in r.paths], [lbl for r in parts for lbl in r.labels])

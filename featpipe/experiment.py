@@ -241,7 +241,7 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
     for r, _ in rows:
         r["meets_tutorial_task"] = bool(r["val_accuracy"] >= TUTORIAL_MIN_VAL and r["train_seconds"] <
                                         TUTORIAL_MAX_SECONDS and r["only_last_layers_trained"])
-    key = features.result.key if features is not None else None
+    key = features.result.cache.key if features is not None else None
     info = {"weights_sha256": key.weights_sha256 if key else "random-init",
             "preprocessing": json.loads(spec.preprocessing.to_json()),
             "extract_seconds": round(extract_seconds, 2),
@@ -279,7 +279,7 @@ def save_head(cfg: ExperimentConfig, f, head, r: dict) -> Path:
                                  "n_val", "cv_folds")}
     metrics |= {"fit_seconds": r["train_seconds"], "duplicate_files": f.duplicates.files,
                 "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    return save(head_bundle(f, head, metrics), cfg.out / "models" / f"{f.result.key.backbone}-{head.kind}")
+    return save(head_bundle(f, head, metrics), cfg.out / "models" / f"{f.result.cache.key.backbone}-{head.kind}")
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> list[list[int]]:

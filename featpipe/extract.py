@@ -1,21 +1,20 @@
 """`featpipe extract`: scan the data dir, open the cache for the backbone's key, let an engine (engine.py, or
-ray_engine.py) compute the rows the cache lacks, commit them, and say what the data dir holds now."""
+ray_engine.py) journal the rows the cache lacks, publish them as a shard, and say what the data dir holds now."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from featpipe import registry
 from featpipe import weights as W
-from featpipe.cache import Cache, CacheKey, Rows
+from featpipe.cache import Cache, CacheKey
 from featpipe.dataset import describe, require_every_class, scan
 from featpipe.engine import Engine, Member, StageTimer, user_error_if_disk_fails
 from featpipe.errors import UserError
+from featpipe.hardware import cpu_has_bf16, may_have_gpu
 
 DEFAULT_CACHE_DIR = Path("cache")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,12 +71,11 @@ class ExtractResult:
     stage_seconds: dict = field(default_factory=dict)
     data_dir: str = ""  # featpipe.dataset.describe: the absolute path, or shipped:<name>
     members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
-    key: CacheKey | None = field(default=None, repr=False)  # lets callers read the rows without re-hashing weights
-    rows: Rows | None = field(default=None, repr=False)  # the cache as committed: heads need not read it again
+    cache: Cache | None = field(default=None, repr=False)  # where the members' rows are (its key, no weights hashing)
 
     def to_json(self) -> dict:
-        """The --json object: every field but the per-image members, the cache key and rows (no deep copies)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "key", "rows")}
+        """The --json object: every field but the per-image members and the cache (no deep copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "cache")}
 
 
 def _weights_sha256(spec: registry.BackboneSpec, weights: Path | None) -> str:
@@ -90,57 +88,53 @@ def _weights_sha256(spec: registry.BackboneSpec, weights: Path | None) -> str:
     return weights_sha256(spec)
 
 
+def key_precision(cfg: ExtractConfig) -> str:
+    """The rows' precision, settled before any image needs the model (it names the cache): torch is imported
+    only where a GPU may be there to ask about."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if cfg.device == "cpu" or (cfg.device == "auto" and not may_have_gpu()):
+        return "bf16" if cpu_has_bf16() else "fp32"
+    from featpipe.embed import resolve_device, resolve_precision
+
+    return resolve_precision("auto", resolve_device(cfg.device))
+
+
 def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
     t0 = time.perf_counter()
     spec = registry.resolve(cfg.backbone)
     root, files, classes = scan(cfg.data_dir)
-    key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim)
+    cfg = replace(cfg, precision=key_precision(cfg))
+    key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim, cfg.precision)
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:
-        rows = cache.read()
-        known = set(rows.sha256)
-        engine = _make_engine(cfg, spec, key, timer)
-        new_rows, skipped, reused = engine.run(files, known, cache, progress)
-        final = _refresh(rows, new_rows, reused)
-        if cache.writable and (len(new_rows) or cache.journal.exists() or _labels_moved(rows, reused)):
-            with timer("commit"), user_error_if_disk_fails(cache.path):
-                cache.commit(final)
+        engine = _make_engine(cfg, spec, key, timer, cache.writable)
+        known = cache.hashes()
+        computed, skipped = engine.run(files, known, cache, progress)
+        with timer("commit"), user_error_if_disk_fails(cache.path):
+            cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
             engine.index.save(root)
-    present = set(final.sha256)
-    members = [m for m in engine.members if m.sha256 in present]
+    members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
+               if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
     seconds = time.perf_counter() - t0
     return ExtractResult(
-        images=len(files), computed=len(new_rows), reused=engine.reused_files, skipped=skipped,
+        images=len(files), computed=len(computed), reused=engine.reused_files, skipped=skipped,
         seconds=round(seconds, 4),
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
         precision=engine.precision, stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
-        members=members, key=key, rows=final,
+        members=members, cache=cache,
     )
 
 
-def _labels_moved(rows: Rows, reused: dict[str, tuple[str, str]]) -> bool:
-    index = {h: i for i, h in enumerate(rows.sha256)}
-    return any((rows.paths[index[h]], rows.labels[index[h]]) != pl for h, pl in reused.items())
-
-
-def _refresh(rows: Rows, new_rows: Rows, reused: dict[str, tuple[str, str]]) -> Rows:
-    """Committed rows + new ones, with each reused row's path/label updated to where the file is now."""
-    from featpipe.cache import merge
-
-    moved = Rows(list(reused), np.empty((0, rows.embeddings.shape[1]), np.float32),
-                 [p for p, _ in reused.values()], [lbl for _, lbl in reused.values()])
-    return merge(merge(rows, moved), new_rows)
-
-
-def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer) -> Engine:
+def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer, writable: bool) -> Engine:
     """The Ray engine swaps only the decode+forward stages; its module (and Ray) load only when asked for."""
     if cfg.engine == "ray":
         from featpipe.ray_engine import RayEngine
 
-        return RayEngine(cfg, spec, key, timer)
-    return Engine(cfg, spec, key, timer)
+        return RayEngine(cfg, spec, key, timer, writable)
+    return Engine(cfg, spec, key, timer, writable)

@@ -12,6 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
+from featpipe.cache import CorruptShard
 from featpipe.extract import ExtractConfig, ExtractResult
 from featpipe.splits import content_groups
 
@@ -69,29 +70,36 @@ def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> 
 
 
 def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
-    """Make sure the cache is complete (extracting what is missing), then gather the current images' rows."""
-    if progress:
-        from featpipe.progress import run_extract
-
-        result = run_extract(cfg)
-    else:
-        from featpipe.extract import extract
-
-        result = extract(cfg)
-    features = from_result(result)
+    """Make sure the cache is complete (extracting what is missing), then read the current images' rows. A shard
+    that fails its checksums while read is set aside by the cache: extracting once more recomputes its rows."""
+    for attempt in range(2):
+        result = _extract(cfg, progress)
+        try:
+            features = from_result(result)
+            break
+        except CorruptShard:
+            if attempt:
+                raise
     features.duplicates.report()
     return features
 
 
+def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
+    if progress:
+        from featpipe.progress import run_extract
+
+        return run_extract(cfg)
+    from featpipe.extract import extract
+
+    return extract(cfg)
+
+
 def from_result(result: ExtractResult) -> Features:
     """extract() refuses a class folder without a valid image, so the members' labels are every class folder.
-
-    The rows are the ones extract() just committed (it read and verified the whole cache already)."""
-    rows = result.rows
-    index = {h: i for i, h in enumerate(rows.sha256)}
+    Reads the embeddings of these images only, not the whole cache."""
     members = sorted(result.members, key=lambda m: m.path)  # path order: splits must not depend on hash order
     classes = sorted({m.label for m in members})
     label_id = {c: i for i, c in enumerate(classes)}
-    X = rows.embeddings[[index[m.sha256] for m in members]].astype(np.float32, copy=False)
+    X = result.cache.embeddings([m.sha256 for m in members])
     y = np.array([label_id[m.label] for m in members], dtype=np.int64)
     return Features(X, y, classes, [m.path for m in members], result, content_groups([m.sha256 for m in members]))

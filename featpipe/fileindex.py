@@ -3,8 +3,9 @@
 Like git's index: a file counts as unchanged when its size, inode, mtime and ctime all match what the last run
 recorded with its sha256. Every write sets ctime to the current time, and no tool can set it back, so a changed
 file is always read again. A file is only recorded when its ctime was RACY_SECONDS old as it was read: a write
-in the same timestamp tick as that read cannot then hide. The index is JSON beside the caches (shared by every
-backbone); losing or damaging it costs only hashing again.
+in the same timestamp tick as that read cannot then hide. The index is an SQLite table beside the caches (shared
+by every backbone; a run looks up and writes only its own files' records, never the whole index); losing or
+damaging it costs only hashing again.
 
 A file that failed to decode keeps its reason in its record, so an unchanged corrupt file is reported again
 without reading it (nor loading the model to find out). Reasons hold only for the decoders that gave them
@@ -14,76 +15,143 @@ decoder, every such file is tried again.
 
 from __future__ import annotations
 
-import json
 import os
+import sqlite3
+import sys
+import threading
 from pathlib import Path
 
-INDEX_NAME = "files.json"
+import numpy as np
+
+INDEX_NAME = "files.sqlite"
+FORMAT1_NAME = "files.json"  # format 1's index: a hint only, deleted by the first save
 RACY_SECONDS = 2  # above any filesystem's timestamp granularity (FAT's is 2 s)
-VERSION = 1
+FLUSH_ROWS = 10_000  # records held before they are written: memory stays bounded on a cold run of any size
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, mtime INTEGER, "
+           "ctime INTEGER, sha256 TEXT, reason TEXT, decoders TEXT) WITHOUT ROWID")
 
 
-def _stamp(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    ino = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino  # SQLite integers are signed 64-bit
+    return st.st_size, ino, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _key(path: Path) -> bytes:
+    return os.fsencode(os.path.abspath(path))  # bytes: a non-UTF-8 name is a valid key too
 
 
 class FileIndex:
-    def __init__(self, cache_dir: Path, decoders: str = "") -> None:
+    def __init__(self, cache_dir: Path, decoders: str = "", writable: bool = True) -> None:
         self.path = Path(cache_dir) / INDEX_NAME
-        self.decoders = decoders
-        self.old = self._load()
-        self.new: dict[str, list] = {}  # this run's records: [size, inode, mtime, ctime, sha256(, skip reason)]
+        self.decoders, self.writable = decoders, writable
+        self.seen: set[bytes] = set()  # files this run stat'ed: the records under its root to keep
+        self.reasons: dict[bytes, str] = {}  # unchanged files whose recorded decode failure still holds
+        self._rows: list[tuple] = []  # records to write
+        self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
+        self._lock = threading.Lock()  # the reader's threads share one connection
+        self._db = self._connect()
 
-    def _load(self) -> dict[str, list]:
+    def _connect(self) -> sqlite3.Connection | None:
+        if not self.writable and not self.path.exists():
+            return None
+        uri = f"file:{self.path}?mode={'rwc' if self.writable else 'ro'}"
         try:
-            data = json.loads(self.path.read_text())
-            files = data["files"] if data.get("version") == VERSION else {}
-            if not isinstance(files, dict):
-                return {}
-            if data.get("decoders") != self.decoders:  # reasons from other decoders: try those files again
-                files = {k: v[:5] if isinstance(v, list) else v for k, v in files.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
-        return files
+            db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+            if self.writable:
+                db.execute(_SCHEMA)
+            db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+            return db
+        except sqlite3.DatabaseError as e:
+            if self.writable and "locked" not in str(e):
+                print(f"featpipe: file index {self.path} is unreadable ({e}); starting a new one", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                return self._connect()
+            return None
+
+    def _query(self, sql: str, args: tuple) -> list:
+        if self._db is None:
+            return []
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError:
+                return []  # a damaged or busy index costs hashing again, never the run
 
     def unchanged(self, path: Path, st: os.stat_result) -> str | None:
-        """The sha256 recorded for this file if it is unchanged since then; kept for the next run too."""
-        key = os.path.abspath(path)
-        entry = self.old.get(key)
-        if isinstance(entry, list) and len(entry) in (5, 6) and entry[:4] == _stamp(st) and \
-                all(isinstance(x, str) for x in entry[4:]):
-            self.new[key] = entry
-            return entry[4]
-        return None
+        """The sha256 recorded for this file if it is unchanged since then."""
+        key = _key(path)
+        self.seen.add(key)
+        row = self._query("SELECT size, ino, mtime, ctime, sha256, reason, decoders FROM files WHERE path = ?",
+                          (key,))
+        if not row or tuple(row[0][:4]) != _stamp(st) or not isinstance(row[0][4], str):
+            return None
+        if row[0][5] and row[0][6] == self.decoders:
+            self.reasons[key] = row[0][5]
+        return row[0][4]
 
     def failure(self, path: Path) -> str | None:
         """Why this file failed last time, if unchanged() just found it unchanged and it did fail."""
-        entry = self.new.get(os.path.abspath(path))
-        return entry[5] if entry and len(entry) == 6 else None
+        return self.reasons.get(_key(path))
 
     def record_failure(self, path: Path, reason: str) -> None:
         """Keep why a recorded file could not be decoded (content-deterministic: same bytes, same decoders)."""
-        key = os.path.abspath(path)
-        if key in self.new:
-            self.new[key] = [*self.new[key][:5], reason]
+        self._queue(self._failures, (reason, self.decoders, _key(path)))
 
     def record(self, path: Path, st: os.stat_result, sha256: str, read_at_ns: int) -> None:
         """Remember a file hashed now; `st` was taken before reading it at `read_at_ns` (time.time_ns())."""
+        key = _key(path)
+        self.seen.add(key)
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
-            self.new[os.path.abspath(path)] = [*_stamp(st), sha256]
+            self._queue(self._rows, (key, *_stamp(st), sha256, None, None))
+
+    def _queue(self, pending: list, row: tuple) -> None:
+        with self._lock:
+            pending.append(row)
+            full = len(self._rows) + len(self._failures) >= FLUSH_ROWS
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, failures, self._rows, self._failures = self._rows, self._failures, [], []
+            if self._db is None or not self.writable or not (rows or failures):
+                return
+            try:
+                with self._db:
+                    self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._db.executemany("UPDATE files SET reason = ?, decoders = ? WHERE path = ?", failures)
+            except sqlite3.DatabaseError as e:
+                print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
 
     def save(self, root: Path) -> None:
-        """Records of this run, plus the old ones outside `root` (files under it that this run missed are gone)."""
-        inside = os.path.join(os.path.abspath(root), "")
-        files = {k: v for k, v in self.old.items() if not k.startswith(inside)} | self.new
-        if files == self.old:
-            return  # a warm run over unchanged files writes nothing
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"version": VERSION, "decoders": self.decoders, "files": files}))
-            os.replace(tmp, self.path)  # whole or not at all; concurrent runs: the last one wins
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        """Write this run's records; drop the records under `root` of files this run did not find."""
+        self.flush()
+        if self._db is None or not self.writable:
+            return
+        low = os.fsencode(os.path.join(os.path.abspath(root), ""))
+        high = low[:-1] + bytes([low[-1] + 1])  # every path that starts with "<root>/"
+        with self._lock:
+            try:
+                gone = [(p,) for (p,) in self._db.execute("SELECT path FROM files WHERE path >= ? AND path < ?",
+                                                          (low, high)) if p not in self.seen]
+                with self._db:
+                    self._db.executemany("DELETE FROM files WHERE path = ?", gone)
+            except sqlite3.DatabaseError as e:
+                print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
+        (self.path.parent / FORMAT1_NAME).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def indexed_hashes(cache_dir: Path) -> np.ndarray | None:
+    """Every sha256 the index refers to (S64), or None when there is no index to trust."""
+    index = FileIndex(cache_dir, writable=False)
+    rows = index._query("SELECT DISTINCT sha256 FROM files", ())
+    index.close()
+    return np.array([r[0] for r in rows], "S64") if rows else None
 
 
 def stat(path: Path) -> os.stat_result | None:

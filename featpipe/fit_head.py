@@ -73,7 +73,7 @@ def fit_and_score(f: Features, split: Split, cfg: HeadConfig, cv: int | None) ->
 
 def head_bundle(f: Features, head: Head, metrics: dict) -> Bundle:
     """A head fitted on cached features `f` as the bundle fit-head saves."""
-    key = f.result.key
+    key = f.result.cache.key
     return Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head, metrics, data=f.data())
 
 

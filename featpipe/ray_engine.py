@@ -1,7 +1,7 @@
 """`featpipe extract --engine ray`: decode + forward on a pool of Ray actors, everything else as in the local engine.
 
 The driver keeps the local engine's reader (read once, sha256, probe, cache lookup) and its single writer thread
-(Cache.append per batch, commit at the end); only the middle stage changes: instead of decoding and running the
+(Cache.append per batch, a shard published at the end); only the middle stage changes: instead of decoding and running the
 model in-process, it ships each batch of missing images' bytes to the least busy actor and passes (embedding,
 skip reason) results on as they finish. Actors build their model and decoder with the same `start_runtime`.
 
@@ -95,8 +95,8 @@ class RayEngine(Engine):
     Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray.
     """
 
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer):
-        super().__init__(cfg, spec, key, timer)
+    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, writable: bool = True):
+        super().__init__(cfg, spec, key, timer, writable)
         self.ray = _import_ray()
         if cfg.workers and not cfg.ray_address:  # now, not after the tens of seconds a local Ray takes to start
             _check_workers(cfg.workers, local_cpus(), None, gpu=False, where="this machine (a local Ray)")

@@ -363,7 +363,7 @@ def finetune(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, f
              "batchnorm": "inference mode (running statistics frozen)"}
     res = _result("finetune", model, images, cfg, device, precision, best_epoch, seconds + head_seconds, history,
                   hyper)
-    res.model_path = str(save_bundle(model, res, out, features.result.key.weights_sha256, features.classes,
+    res.model_path = str(save_bundle(model, res, out, features.result.cache.key.weights_sha256, features.classes,
                                      features.data(), {"finetuned": True}))
     return res
 

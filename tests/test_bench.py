@@ -63,3 +63,20 @@ def test_heads_bench_reports_every_procedure(tmp_path):
         assert x["seconds"] > 0 and 0.25 < x["test_accuracy"] <= 1
         assert ("c_search" in x) == x["procedure"].startswith("logistic")
     assert {"cpu", "cores_usable", "commit", "date"} <= set(r["machine"])
+
+
+def test_scale_bench_reports_every_figure(tmp_path):
+    """bench/scale.py at a toy size: every operation at every level, and what it added stays readable."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--rows", "3000", "--dim", "16",
+                           "--repeats", "1", "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for k in ("add_1k_seconds", "add_1k_peak_rss_mb", "lookup_seconds", "index_check_seconds", "compact_seconds"):
+        assert set(r[k]) == {"0", "3000"} and all(v > 0 for v in r[k].values()), (k, r[k])
+    assert set(r["read_1k_seconds"]) == {"3000"} and r["add_1k_ratio_top_vs_empty"] > 0
+    info = json.loads(subprocess.run([sys.executable, "-m", "featpipe", "cache", "info", "--cache-dir",
+                                      str(tmp_path / "w" / "cache-3000"), "--json"], capture_output=True,
+                                     text=True, cwd=REPO, check=True).stdout)
+    assert info["caches"][0]["rows"] == 3000 + 1000 and info["caches"][0]["shards"] == 1  # compacted

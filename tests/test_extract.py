@@ -18,6 +18,7 @@ from PIL import Image
 from featpipe import fileindex
 from featpipe.engine import decoders_version
 from tests.conftest import run_cli, run_json
+from tests.faults import faultkit as fk
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
         "decoder", "device", "precision"}
@@ -51,7 +52,7 @@ def test_changed_file_recomputes_exactly_one_and_moves_are_reused(tmp_path, smal
     assert (res["computed"], res["reused"]) == (1, 19)
     with h5py.File(res["cache_file"], "r") as f:
         paths = dict(zip(f["sha256"].asstr()[:], f["path"].asstr()[:]))
-    assert str(small_data / "animals" / "renamed.jpg") in paths.values()  # row refreshed to where it lives now
+    assert paths[fk.sha256_of(small_data / "animals" / "renamed.jpg")] == str(moved)  # shards are immutable
     assert len(paths) == 21  # the old version of the changed file stays cached (content-addressed)
 
 
@@ -138,7 +139,7 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, shipped, sig):
     deadline = time.time() + 120
     journal = None
     while time.time() < deadline and proc.poll() is None:  # kill once some batches are journaled
-        journal = next(cache.glob("*.journal"), None) if cache.exists() else None
+        journal = next(cache.rglob("journal-*.fpj"), None) if cache.exists() else None
         if journal is not None and journal.stat().st_size > 3 * 8 * 1280 * 4:
             break
         time.sleep(0.05)
@@ -149,7 +150,7 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, shipped, sig):
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "featpipe: error: interrupted", err
     res = run_json("extract", "--cache-dir", cache, "--decoder", "pil")
     assert 0 < res["reused"] < 196 and res["computed"] + res["reused"] == 196
-    assert len(read_h5(res["cache_file"])) == 196 and not list(cache.glob("*.journal"))
+    assert len(read_h5(res["cache_file"])) == 196 and not list(cache.rglob("journal-*"))
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, small_data):

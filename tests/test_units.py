@@ -1,17 +1,19 @@
-"""Fast, in-process unit tests of the formats: the cache (HDF5 + journal), the file index, the model bundle.
+"""Fast, in-process unit tests of the formats: the cache (shards, table, journals), the file index, the model bundle.
 Real files, real h5py and safetensors; no subprocess, no model."""
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 
+import h5py
 import numpy as np
 import pytest
 
 from featpipe import bundle as B
-from featpipe.cache import Cache, CacheKey, Rows, merge
+from featpipe.cache import Cache, CacheKey, Hashes, Rows
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.heads import Head
@@ -22,7 +24,7 @@ KEY = CacheKey("mobilenet_v2", "ab" * 32, Preprocessing(256, 224, (0.5,) * 3, (0
 
 def rows(n: int, start: int = 0) -> Rows:
     ids = range(start, start + n)
-    emb = np.random.default_rng(start).standard_normal((n, 4)).astype(np.float32)
+    emb = np.array([[i, i + 0.5, -i, np.sin(i)] for i in ids], np.float32).reshape(n, 4)  # a row is its id's
     return Rows([f"{i:064x}" for i in ids], emb, [f"/d/c{i % 2}/{i}.jpg" for i in ids], [f"c{i % 2}" for i in ids])
 
 
@@ -31,34 +33,149 @@ def same(a: Rows, b: Rows) -> bool:
         np.array_equal(a.embeddings, b.embeddings)
 
 
-def test_cache_commit_read_and_journal(tmp_path):
-    """Committed rows read back exactly; appended rows (the journal) are seen by the next reader before any
-    commit, as after a killed run."""
+def table(cache: Cache) -> dict:
+    """The table as plain h5py sees it (the README's snippet)."""
+    with h5py.File(cache.path, "r") as f:
+        return {k: f[k][:] for k in ("embeddings", "sha256", "path", "label")}
+
+
+def test_cache_publishes_shards_that_h5py_reads_as_one_table(tmp_path):
+    """Rows journaled then published read back exactly, through Cache and through the virtual table; a second
+    run adds a shard and never rewrites the first."""
     with Cache(tmp_path, KEY) as c:
-        c.commit(rows(5))
+        c.append(rows(3))
+        c.append(rows(2, start=3))
+        c.publish()
+        first = sorted(c.dir.glob("*.h5"))
     with Cache(tmp_path, KEY) as c:
-        assert same(c.read(), rows(5))
-        c.append(rows(3, start=5))
-    with Cache(tmp_path, KEY) as c:  # a new run: committed rows + the journal's
-        assert same(c.read(), merge(rows(5), rows(3, start=5)))
-        c.commit(c.read())
-    assert (tmp_path / KEY.filename()).exists() and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+        assert sorted(c.read().sha256) == rows(5).sha256
+        c.append(rows(4, start=5))
+        c.publish()
+        assert len(c.shards()) == 2 and first[0].stat().st_mtime_ns == os.stat(first[0]).st_mtime_ns
+    t = table(Cache(tmp_path, KEY))
+    want = rows(9)
+    order = np.argsort(t["sha256"])
+    assert [h.decode() for h in t["sha256"][order]] == want.sha256
+    np.testing.assert_array_equal(t["embeddings"][order], want.embeddings)
+    assert [p.decode() for p in t["path"][order]] == want.paths
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("journal-*"))
 
 
-def test_cache_keys_do_not_share_rows(tmp_path):
-    other = CacheKey(KEY.backbone, "cd" * 32, KEY.preprocessing, KEY.dim)
+def test_a_dead_writers_journal_is_read_and_then_published(tmp_path):
+    """A writer that never publishes (a SIGKILL: its flock goes with it) leaves rows every reader sees; the next
+    writer to open the cache publishes them and deletes the journal."""
+    dead = Cache(tmp_path, KEY).open()
+    dead.append(rows(3))
+    live = Cache(tmp_path, KEY).open()  # the dead writer is still alive here: its journal is not taken
+    assert len(list(live.dir.glob("journal-*.fpj"))) == 1 and len(live.shards()) == 0
+    dead.close()
+    assert sorted(Cache(tmp_path, KEY).read().sha256) == rows(3).sha256  # a reader, before anyone publishes
     with Cache(tmp_path, KEY) as c:
-        c.commit(rows(2))
-    with Cache(tmp_path, other) as c:
-        assert len(c.read()) == 0
-    assert KEY.filename() != other.filename()
+        assert len(c.shards()) == 1 and not list(c.dir.glob("journal-*"))
+        assert sorted(c.read().sha256) == rows(3).sha256
 
 
-def test_merge_keeps_one_row_per_hash_and_the_newer_place():
-    a, b = rows(3), rows(2, start=2)
-    b.paths[0] = "/d/moved.jpg"
-    m = merge(a, b)
-    assert m.sha256 == a.sha256 + b.sha256[1:] and m.paths[2] == "/d/moved.jpg"
+def test_embeddings_reads_the_rows_asked_for_in_their_order(tmp_path):
+    with Cache(tmp_path, KEY) as c:
+        c.append(rows(6))
+        c.publish()
+        c.append(rows(2, start=6))  # still in the journal
+        ask = [rows(8).sha256[i] for i in (7, 0, 3, 3, 5)]
+        np.testing.assert_array_equal(c.embeddings(ask), rows(8).embeddings[[7, 0, 3, 3, 5]])
+        with pytest.raises(KeyError):
+            c.embeddings([f"{99:064x}"])
+        known = c.hashes()
+        assert all(h in known for h in rows(8).sha256) and f"{99:064x}" not in known and None not in known
+
+
+def test_concurrent_writers_never_publish_a_hash_twice(tmp_path):
+    """Two writers open the same key, both embed rows 2-4 (same images at once): each hash is in one shard."""
+    a, b = Cache(tmp_path, KEY).open(), Cache(tmp_path, KEY).open()
+    a.append(rows(5))
+    b.append(rows(5, start=2))
+    b.publish()
+    a.publish()
+    t = table(Cache(tmp_path, KEY))
+    assert sorted(h.decode() for h in t["sha256"]) == rows(7).sha256 and len(a.shards()) == 2
+
+
+def test_keys_differ_by_weights_and_by_precision(tmp_path):
+    from dataclasses import replace
+
+    with Cache(tmp_path, KEY) as c:
+        c.append(rows(2))
+        c.publish()
+    for other in (replace(KEY, weights_sha256="cd" * 32), replace(KEY, precision="bf16")):
+        with Cache(tmp_path, other) as c:
+            assert len(c.read()) == 0 and c.path != Cache(tmp_path, KEY).path
+
+
+def test_compact_merges_small_shards_and_drops_unreferenced_rows(tmp_path):
+    for start in (0, 3, 6):
+        with Cache(tmp_path, KEY) as c:
+            c.append(rows(3, start=start))
+            c.publish()
+    c = Cache(tmp_path, KEY).open()
+    old = set(c.shards())
+    live = Hashes(np.array(rows(8).sha256, "S64"))  # row 8 no longer referenced
+    out = c.compact(live)
+    assert (out["shards"], out["shards_after"], out["dropped_rows"]) == (3, 1, 1)
+    assert not old & set(p.name for p in c.dir.glob("*.h5"))
+    assert sorted(h.decode() for h in table(c)["sha256"]) == rows(8).sha256
+    assert c.compact(live)["shards_after"] == 1  # nothing left to do
+
+
+def test_files_the_manifest_does_not_list_are_never_read_and_are_deleted(tmp_path):
+    """A compact killed after writing its shard but before switching the table leaves a shard of rows the live
+    shards hold too: no reader counts them twice, and the next publish deletes the file."""
+    with Cache(tmp_path, KEY) as c:
+        c.append(rows(3))
+        c.publish()
+        stray = c.dir / "00000000000000000001-deadbeef.h5"
+        stray.write_bytes(next(c.dir.glob("*.h5")).read_bytes())
+        (c.dir / "x.h5.tmp").write_bytes(b"half")
+        assert len(c.read()) == 3
+        c.append(rows(1, start=3))
+        c.publish()
+    assert not stray.exists() and not list(c.dir.glob("*.tmp")) and len(table(c)["sha256"]) == 4
+
+
+def test_a_corrupt_shard_is_set_aside_alone(tmp_path, capsys):
+    for start in (0, 3):
+        with Cache(tmp_path, KEY) as c:
+            c.append(rows(3, start=start))
+            c.publish()
+    bad = Cache(tmp_path, KEY).shards()[0]
+    path = Cache(tmp_path, KEY).dir / bad
+    path.write_bytes(path.read_bytes()[:1000])
+    with Cache(tmp_path, KEY) as c:
+        assert len(c.hashes()) == 3 and bad not in c.shards()
+    assert "is corrupt" in capsys.readouterr().err and list(c.dir.glob(f"{bad}.corrupt-*"))
+
+
+def test_the_table_is_rebuilt_from_the_shards(tmp_path):
+    with Cache(tmp_path, KEY) as c:
+        c.append(rows(4))
+        c.publish()
+    c.path.write_bytes(b"not hdf5")
+    with Cache(tmp_path, KEY) as c:
+        assert sorted(c.read().sha256) == rows(4).sha256
+    assert len(table(c)["sha256"]) == 4
+
+
+def test_a_format1_file_is_converted_on_first_open(tmp_path, capsys):
+    old = tmp_path / KEY.format1_name()
+    r = rows(5)
+    with h5py.File(old, "w") as f:  # format 1's layout (README of featpipe 0.x)
+        for k, v in {**KEY.attrs(), "format_version": 1}.items():
+            if k != "precision":
+                f.attrs[k] = v
+        f["embeddings"], f["sha256"] = r.embeddings, np.array(r.sha256, "S64")
+        f.create_dataset("path", data=np.array([p.encode() for p in r.paths], object), dtype=h5py.string_dtype())
+        f.create_dataset("label", data=np.array([x.encode() for x in r.labels], object), dtype=h5py.string_dtype())
+    with Cache(tmp_path, KEY) as c:
+        assert sorted(c.read().sha256) == r.sha256 and not old.exists()
+    assert "converted cache" in capsys.readouterr().err
 
 
 def test_file_index_remembers_unchanged_files_only(tmp_path):
@@ -75,7 +192,12 @@ def test_file_index_remembers_unchanged_files_only(tmp_path):
     assert again.unchanged(f, os.stat(f)) == "h1"
     g.write_bytes(b"changed!")
     assert again.unchanged(g, os.stat(g)) is None  # size and times moved: read it again
-    assert json.loads((cache / again.path.name).read_text())["decoders"] == "v1"
+    third = FileIndex(cache, "v1")
+    assert third.unchanged(f, os.stat(f)) == "h1"
+    g.unlink()
+    third.save(data)  # a run that did not find g: its record goes, f's stays
+    with sqlite3.connect(third.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (1,)
 
 
 def test_file_index_drops_a_failure_recorded_by_other_decoders(tmp_path):

@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from featpipe.cache import Cache, CacheKey, Rows
+from featpipe.cache import Cache, CacheKey, Rows, tables
+from featpipe.extract import ExtractConfig, key_precision
 from featpipe.registry import resolve
 from featpipe.weights import known_sha256
 
@@ -95,12 +96,18 @@ def rgba_png(im: Image.Image) -> bytes:
 
 
 def cache_for(cache_dir: Path, backbone: str = "mobilenet_v2") -> Cache:
-    spec = resolve(backbone)
-    return Cache(cache_dir, CacheKey(spec.name, known_sha256(spec), spec.preprocessing, spec.dim))
+    """The one cache of this backbone under cache_dir (whatever precision the run chose)."""
+    keys = [k for _, k in tables(cache_dir) if k is not None and k.backbone == backbone]
+    assert len(keys) <= 1, keys
+    if keys:
+        return Cache(cache_dir, keys[0])
+    spec = resolve(backbone)  # no table yet (a run killed before its first publish): the key a default run uses
+    precision = key_precision(ExtractConfig())
+    return Cache(cache_dir, CacheKey(spec.name, known_sha256(spec), spec.preprocessing, spec.dim, precision))
 
 
 def read_rows(cache_dir: Path, backbone: str = "mobilenet_v2") -> Rows:
-    """Every committed row: the .h5 plus any journal a killed run left (what the next run will start from)."""
+    """Every row a reader sees: the live shards plus any journal a killed run left."""
     return cache_for(cache_dir, backbone).read()
 
 
