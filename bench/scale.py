@@ -31,7 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from featpipe.cache import SHARD_ROWS, Cache, CacheKey, Rows
+from featpipe.cache import SHARD_ROWS, Cache, CacheKey
+from featpipe.rows import Rows
 from featpipe.cache_admin import compact
 from featpipe.fileindex import FileIndex
 from featpipe.preprocess import Preprocessing

@@ -25,12 +25,9 @@ import fcntl
 import json
 import os
 import shutil
-import socket
-import struct
 import sys
 import time
 import uuid
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +36,14 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from featpipe import __version__
+from featpipe import __version__, journal
 from featpipe.errors import UserError, first_line
 from featpipe.preprocess import Preprocessing
+from featpipe.rows import Rows
 
 FORMAT_VERSION = 2
 SHARD_ROWS = 65536  # a shard's rows: few files at 10^7 images, and one shard held in memory stays ~0.3 GiB
 CHUNK_ROWS = 16  # embeddings chunk: reading one row reads (and checksums) this many, not a whole shard
-_MAGIC = b"FPJ1"
-_HEADER = struct.Struct("<4sII")  # magic, payload length, crc32(payload)
 _STRINGS = h5py.string_dtype("utf-8")
 
 
@@ -68,28 +64,6 @@ class CacheKey:
     def attrs(self) -> dict:
         return {"backbone": self.backbone, "weights_sha256": self.weights_sha256,
                 "preprocessing": self.preprocessing.to_json(), "dim": self.dim, "precision": self.precision}
-
-
-@dataclass
-class Rows:
-    """Column-wise rows: sha256 hex, embedding, path (where the file was when embedded), label (its class folder)."""
-
-    sha256: list[str]
-    embeddings: np.ndarray
-    paths: list[str]
-    labels: list[str]
-
-    @classmethod
-    def empty(cls, dim: int) -> "Rows":
-        return cls([], np.empty((0, dim), np.float32), [], [])
-
-    def __len__(self) -> int:
-        return len(self.sha256)
-
-    def take(self, idx) -> "Rows":
-        idx = np.asarray(idx, np.int64)
-        return Rows([self.sha256[i] for i in idx], self.embeddings[idx], [self.paths[i] for i in idx],
-                    [self.labels[i] for i in idx])
 
 
 class Hashes:
@@ -280,7 +254,7 @@ class Cache:
                 out[hit] = self._read_rows(name, pos[hit])
                 found |= hit
         if not found.all():
-            rows = _concat(self._journal_rows_all(), self.key.dim)
+            rows = Rows.concat(self._journal_rows_all(), self.key.dim)
             index = {h: i for i, h in enumerate(rows.sha256)}
             for i in np.flatnonzero(~found):
                 j = index.get(want[i].decode())
@@ -313,7 +287,7 @@ class Cache:
                                       _os_strings(f["path"][:]), _os_strings(f["label"][:])))
             except OSError as e:
                 self.set_aside(name, e)
-        return _unique(_concat(parts + self._journal_rows_all(), self.key.dim))
+        return Rows.concat(parts + self._journal_rows_all(), self.key.dim).unique()
 
     def set_aside(self, name: str, why: Exception) -> None:
         """Move a broken shard out of the manifest and out of the way; its rows are recomputed when next needed."""
@@ -340,38 +314,22 @@ class Cache:
             raise UserError(f"cache dir {self.root} is not writable and this run has new images to embed; "
                             f"pass --cache-dir to a writable folder")
         if self._journal_fh is None:
-            self._journal, self._journal_fh = self._new_journal()
-        self._journal_fh.write(_record(rows))
+            self._journal, self._journal_fh = journal.create(self.dir)
+        self._journal_fh.write(journal.encode(rows))
         self._journal_fh.flush()
         self._journal_rows += len(rows)
         if self._journal_rows >= SHARD_ROWS:
             self.publish()
 
-    def _new_journal(self):
-        """Locked before it gets its name, so no other writer ever takes a live journal for a dead one's."""
-        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp = self.dir / f".journal-{tag}.tmp"
-        fh = open(tmp, "ab")
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        final = self.dir / f"journal-{tag}.fpj"
-        os.replace(tmp, final)
-        return final, fh
-
     def _journal_rows_all(self) -> list[Rows]:
-        return [r for p in sorted(self.dir.glob("journal-*.fpj")) for r in _journal_records(p, self.key.dim)[0]]
+        return [r for p in sorted(self.dir.glob(journal.PATTERN)) for r in journal.read(p, self.key.dim)]
 
     def _adopt_journals(self) -> None:
         """Publish the journals whose writers are gone (their flock is free); called under the publish lock."""
-        for p in self.dir.glob(".journal-*.tmp"):
-            _unlink_if_unlocked(p)
-        dead = []
-        for p in sorted(self.dir.glob("journal-*.fpj")):
-            fd = _try_lock(p)
-            if fd is not None:
-                dead.append((p, fd))
+        dead = journal.dead(self.dir)
         if not dead:
             return
-        rows = _concat([r for p, _ in dead for r in _journal_records(p, self.key.dim)[0]], self.key.dim)
+        rows = Rows.concat([r for p, _ in dead for r in journal.read(p, self.key.dim)], self.key.dim)
         self._publish_rows(rows, self._held())
         for p, fd in dead:
             p.unlink(missing_ok=True)
@@ -382,7 +340,7 @@ class Cache:
         """This writer's journal becomes a shard (if it holds rows no shard has since gained), then is deleted."""
         if self._journal_fh is None:
             return
-        rows = _concat(_journal_records(self._journal, self.key.dim)[0], self.key.dim)
+        rows = Rows.concat(journal.read(self._journal, self.key.dim), self.key.dim)
         with self._publish_lock():
             newer = [n for n in self.shards() if n not in self._seen]
             held = Hashes(np.concatenate([self._sha256(n) for n in newer] or [np.empty(0, "S64")]))
@@ -394,7 +352,7 @@ class Cache:
 
     def _publish_rows(self, rows: Rows, held: Hashes) -> None:
         """Shards of the rows `held` lacks, then the table listing them (under the publish lock)."""
-        rows = _unique(rows)
+        rows = rows.unique()
         rows = rows.take(np.flatnonzero(~held.isin(np.array(rows.sha256, "S64")))) if len(rows) else rows
         manifest = self._manifest()
         live = {n for n, _ in manifest}
@@ -483,7 +441,7 @@ class Cache:
     # ---- maintenance ---------------------------------------------------------------------------------------
     def info(self) -> dict:
         manifest = self._manifest()
-        files = [self.path, *(self.dir / n for n, _ in manifest), *self.dir.glob("journal-*.fpj")]
+        files = [self.path, *(self.dir / n for n, _ in manifest), *self.dir.glob(journal.PATTERN)]
         return {"key": self.key.name(), "backbone": self.key.backbone, "precision": self.key.precision,
                 "dim": self.key.dim, "weights_sha256": self.key.weights_sha256, "table": str(self.path),
                 "rows": sum(r for _, r in manifest), "shards": len(manifest),
@@ -524,7 +482,7 @@ class Cache:
                 continue
             if live is not None and name not in spare:
                 rows = rows.take(np.flatnonzero(live.isin(np.array(rows.sha256, "S64"))))
-            pending = _concat([pending, rows], self.key.dim)
+            pending = Rows.concat([pending, rows], self.key.dim)
             while len(pending) >= SHARD_ROWS:
                 out.append(self._write_shard(pending.take(range(SHARD_ROWS))))
                 pending = pending.take(range(SHARD_ROWS, len(pending)))
@@ -535,7 +493,7 @@ class Cache:
     # ---- format 1 ------------------------------------------------------------------------------------------
     def _convert_format1(self, legacy: Path) -> None:
         """Today's shards from a format-1 file (and its journal), read SHARD_ROWS rows at a time; then it goes."""
-        journal = legacy.with_suffix(".journal")
+        format1_journal = legacy.with_suffix(".journal")
         n = 0
         try:
             with h5py.File(legacy, "r") as f:
@@ -554,12 +512,12 @@ class Cache:
             os.replace(legacy, aside)
             print(f"featpipe: cache {legacy.name} is corrupt ({type(e).__name__}: {first_line(e)[:120]}); moved to "
                   f"{aside.name}, rebuilding", file=sys.stderr)
-        rows = _concat(_journal_records(journal, self.key.dim)[0], self.key.dim)
+        rows = Rows.concat(journal.read(format1_journal, self.key.dim), self.key.dim)
         self._publish_rows(rows, self._held())
         print(f"featpipe: converted cache {legacy.name} (format 1, {n + len(rows)} rows) to format 2: "
               f"{self.path.name} and its shards in {self.dir.name}/", file=sys.stderr)
         legacy.unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)
+        format1_journal.unlink(missing_ok=True)
         legacy.with_suffix(".lock").unlink(missing_ok=True)
 
     def _held(self) -> Hashes:
@@ -579,53 +537,9 @@ def tables(cache_dir: Path) -> Iterator[tuple[Path, CacheKey | None]]:
         yield p, key
 
 
-def _record(rows: Rows) -> bytes:
-    meta = json.dumps({"sha256": rows.sha256, "path": rows.paths, "label": rows.labels}).encode()
-    payload = struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(rows.embeddings, np.float32).tobytes()
-    return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _journal_records(path: Path, dim: int) -> tuple[list[Rows], int]:
-    """A journal's whole records, and the byte length they fill. Parsing stops at the first record that is torn
-    (a kill mid-write, a full disk) or does not parse: everything before it is whole."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    pos, parts = 0, []
-    while pos + _HEADER.size <= len(data):
-        magic, n, crc = _HEADER.unpack_from(data, pos)
-        payload = data[pos + _HEADER.size: pos + _HEADER.size + n]
-        if magic != _MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
-            break
-        try:
-            parts.append(_parse_record(payload, dim))
-        except (ValueError, KeyError, TypeError, struct.error):
-            break
-        pos += _HEADER.size + n
-    return parts, pos
 
-
-def _parse_record(payload: bytes, dim: int) -> Rows:
-    (mlen,) = struct.unpack_from("<I", payload)
-    meta = json.loads(payload[4:4 + mlen])
-    emb = np.frombuffer(payload[4 + mlen:], np.float32).reshape(-1, dim)
-    if not len(meta["sha256"]) == len(meta["path"]) == len(meta["label"]) == len(emb):
-        raise ValueError("record columns differ in length")
-    return Rows(meta["sha256"], emb, meta["path"], meta["label"])
-
-
-def _concat(parts: list[Rows], dim: int) -> Rows:
-    if not parts:
-        return Rows.empty(dim)
-    return Rows([h for p in parts for h in p.sha256], np.concatenate([p.embeddings for p in parts]),
-                [x for p in parts for x in p.paths], [x for p in parts for x in p.labels])
-
-
-def _unique(rows: Rows) -> Rows:
-    """The first row of each hash (shards come before journals, so a published row wins)."""
-    _, first = np.unique(np.array(rows.sha256, "S64"), return_index=True)
-    return rows if len(first) == len(rows) else rows.take(np.sort(first))
 
 
 def _set_attrs(f: h5py.File, key: CacheKey) -> None:
@@ -647,25 +561,6 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _try_lock(path: Path) -> int | None:
-    """An fd holding path's flock, or None when a live writer holds it (or it is gone)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
-
-
-def _unlink_if_unlocked(path: Path) -> None:
-    fd = _try_lock(path)
-    if fd is not None:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _os_bytes(names: list[str]) -> np.ndarray:

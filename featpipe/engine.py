@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from featpipe import fileindex
-from featpipe.cache import Cache, CacheKey, Hashes, Rows
+from featpipe.cache import Cache, CacheKey, Hashes
+from featpipe.rows import Rows
 from featpipe.dataset import ImageFile
 from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from featpipe import bundle as B
-from featpipe.cache import Cache, CacheKey, Hashes, Rows
+from featpipe.cache import Cache, CacheKey, Hashes
+from featpipe.rows import Rows
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.heads import Head

@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from featpipe.cache import Cache, CacheKey, Rows, tables
+from featpipe.cache import Cache, CacheKey, tables
+from featpipe.rows import Rows
 from featpipe.extract import ExtractConfig, key_precision
 from featpipe.registry import resolve
 from featpipe.weights import known_sha256

@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.cache import Cache, Rows
+from featpipe.cache import Cache
+from featpipe.rows import Rows
 from featpipe.extract import ExtractConfig, extract
 from featpipe.features import load_features
 from tests.conftest import make_subset, run_cli, run_json

@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from featpipe.cache import Cache, Rows
+from featpipe.cache import Cache
+from featpipe.rows import Rows
 
 from tests.conftest import FULL, make_subset, run_json
 from tests.faults import faultkit as fk

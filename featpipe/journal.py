@@ -1,0 +1,97 @@
+"""A writer's journal: append-only, one CRC-checked record per batch, flushed per batch, locked by its writer.
+
+The writer holds an flock on its journal for as long as it lives; the kernel drops it with the process, so a
+journal whose lock can be taken belongs to a dead writer and may be published by anyone (cache.py does)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import struct
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.rows import Rows
+
+MAGIC = b"FPJ1"
+HEADER = struct.Struct("<4sII")  # magic, payload length, crc32(payload)
+PATTERN = "journal-*.fpj"
+
+
+def encode(rows: Rows) -> bytes:
+    meta = json.dumps({"sha256": rows.sha256, "path": rows.paths, "label": rows.labels}).encode()
+    payload = struct.pack("<I", len(meta)) + meta + np.ascontiguousarray(rows.embeddings, np.float32).tobytes()
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def read(path: Path, dim: int) -> list[Rows]:
+    """A journal's whole records. Parsing stops at the first record that is torn (a kill mid-write, a full disk)
+    or does not parse: everything before it is whole."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    pos, parts = 0, []
+    while pos + HEADER.size <= len(data):
+        magic, n, crc = HEADER.unpack_from(data, pos)
+        payload = data[pos + HEADER.size: pos + HEADER.size + n]
+        if magic != MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
+            break
+        try:
+            parts.append(_parse(payload, dim))
+        except (ValueError, KeyError, TypeError, struct.error):
+            break
+        pos += HEADER.size + n
+    return parts
+
+
+def _parse(payload: bytes, dim: int) -> Rows:
+    (mlen,) = struct.unpack_from("<I", payload)
+    meta = json.loads(payload[4:4 + mlen])
+    emb = np.frombuffer(payload[4 + mlen:], np.float32).reshape(-1, dim)
+    if not len(meta["sha256"]) == len(meta["path"]) == len(meta["label"]) == len(emb):
+        raise ValueError("record columns differ in length")
+    return Rows(meta["sha256"], emb, meta["path"], meta["label"])
+
+
+def create(folder: Path):
+    """(path, open file) of a new journal, locked before it gets its name: no other writer ever takes a live
+    journal for a dead one's."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder / f".journal-{tag}.tmp"
+    fh = open(tmp, "ab")
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    final = folder / f"journal-{tag}.fpj"
+    os.replace(tmp, final)
+    return final, fh
+
+
+def dead(folder: Path) -> list[tuple[Path, int]]:
+    """The journals whose writers are gone, each with an fd holding its lock (close it after deleting the file).
+    Leftover unnamed ones (a writer killed between creating and naming its journal) are deleted."""
+    for p in folder.glob(".journal-*.tmp"):
+        fd = try_lock(p)
+        if fd is not None:
+            p.unlink(missing_ok=True)
+            os.close(fd)
+    found = [(p, try_lock(p)) for p in sorted(folder.glob(PATTERN))]
+    return [(p, fd) for p, fd in found if fd is not None]
+
+
+def try_lock(path: Path) -> int | None:
+    """An fd holding path's flock, or None when a live writer holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
