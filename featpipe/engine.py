@@ -101,7 +101,7 @@ class Engine:
     DALI or loads weights. Queues are bounded, so memory holds a few batches whatever the dataset size.
     """
 
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, writable: bool = True):  # cfg: ExtractConfig
+    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, index: fileindex.FileIndex):  # cfg: ExtractConfig
         self.cfg, self.spec, self.key, self.timer = cfg, spec, key, timer
         self.decoder_name, self.device_name, self.precision = "none", "none", "none"
         self.skipped: list[dict] = []
@@ -113,7 +113,7 @@ class Engine:
         self.members: list[Member] = []
         self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
         self.model_waiting = threading.Event()
-        self.index = fileindex.FileIndex(cfg.cache_dir, decoders_version(cfg.decoder), writable)
+        self.index = index
 
     def run(self, files: list[ImageFile], known: Hashes, cache: Cache, progress):
         """Journal a row for every image `known` lacks; returns (hashes computed, skipped)."""

@@ -12,8 +12,9 @@ from featpipe import registry
 from featpipe import weights as W
 from featpipe.cache import Cache, CacheKey
 from featpipe.dataset import describe, require_every_class, scan
-from featpipe.engine import Engine, Member, StageTimer, user_error_if_disk_fails
+from featpipe.engine import Engine, Member, StageTimer, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
+from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
 
 DEFAULT_CACHE_DIR = Path("cache")
@@ -110,13 +111,14 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:
-        engine = _make_engine(cfg, spec, key, timer, cache.writable)
+        index = FileIndex(cfg.cache_dir, root, decoders_version(cfg.decoder), cache.writable)
+        engine = _make_engine(cfg, spec, key, timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
         with timer("commit"), user_error_if_disk_fails(cache.path):
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
-            engine.index.save(root)
+            index.save()
     members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
                if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
@@ -131,10 +133,10 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     )
 
 
-def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer, writable: bool) -> Engine:
+def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer, index: FileIndex) -> Engine:
     """The Ray engine swaps only the decode+forward stages; its module (and Ray) load only when asked for."""
     if cfg.engine == "ray":
         from featpipe.ray_engine import RayEngine
 
-        return RayEngine(cfg, spec, key, timer, writable)
-    return Engine(cfg, spec, key, timer, writable)
+        return RayEngine(cfg, spec, key, timer, index)
+    return Engine(cfg, spec, key, timer, index)

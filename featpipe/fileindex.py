@@ -41,7 +41,10 @@ def _key(path: Path) -> bytes:
 
 
 class FileIndex:
-    def __init__(self, cache_dir: Path, decoders: str = "", writable: bool = True) -> None:
+    """The records of the files under `root` (one range query: a dict lookup per file beats a query per file
+    five-fold), and this run's changes to them."""
+
+    def __init__(self, cache_dir: Path, root: Path, decoders: str = "", writable: bool = True) -> None:
         self.path = Path(cache_dir) / INDEX_NAME
         self.decoders, self.writable = decoders, writable
         self.seen: set[bytes] = set()  # files this run stat'ed: the records under its root to keep
@@ -50,6 +53,11 @@ class FileIndex:
         self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
         self._lock = threading.Lock()  # the reader's threads share one connection
         self._db = self._connect()
+        self.low = os.fsencode(os.path.join(os.path.abspath(root), ""))
+        self.high = self.low[:-1] + bytes([self.low[-1] + 1])  # every path that starts with "<root>/"
+        self.old = {r[0]: r[1:] for r in self._query("SELECT path, size, ino, mtime, ctime, sha256, reason, "
+                                                     "decoders FROM files WHERE path >= ? AND path < ?",
+                                                     (self.low, self.high))}
 
     def _connect(self) -> sqlite3.Connection | None:
         if not self.writable and not self.path.exists():
@@ -81,13 +89,12 @@ class FileIndex:
         """The sha256 recorded for this file if it is unchanged since then."""
         key = _key(path)
         self.seen.add(key)
-        row = self._query("SELECT size, ino, mtime, ctime, sha256, reason, decoders FROM files WHERE path = ?",
-                          (key,))
-        if not row or tuple(row[0][:4]) != _stamp(st) or not isinstance(row[0][4], str):
+        row = self.old.get(key)
+        if not row or tuple(row[:4]) != _stamp(st) or not isinstance(row[4], str):
             return None
-        if row[0][5] and row[0][6] == self.decoders:
-            self.reasons[key] = row[0][5]
-        return row[0][4]
+        if row[5] and row[6] == self.decoders:
+            self.reasons[key] = row[5]
+        return row[4]
 
     def failure(self, path: Path) -> str | None:
         """Why this file failed last time, if unchanged() just found it unchanged and it did fail."""
@@ -123,17 +130,14 @@ class FileIndex:
             except sqlite3.DatabaseError as e:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
 
-    def save(self, root: Path) -> None:
-        """Write this run's records; drop the records under `root` of files this run did not find."""
+    def save(self) -> None:
+        """Write this run's records; drop the records under root of files this run did not find."""
         self.flush()
         if self._db is None or not self.writable:
             return
-        low = os.fsencode(os.path.join(os.path.abspath(root), ""))
-        high = low[:-1] + bytes([low[-1] + 1])  # every path that starts with "<root>/"
+        gone = [(p,) for p in self.old if p not in self.seen]
         with self._lock:
             try:
-                gone = [(p,) for (p,) in self._db.execute("SELECT path FROM files WHERE path >= ? AND path < ?",
-                                                          (low, high)) if p not in self.seen]
                 with self._db:
                     self._db.executemany("DELETE FROM files WHERE path = ?", gone)
             except sqlite3.DatabaseError as e:
@@ -148,10 +152,16 @@ class FileIndex:
 
 def indexed_hashes(cache_dir: Path) -> np.ndarray | None:
     """Every sha256 the index refers to (S64), or None when there is no index to trust."""
-    index = FileIndex(cache_dir, writable=False)
-    rows = index._query("SELECT DISTINCT sha256 FROM files", ())
-    index.close()
-    return np.array([r[0] for r in rows], "S64") if rows else None
+    path = Path(cache_dir) / INDEX_NAME
+    if not path.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60) as db:
+            rows = db.execute("SELECT DISTINCT sha256 FROM files")
+            hashes = np.fromiter((r[0].encode() for r in rows), dtype="S64")
+    except sqlite3.DatabaseError:
+        return None
+    return hashes if len(hashes) else None
 
 
 def stat(path: Path) -> os.stat_result | None:

@@ -95,8 +95,8 @@ class RayEngine(Engine):
     Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray.
     """
 
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, writable: bool = True):
-        super().__init__(cfg, spec, key, timer, writable)
+    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, index):
+        super().__init__(cfg, spec, key, timer, index)
         self.ray = _import_ray()
         if cfg.workers and not cfg.ray_address:  # now, not after the tens of seconds a local Ray takes to start
             _check_workers(cfg.workers, local_cpus(), None, gpu=False, where="this machine (a local Ray)")

@@ -223,18 +223,18 @@ def test_failure_reasons_hold_only_for_the_decoders_that_gave_them(tmp_path):
     f.parent.mkdir()
     f.write_bytes(b"\xff\xd8 truncated")
     st = f.stat()
-    old = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 1")
+    old = fileindex.FileIndex(tmp_path, tmp_path / "data", "featpipe 1, Pillow 1")
     old.record(f, st, "ab" * 32, st.st_ctime_ns + 10**10)
     old.record_failure(f, "decode failed: truncated")
-    old.save(tmp_path / "data")
-    same = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 1")
+    old.save()
+    same = fileindex.FileIndex(tmp_path, tmp_path / "data", "featpipe 1, Pillow 1")
     assert same.unchanged(f, st) == "ab" * 32 and same.failure(f) == "decode failed: truncated"
-    upgraded = fileindex.FileIndex(tmp_path, "featpipe 1, Pillow 2")
+    upgraded = fileindex.FileIndex(tmp_path, tmp_path / "data", "featpipe 1, Pillow 2")
     assert upgraded.unchanged(f, st) == "ab" * 32 and upgraded.failure(f) is None
-    by_pil = fileindex.FileIndex(tmp_path, decoders_version("pil"))  # a batched decoder may take what Pillow fails
+    by_pil = fileindex.FileIndex(tmp_path, tmp_path / "data", decoders_version("pil"))  # a batched decoder may take what Pillow fails
     by_pil.record(f, st, "ab" * 32, st.st_ctime_ns + 10**10)
     by_pil.record_failure(f, "decode failed: truncated")
-    by_pil.save(tmp_path / "data")
+    by_pil.save()
     for decoder, reason in (("pil", "decode failed: truncated"), ("torchvision", None)):
-        index = fileindex.FileIndex(tmp_path, decoders_version(decoder))
+        index = fileindex.FileIndex(tmp_path, tmp_path / "data", decoders_version(decoder))
         assert index.unchanged(f, st) == "ab" * 32 and index.failure(f) == reason, decoder

@@ -184,19 +184,19 @@ def test_file_index_remembers_unchanged_files_only(tmp_path):
     data.mkdir(), cache.mkdir()
     f, g = data / "a.jpg", data / "b.jpg"
     f.write_bytes(b"x"), g.write_bytes(b"y")
-    idx = FileIndex(cache, "v1")
+    idx = FileIndex(cache, data, "v1")
     later = time.time_ns() + 10**12  # as if read long after the last change: not a racy record
     for p, h in ((f, "h1"), (g, "h2")):
         idx.record(p, os.stat(p), h, later)
-    idx.save(data)
-    again = FileIndex(cache, "v1")
+    idx.save()
+    again = FileIndex(cache, data, "v1")
     assert again.unchanged(f, os.stat(f)) == "h1"
     g.write_bytes(b"changed!")
     assert again.unchanged(g, os.stat(g)) is None  # size and times moved: read it again
-    third = FileIndex(cache, "v1")
+    third = FileIndex(cache, data, "v1")
     assert third.unchanged(f, os.stat(f)) == "h1"
     g.unlink()
-    third.save(data)  # a run that did not find g: its record goes, f's stays
+    third.save()  # a run that did not find g: its record goes, f's stays
     with sqlite3.connect(third.path) as db:
         assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (1,)
 
@@ -204,11 +204,11 @@ def test_file_index_remembers_unchanged_files_only(tmp_path):
 def test_file_index_drops_a_failure_recorded_by_other_decoders(tmp_path):
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
-    idx = FileIndex(tmp_path, "v1")
+    idx = FileIndex(tmp_path, tmp_path, "v1")
     idx.record(f, os.stat(f), "h", time.time_ns() + 10**12)
     idx.record_failure(f, "not an image")
-    idx.save(tmp_path)
-    same_decoders, other = FileIndex(tmp_path, "v1"), FileIndex(tmp_path, "v2")
+    idx.save()
+    same_decoders, other = FileIndex(tmp_path, tmp_path, "v1"), FileIndex(tmp_path, tmp_path, "v2")
     assert same_decoders.unchanged(f, os.stat(f)) == "h" and same_decoders.failure(f) == "not an image"
     assert other.unchanged(f, os.stat(f)) == "h" and other.failure(f) is None
 
