@@ -20,6 +20,7 @@ row twice. embeddings and sha256 carry fletcher32 checksums: garbage in a shard 
 
 from __future__ import annotations
 
+import binascii
 import errno
 import fcntl
 import json
@@ -67,10 +68,10 @@ class CacheKey:
 
 
 class Hashes:
-    """Which sha256 a cache holds: one sorted S64 array (32 bytes of hex per row, no Python object per row)."""
+    """Which sha256 a cache holds: one sorted array of raw 32-byte digests (no Python object per row)."""
 
-    def __init__(self, values: np.ndarray):
-        v = np.sort(values.astype("S64"))  # np.unique sorts bytes several times slower
+    def __init__(self, hex_digests: np.ndarray):
+        v = np.sort(_raw(hex_digests))  # np.unique sorts bytes several times slower
         self.sorted = v[np.concatenate([[True], v[1:] != v[:-1]])] if len(v) else v
         self.added: set[str] = set()  # hashes a run queued after opening (identical files embed once)
 
@@ -79,20 +80,28 @@ class Hashes:
             return False
         if digest in self.added:
             return True
-        b = digest.encode()
+        b = bytes.fromhex(digest)  # one scalar per file: cheaper than isin's arrays
         i = int(np.searchsorted(self.sorted, b))
-        return i < len(self.sorted) and self.sorted[i] == b
+        return i < len(self.sorted) and self.sorted[i] == b.rstrip(b"\0")  # numpy hands values out NUL-stripped
 
     def add(self, digest: str) -> None:
         self.added.add(digest)
 
-    def isin(self, values: np.ndarray) -> np.ndarray:
-        values = np.asarray(values, "S64")
-        i = np.minimum(np.searchsorted(self.sorted, values), max(len(self.sorted) - 1, 0))
-        return (self.sorted[i] == values) if len(self.sorted) else np.zeros(len(values), bool)
+    def isin(self, hex_digests: np.ndarray) -> np.ndarray:
+        raw = _raw(hex_digests)
+        if not len(self.sorted):
+            return np.zeros(len(raw), bool)
+        i = np.minimum(np.searchsorted(self.sorted, raw), len(self.sorted) - 1)
+        return self.sorted[i] == raw  # (S32 compares whole arrays bytewise: digests ending in 0x00 included)
 
     def __len__(self) -> int:
         return len(self.sorted) + len(self.added)
+
+
+def _raw(hex_digests) -> np.ndarray:
+    """S64 hex -> S32 raw digests: half the memory of the column as stored."""
+    hexes = np.ascontiguousarray(hex_digests, "S64")
+    return np.frombuffer(binascii.unhexlify(hexes.tobytes()), "S32") if len(hexes) else np.empty(0, "S32")
 
 
 class _Broken(Exception):
@@ -177,15 +186,15 @@ class Cache:
         hashes an earlier one already holds, a compact's leftover, stays out)."""
         print(f"featpipe: cache table {self.path.name} is unreadable ({type(why).__name__}: "
               f"{first_line(why)[:100]}); rebuilding it from its shards", file=sys.stderr)
-        live, held = [], Hashes(np.empty(0, "S64"))
+        live, cols = [], []
         for p in sorted(self.dir.glob("*.h5")):
             try:
                 sha = self._shard_sha256(p.name)
             except _Broken:
                 continue  # not listed, so the next publish deletes it; its rows are recomputed
-            if sha is not None and len(sha) and not held.isin(sha).any():
+            if sha is not None and len(sha) and not Hashes(np.concatenate([*cols, sha[:0]])).isin(sha).any():
                 live.append((p.name, len(sha)))
-                held = Hashes(np.concatenate([held.sorted, sha]))
+                cols.append(sha)
         if self.writable:
             with self._publish_lock():
                 self._write_table(live)

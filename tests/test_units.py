@@ -235,3 +235,14 @@ def test_bundle_round_trips_and_refuses_a_modified_file(tmp_path):
     (out / name).write_bytes(bytes(blob))
     with pytest.raises(UserError, match="corrupt or was modified"):
         B.load(out)
+
+
+def test_hashes_hold_raw_digests_whatever_their_last_bytes():
+    """Digests are kept as 32 raw bytes; numpy strips trailing NULs from such values when it hands one out, so
+    digests ending in 00 bytes must still be found, and not confused with one another."""
+    ends = ["00" * 31 + "00", "ab" * 31 + "00", "ab" * 30 + "0000", "ab" * 31 + "01", "ff" * 32]
+    h = Hashes(np.array(ends[:3], "S64"))
+    assert all(d in h for d in ends[:3]) and not any(d in h for d in ends[3:]) and len(h) == 3
+    assert h.isin(np.array(ends, "S64")).tolist() == [True, True, True, False, False]
+    h.add(ends[4])
+    assert ends[4] in h and None not in h
