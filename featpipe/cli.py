@@ -204,6 +204,33 @@ def predict(
         _emit(r, as_json, "\n".join(lines))
 
 
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model bundle directory (from fit-head, finetune or experiment).")],
+    data_dir: Annotated[Path, typer.Argument(help="Labelled ImageFolder DATA_DIR/<class>/<image> to score on: "
+                                                  "images the model was not fitted or selected on.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write evaluation.json, confusion.json and "
+                                                "confusion.png here.")] = None,
+    worst: Annotated[int, typer.Option("--worst", help="Most confidently wrong images to list.")] = 20,
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model bundle on a labelled folder: accuracy (top-5 past 5 classes), per-class precision / recall /
+    F1, confusion matrix, the most confidently wrong images."""
+    from featpipe.evaluate import EvaluateConfig
+    from featpipe.progress import run_evaluate
+
+    r = run_evaluate(EvaluateConfig(model, data_dir, out, device, weights, worst))
+    top5 = f", top-5 {r['top5_accuracy']:.3f}" if "top5_accuracy" in r else ""
+    lines = [f"accuracy {r['accuracy']:.3f}{top5} on {r['images']} images; macro F1 {r['macro']['f1']:.3f}"]
+    lines += [f"  {c}: precision {v['precision']:.3f}, recall {v['recall']:.3f}, F1 {v['f1']:.3f} "
+              f"({v['support']})" for c, v in r["per_class"].items()]
+    lines += [f"  wrong at {w['probability']:.3f}: {w['path']} ({w['label']} -> {w['predicted']})"
+              for w in r["most_confidently_wrong"][:5]]
+    _emit(r, as_json, "\n".join(lines + ([f"files: {r['files']['evaluation.json']}"] if out else [])))
+
+
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Stratified validation share (same split for "
                                                "every method and backbone).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Split, augmentation and initialisation seed.")]

@@ -41,24 +41,28 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    embedder = _embedder(bundle, cfg.device, cfg.weights)
-    predictions, skipped = _classify(files, bundle, embedder, cfg.top_k, progress or (lambda done, total: None))
+    proba, ok, skipped = probabilities(bundle, files, cfg.device, cfg.weights, progress)
+    predictions = [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
     return {"model": str(bundle.path), "predictions": predictions, "skipped": skipped}
 
 
-def _classify(files: list[Path], bundle: B.Bundle, embedder, top_k: int, progress) -> tuple[list, list]:
-    """Batches of files -> (predictions, skipped); progress(done, total) before the first batch and after each."""
+def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[Path], list[dict]]:
+    """(class probabilities of the files that decode, those files, skipped [{"path", "reason"}]), in batches;
+    progress(done, total) before the first batch and after each."""
+    progress = progress or (lambda done, total: None)
+    embedder = _embedder(bundle, device, weights)
     decoder = PilDecoder(bundle.preprocessing)
-    predictions, skipped = [], []
+    parts, ok, skipped = [], [], []
     progress(0, len(files))
     for start in range(0, len(files), BATCH):
-        pixels, ok, reasons = _decode(files[start:start + BATCH], decoder)
+        pixels, good, reasons = _decode(files[start:start + BATCH], decoder)
         skipped += [{"path": str(f), "reason": r} for f, r in reasons]
-        if ok:
-            proba = bundle.head.predict_proba(embedder(pixels))
-            predictions += [{"path": str(f), "top": _top(p, bundle.classes, top_k)} for f, p in zip(ok, proba)]
+        if good:
+            parts.append(bundle.head.predict_proba(embedder(pixels)))
+            ok += good
         progress(min(start + BATCH, len(files)), len(files))
-    return predictions, skipped
+    return (np.concatenate(parts) if parts else np.empty((0, len(bundle.classes)))), ok, skipped
 
 
 def collect(paths: list[Path]) -> list[Path]:

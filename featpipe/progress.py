@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from featpipe.extract import ExtractConfig, ExtractResult
+    from featpipe.evaluate import EvaluateConfig
     from featpipe.predict import PredictConfig
 
 
@@ -57,6 +58,22 @@ def run_predict(cfg: "PredictConfig") -> dict:
     n, m = len(r["predictions"]), len(r["skipped"])
     say(console, f"predicted {n} image{'s' * (n != 1)}, skipped {m} in {time.perf_counter() - t0:.2f} s "
                  f"({r['model']})")
+    for s in r["skipped"]:
+        say(console, f"  skipped {s['path']}: {s['reason']}")
+    return r
+
+
+def run_evaluate(cfg: "EvaluateConfig") -> dict:
+    """evaluate() with a progress bar, a summary line and the skipped files, all on stderr."""
+    from pathlib import Path
+
+    from featpipe.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    with progress_bar("evaluate", Path(cfg.model).name) as (console, progress):
+        r = evaluate(cfg, progress=progress)
+    say(console, f"scored {r['images']} image{'s' * (r['images'] != 1)}, skipped {len(r['skipped'])} in "
+                 f"{time.perf_counter() - t0:.2f} s ({r['model']})")
     for s in r["skipped"]:
         say(console, f"  skipped {s['path']}: {s['reason']}")
     return r

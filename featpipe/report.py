@@ -28,7 +28,9 @@ def write(report: dict, out: Path) -> dict:
     report["files"] = {name: str(out / name) for name in ("report.json", "report.md", "report.png", "confusion.png")}
     (out / "report.md").write_text(markdown(report, out))
     plot(report, out / "report.png")
-    plot_confusion(report, out / "confusion.png")
+    best = report["best"]
+    plot_confusion(best["confusion"], report["dataset"]["classes"], f"{best['method']} / {best['backbone']}: val "
+                   f"accuracy {best['val_accuracy']:.3f}", out / "confusion.png")
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
@@ -179,15 +181,13 @@ def confusion_layout(classes: list[str]) -> tuple[float, float]:
     return font, max(5.5, n * cell + label + 1.2)
 
 
-def confusion_figure(report: dict):
-    """The best model's confusion matrix as a matplotlib Figure (plot_confusion saves it)."""
+def confusion_figure(m: list[list[int]], classes: list[str], title: str):
+    """A confusion matrix (rows: true class) as a matplotlib Figure, sized to the class count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best, classes = report["best"], report["dataset"]["classes"]
-    m = best["confusion"]
     font, side = confusion_layout(classes)
     fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(m, cmap="Blues")
@@ -203,14 +203,14 @@ def confusion_figure(report: dict):
     ax.set_yticks(range(len(classes)), classes, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{best['method']} / {best['backbone']}: val accuracy {best['val_accuracy']:.3f}")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
-def plot_confusion(report: dict, path: Path) -> None:
+def plot_confusion(m: list[list[int]], classes: list[str], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig = confusion_figure(report)
+    fig = confusion_figure(m, classes, title)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # never clips a long label or the title
     plt.close(fig)

@@ -39,6 +39,13 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bo
     return proc
 
 
+def one_line(proc) -> str:
+    """The one stderr line of a refused command (exit 2, nothing on stdout)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and proc.stdout == "", proc.stderr
+    return lines[0]
+
+
 def run_json(*args: str, **kw) -> dict:
     proc = run_cli(*args, "--json", check=True, **kw)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]

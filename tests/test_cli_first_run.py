@@ -10,19 +10,13 @@ import stat
 import pytest
 
 from featpipe import __version__
-from tests.conftest import make_subset, run_cli
+from tests.conftest import make_subset, one_line, run_cli
 
 
 @pytest.fixture
 def cache(tmp_path, warm_cache):
     """A writable copy of the warm cache: the small data dirs below are shipped photos, so nothing is computed."""
     return shutil.copytree(warm_cache, tmp_path / "cache")
-
-
-def one_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and proc.stdout == "", proc.stderr
-    return lines[0]
 
 
 def test_version_and_short_help():

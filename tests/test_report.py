@@ -69,7 +69,8 @@ def test_confusion_png_grows_with_the_class_count(written):
 
 
 def test_tick_labels_never_overlap_and_nothing_is_clipped():
-    fig = confusion_figure(report(50, Path("/r")))
+    r = report(50, Path("/r"))
+    fig = confusion_figure(r["best"]["confusion"], r["dataset"]["classes"], "a title")
     renderer = fig.canvas.get_renderer()
     fig.draw(renderer)
     ax = fig.axes[0]
