@@ -112,8 +112,9 @@ class _Vanished(Exception):
     """A listed shard was deleted under a reader (a compact replaced it): read the manifest again."""
 
 
-class CorruptShard(Exception):
-    """A shard failed its checksums while its embeddings were read; it has been set aside (run extract again)."""
+class RowsGone(KeyError):
+    """Rows a reader asked for are not there: never cached, or gone since its run looked (a shard set aside as
+    corrupt, an unreferenced row dropped by a concurrent compact). Extracting again recomputes them."""
 
 
 class Cache:
@@ -249,7 +250,7 @@ class Cache:
 
     def embeddings(self, sha256: list[str]) -> np.ndarray:
         """float32 (len(sha256), dim) for hashes the cache holds, reading only those rows. A shard that fails its
-        checksums is set aside and CorruptShard raised (its rows are gone: extract recomputes them)."""
+        checksums is set aside and RowsGone raised (extract recomputes its rows)."""
         return self._retry(self._embeddings, sha256)
 
     def _embeddings(self, sha256: list[str], final: bool = False) -> np.ndarray:
@@ -271,7 +272,7 @@ class Cache:
                 if j is None and not final:
                     raise _Vanished(want[i].decode())
                 if j is None:
-                    raise KeyError(f"{want[i].decode()} is not in the cache")
+                    raise RowsGone(f"{want[i].decode()} is not in the cache")
                 out[i] = rows.embeddings[j]
         return out
 
@@ -285,7 +286,7 @@ class Cache:
                 return ds[uniq][inverse]
         except OSError as e:
             self.set_aside(name, e)
-            raise CorruptShard(f"cache shard {name} is corrupt: set aside") from None
+            raise RowsGone(f"cache shard {name} is corrupt: set aside") from None
 
     def read(self) -> Rows:
         """Every row (shards, then journal rows no shard holds). Holds them all: for tests and small caches."""

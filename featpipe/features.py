@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from featpipe.cache import CorruptShard
+from featpipe.cache import RowsGone
 from featpipe.extract import ExtractConfig, ExtractResult
 from featpipe.splits import content_groups
 
@@ -70,14 +70,14 @@ def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> 
 
 
 def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
-    """Make sure the cache is complete (extracting what is missing), then read the current images' rows. A shard
-    that fails its checksums while read is set aside by the cache: extracting once more recomputes its rows."""
+    """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
+    since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more."""
     for attempt in range(2):
         result = _extract(cfg, progress)
         try:
             features = from_result(result)
             break
-        except CorruptShard:
+        except RowsGone:
             if attempt:
                 raise
     features.duplicates.report()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from featpipe import bundle as B
-from featpipe.cache import Cache, CacheKey, Hashes
+from featpipe.cache import Cache, CacheKey, Hashes, RowsGone
 from featpipe.rows import Rows
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
@@ -124,6 +124,8 @@ def test_compact_merges_small_shards_and_drops_unreferenced_rows(tmp_path):
     assert not old & set(p.name for p in c.dir.glob("*.h5"))
     assert sorted(h.decode() for h in table(c)["sha256"]) == rows(8).sha256
     assert c.compact(live)["shards_after"] == 1  # nothing left to do
+    with pytest.raises(RowsGone):  # a reader that counted on the dropped row: load_features extracts again
+        c.embeddings([rows(9).sha256[8]])
 
 
 def test_files_the_manifest_does_not_list_are_never_read_and_are_deleted(tmp_path):
