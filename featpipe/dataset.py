@@ -1,4 +1,4 @@
-"""ImageFolder discovery: DATA_DIR/<class>/<image>, and the shipped default dataset."""
+"""ImageFolder discovery: DATA_DIR/<class>/<image> (or a folder of unlabelled images), and the shipped default dataset."""
 
 from __future__ import annotations
 
@@ -30,29 +30,48 @@ class ImageFile:
     label: str
 
 
-def scan(root: Path | None) -> tuple[Path, list[ImageFile], list[str]]:
-    """List every regular file under each class folder (sorted, deterministic).
+def scan(root: Path | None, labelled: bool = True) -> tuple[Path, list[ImageFile], list[str]]:
+    """List every regular file under each class folder (sorted, deterministic). With labelled=False a folder
+    without class folders is a set of unlabelled images (every file under it, label "").
 
     Files are not filtered by extension: the extractor decides what is an image by its bytes and reports the rest.
     Returns (root, files, classes).
     """
     root = shipped_dataset() if root is None else Path(root)
+    classes = class_folders(root)
+    if not classes:
+        files = [] if labelled else _walk(root, "")
+        if not files:
+            raise UserError(f"no class folders in {root}: training and evaluation need DATA_DIR/<class>/<image>"
+                            + ("" if labelled else "; and no files to embed unlabelled either"))
+        return root, files, []
+    _refuse_split_parent(root, classes)
+    return root, [f for cls in classes for f in _walk(root / cls, cls)], classes
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class folder names of a data dir (one listing, not a walk); checks that it is a directory."""
     if not root.exists():
         raise UserError(f"data directory not found: {root}")
     if not root.is_dir():
         raise UserError(f"not a directory: {root} (expected DATA_DIR/<class>/<image>)")
-    classes = sorted(d.name for d in _entries(root) if _is_dir(d) and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"no class folders in {root} (expected DATA_DIR/<class>/<image>)")
-    _refuse_split_parent(root, classes)
+    return sorted(d.name for d in _entries(root) if _is_dir(d) and not d.name.startswith("."))
+
+
+def require_labels(root: Path | None) -> None:
+    """Training commands: refuse a folder without class folders before any image is embedded."""
+    root = shipped_dataset() if root is None else Path(root)
+    if not class_folders(root):
+        raise UserError(f"no class folders in {root}: training needs DATA_DIR/<class>/<image> (featpipe extract "
+                        f"embeds a folder of unlabelled images)")
+
+
+def _walk(folder: Path, label: str) -> list[ImageFile]:
     files = []
-    for cls in classes:
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    files.append(ImageFile(Path(dirpath) / name, cls))
-    return root, files, classes
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [ImageFile(Path(dirpath) / n, label) for n in sorted(filenames) if not n.startswith(".")]
+    return files
 
 
 def _refuse_split_parent(root: Path, classes: list[str]) -> None:

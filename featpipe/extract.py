@@ -105,7 +105,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
     t0 = time.perf_counter()
     spec = registry.resolve(cfg.backbone)
-    root, files, classes = scan(cfg.data_dir)
+    root, files, classes = scan(cfg.data_dir, labelled=False)
     cfg = replace(cfg, precision=key_precision(cfg))
     key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim, cfg.precision)
     cache = Cache(cfg.cache_dir, key)
@@ -122,6 +122,9 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
                if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
+    if not members:  # an unlabelled folder none of whose files is an image
+        raise UserError(f"no valid image in {root}; {len(skipped)} file(s) skipped, e.g. "
+                        f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
     seconds = time.perf_counter() - t0
     return ExtractResult(
         images=len(files), computed=len(computed), reused=engine.reused_files, skipped=skipped,

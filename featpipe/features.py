@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from featpipe.cache import RowsGone
+from featpipe.dataset import require_labels
 from featpipe.extract import ExtractConfig, ExtractResult
 from featpipe.splits import content_groups
 
@@ -72,6 +73,7 @@ def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> 
 def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
     """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
     since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more."""
+    require_labels(cfg.data_dir)
     for attempt in range(2):
         result = _extract(cfg, progress)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_data):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    cases = [(["extract", tmp_path / "missing"], "not found"), (["extract", empty], "no class folders"),
+    cases = [(["extract", tmp_path / "missing"], "not found"), (["extract", empty], "no files to embed"),
              (["extract", no_valid, "--cache-dir", tmp_path / "c"],
               "no valid image; 1 file(s) skipped, e.g. x.jpg: not an image"),
              (["extract", small_data, "-b", "mobilenet_v9"], "did you mean"),
@@ -238,3 +239,21 @@ def test_failure_reasons_hold_only_for_the_decoders_that_gave_them(tmp_path):
     for decoder, reason in (("pil", "decode failed: truncated"), ("torchvision", None)):
         index = fileindex.FileIndex(tmp_path, tmp_path / "data", decoders_version(decoder))
         assert index.unchanged(f, st) == "ab" * 32 and index.failure(f) == reason, decoder
+
+
+def test_a_folder_without_class_folders_is_embedded_unlabelled(tmp_path, shipped):
+    """extract embeds every image of a folder without subfolders, label ""; training commands refuse it in one
+    line before embedding anything."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(shipped.glob("*/*.jpg"))[:6]:
+        shutil.copy(p, flat / p.name)
+    (flat / "notes.txt").write_text("not an image")
+    res = run_json("extract", flat, "--cache-dir", tmp_path / "c", "--decoder", "pil")
+    assert (res["images"], res["computed"]) == (7, 6) and [s["path"] for s in res["skipped"]] == [
+        str(flat / "notes.txt")]
+    with h5py.File(res["cache_file"], "r") as f:
+        assert set(f["label"].asstr()[:]) == {""} and len(f["sha256"]) == 6
+    proc = run_cli("fit-head", flat, "--cache-dir", tmp_path / "c2", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and "needs DATA_DIR/<class>/<image>" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c2").exists()

@@ -29,8 +29,9 @@ def test_bad_arguments(args, says):
 
 
 def test_data_dir_without_class_folders(tmp_path):
+    """extract takes a folder of unlabelled images; here its one file is empty, so nothing is left to embed."""
     (tmp_path / "loose.jpg").write_bytes(b"")
-    assert "no class folders" in one_line_error(str(tmp_path))
+    assert "no valid image" in one_line_error(str(tmp_path), "--cache-dir", str(tmp_path / ".c"))
     assert "not a directory" in one_line_error(str(tmp_path / "loose.jpg"))
 
 
