@@ -168,6 +168,11 @@ def fit_head(
     features_dtype: Annotated[str, typer.Option("--features-dtype", help="float32 | float16: how the cached "
                                                 "embeddings are held while fitting (float16: half the memory).")
                               ] = "float32",
+    val_dir: Annotated[Optional[Path], typer.Option("--val-dir", help="A separate labelled validation folder "
+                                                    "instead of the random split (--val-fraction).")] = None,
+    test_dir: Annotated[Optional[Path], typer.Option("--test-dir", help="A labelled test folder scored once at "
+                                                     "the end (test_accuracy), never used to choose anything.")
+                        ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
@@ -176,9 +181,12 @@ def fit_head(
     from featpipe.heads import HeadConfig
 
     r = fit_and_save(FitConfig(ExtractConfig(_data(data_dir), backbone, cache_dir, device, weights=weights),
-                               HeadConfig(head, seed), cv, val_fraction, out, force, features_dtype))
+                               HeadConfig(head, seed), cv, val_fraction, out, force, features_dtype, val_dir,
+                               test_dir))
     cv_text = f", cv {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f}" if cv else ""
     val_text = f"{r['val_accuracy']:.3f}" if r["val_accuracy"] is not None else "n/a"
+    if test_dir is not None:
+        cv_text += f"; test {r['test_accuracy']:.3f} ({r['n_test']} images)"
     _emit(r, as_json, f"{r['head']} head on {r['backbone']}: train {r['train_accuracy']:.3f}, val {val_text} "
           f"({r['n_train']} train / {r['n_val']} val){cv_text}; fit {r['fit_seconds']:.2f} s\n"
           f"{_classes(r['class_counts'])}\nmodel: {r['model_path']}")

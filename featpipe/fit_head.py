@@ -3,11 +3,15 @@ score it, save its bundle. `fit_and_score` is what the experiment's head row sha
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from featpipe.bundle import Bundle, output_dir, save
+from featpipe.dataset import class_folders, shipped_dataset
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.features import Features, load_features
@@ -25,11 +29,16 @@ class FitConfig:
     out: Path | None = None  # default models/<backbone>-<head>
     force: bool = False  # replace a bundle at `out` trained on another data dir
     features_dtype: str = "float32"  # float16: X held at half the memory while fitting
+    val_dir: Path | None = None  # a separate validation folder instead of the random split
+    test_dir: Path | None = None  # scored once at the end, never used to choose anything
 
     def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
         if self.features_dtype not in ("float32", "float16"):
             raise UserError(f"--features-dtype must be float32 or float16 (got {self.features_dtype!r})")
         check_fraction(self.val_fraction)
+        for flag, d in (("--val-dir", self.val_dir), ("--test-dir", self.test_dir)):
+            if d is not None and not Path(d).is_dir():
+                raise UserError(f"{flag} {d} is not a directory")
         if self.cv is not None:
             check_k(self.cv)
 
@@ -38,10 +47,14 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     """Extract what the cache lacks, fit on the training split's cached features, save a bundle; the JSON report."""
     out = output_dir(cfg.out, f"{resolve(cfg.extract.backbone).name}-{cfg.head.kind}", cfg.extract.data_dir,
                      cfg.force)
+    _check_held_out_classes(cfg)
     f = load_features(cfg.extract, progress)
     if cfg.features_dtype != "float32":  # the float32 rows are freed once converted
         f = replace(f, X=f.X.astype(cfg.features_dtype))
-    split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
+    if cfg.val_dir is not None:
+        f, split = with_held_out(f, _features_of(cfg, cfg.val_dir, progress), "--val-dir")
+    else:
+        split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
     if cfg.cv is not None:  # before any fitting: a bad --cv should fail in a second, not after the fit
         check_folds(f.y, f.classes, cfg.cv, groups=f.groups)
     head, scores = fit_and_score(f, split, replace(cfg.head, device=cfg.extract.device), cfg.cv)
@@ -50,9 +63,12 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "fit_seconds": round(scores["fit_seconds"], 4),
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
               "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json(),
-              "c_search": head.report.get("c_search")}
+              "c_search": head.report.get("c_search"),
+              "validation": f"--val-dir {cfg.val_dir}" if cfg.val_dir else f"random {cfg.val_fraction:g} split"}
+    if cfg.test_dir is not None:
+        report |= score_held_out(head, f, _features_of(cfg, cfg.test_dir, progress), "--test-dir")
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
-                                                            "label_conflicts", "c_search")}
+                                                            "label_conflicts", "c_search", "validation")}
     bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
                                              "seed": cfg.head.seed})
     return report | {"model_path": str(save(bundle, out))}
@@ -69,6 +85,54 @@ def fit_and_score(f: Features, split: Split, cfg: HeadConfig, cv: int | None) ->
     return head, {"train_accuracy": _round(accuracy(head, f.X, f.y, split.train)),
                   "val_accuracy": _round(accuracy(head, f.X, f.y, split.val)),
                   "cv_accuracy_mean": _round(mean), "cv_accuracy_std": _round(std), "fit_seconds": seconds}
+
+
+def _check_held_out_classes(cfg: FitConfig) -> None:
+    """Before any image is embedded: a held-out class the training data lacks is refused in one line."""
+    classes = set(class_folders(cfg.extract.data_dir or shipped_dataset()))
+    for flag, folder in (("--val-dir", cfg.val_dir), ("--test-dir", cfg.test_dir)):
+        unknown = sorted(set(class_folders(Path(folder))) - classes) if folder is not None else []
+        if unknown:
+            raise UserError(f"{flag} has class folder(s) the training data lacks: {', '.join(unknown[:5])}")
+
+
+def _features_of(cfg: FitConfig, folder: Path, progress: bool) -> Features:
+    return load_features(replace(cfg.extract, data_dir=Path(folder)), progress)
+
+
+def _labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
+    """other's labels as indices into f's classes; a class f lacks is an error (the head cannot predict it)."""
+    unknown = sorted(set(other.classes) - set(f.classes))
+    if unknown:
+        raise UserError(f"{flag} has class folder(s) the training data lacks: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(f.classes)}
+    return np.array([index[other.classes[i]] for i in other.y], np.int64)
+
+
+def _shared(f: Features, other: Features, flag: str) -> int:
+    """Images of `other` whose bytes are also in the training data: said on stderr (they inflate its score)."""
+    train = {m.sha256 for m in f.result.members}
+    n = sum(m.sha256 in train for m in other.result.members)
+    if n:
+        print(f"warning: {n} image(s) of {flag} are byte-identical to training images: its score counts them",
+              file=sys.stderr)
+    return n
+
+
+def with_held_out(f: Features, val: Features, flag: str) -> tuple[Features, Split]:
+    """f's rows then val's, as one set whose split is exactly the two folders."""
+    y = _labels_in(f, val, flag)
+    _shared(f, val, flag)
+    n = len(f.y)
+    merged = replace(f, X=np.concatenate([f.X, val.X.astype(f.X.dtype)]), y=np.concatenate([f.y, y]),
+                     paths=f.paths + val.paths, groups=np.concatenate([f.groups, val.groups + f.groups.max() + 1]))
+    return merged, Split(np.arange(n), np.arange(n, n + len(y)))
+
+
+def score_held_out(head: Head, f: Features, test: Features, flag: str) -> dict:
+    y = _labels_in(f, test, flag)
+    return {"test_accuracy": _round(accuracy(head, test.X, y, np.arange(len(y)))), "n_test": len(y),
+            "test_in_train": _shared(f, test, flag)}
 
 
 def head_bundle(f: Features, head: Head, metrics: dict) -> Bundle:

@@ -67,3 +67,24 @@ def test_a_class_the_bundle_does_not_know_is_one_line(held_out, tmp_path):
     (odd / "animals").rename(odd / "zebras")
     line = one_line(run_cli("evaluate", tmp_path / "m", odd))
     assert "not classes of model" in line and "zebras" in line
+
+
+def test_fit_head_with_a_validation_and_a_test_folder(held_out, tmp_path):
+    """--val-dir replaces the random split, --test-dir is scored once; an image of the test folder that is also
+    in training is counted and said."""
+    train, test = held_out
+    leaky = tmp_path / "leaky"
+    shutil.copytree(test, leaky)
+    shutil.copy(next((train / "tools").iterdir()), leaky / "tools" / "copy.jpg")
+    proc = run_cli("fit-head", train, "--cache-dir", tmp_path / "c", "--out", tmp_path / "m", "--val-dir", test,
+                   "--test-dir", leaky, "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert (r["n_train"], r["n_val"], r["n_test"], r["test_in_train"]) == (40, 20, 21, 1)
+    assert r["validation"] == f"--val-dir {test}" and "byte-identical to training images" in proc.stderr
+    assert abs(r["test_accuracy"] * 21 - r["val_accuracy"] * 20) <= 1  # same 20 images, plus the copy
+    odd = tmp_path / "odd"
+    shutil.copytree(test, odd)
+    (odd / "animals").rename(odd / "zebras")
+    line = one_line(run_cli("fit-head", train, "--cache-dir", tmp_path / "c", "--out", tmp_path / "m2",
+                            "--val-dir", odd))
+    assert "--val-dir has class folder(s) the training data lacks: zebras" in line
