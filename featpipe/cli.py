@@ -133,6 +133,29 @@ def extract(
 
 
 
+@app.command("export-embeddings")
+def export_embeddings(
+    data_dir: DataDir = None,
+    out: Annotated[Path, typer.Option("--out", help="File to write (npy: also a .csv of path, label, sha256 "
+                                      "beside it).")] = Path("embeddings.parquet"),
+    fmt: Annotated[str, typer.Option("--format", help="parquet (path, label, sha256, embedding as a fixed-size "
+                                     "list) | npy (the float32 matrix).")] = "parquet",
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the data dir's embeddings (extracting what is missing) for pandas, polars, DuckDB, numpy."""
+    from featpipe.export import ExportConfig, export
+    from featpipe.extract import ExtractConfig
+    from featpipe.progress import run_extract
+
+    cfg = ExportConfig(ExtractConfig(_data(data_dir), backbone, cache_dir, device, weights=weights), out, fmt)
+    r = export(cfg, run_extract(cfg.extract))
+    _emit(r, as_json, f"{r['rows']} rows x {r['dim']} -> {', '.join(r['files'])}")
+
+
 @app.command()
 def backbones(as_json: JsonOpt = False) -> None:
     """List the built-in backbones and whether their pretrained weights are available offline."""

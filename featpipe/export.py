@@ -1,0 +1,91 @@
+"""`featpipe export-embeddings`: the data dir's embeddings (extracting what is missing) to a file other tools read.
+
+Parquet (pyarrow): columns path, label, sha256 and `embedding` (fixed-size list of float32), read by pandas,
+polars, DuckDB, LanceDB. npy: the (N, dim) float32 matrix, and beside it a CSV of path, label, sha256 per row.
+One row per file, in sorted path order; written in batches (memory holds one batch of rows) to a temporary name,
+then renamed: a killed export leaves no half file."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.errors import UserError
+from featpipe.extract import ExtractConfig, ExtractResult
+
+FORMATS = ("parquet", "npy")
+BATCH = 8192
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    extract: ExtractConfig
+    out: Path
+    format: str = "parquet"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if not Path(self.out).parent.is_dir():
+            raise UserError(f"--out {self.out}: folder {Path(self.out).parent} does not exist")
+
+
+def export(cfg: ExportConfig, result: ExtractResult) -> dict:
+    """Write the rows of `result`'s images (an extract run over cfg.extract) to cfg.out; a summary dict."""
+    members = sorted(result.members, key=lambda m: m.path)
+    files = (_parquet if cfg.format == "parquet" else _npy)(members, result, Path(cfg.out))
+    return {"rows": len(members), "dim": result.dim, "format": cfg.format, "files": [str(f) for f in files],
+            "backbone": result.backbone, "data_dir": result.data_dir}
+
+
+def _batches(members, result: ExtractResult):
+    for start in range(0, len(members), BATCH):
+        part = members[start:start + BATCH]
+        yield part, result.cache.embeddings([m.sha256 for m in part])
+
+
+def _parquet(members, result: ExtractResult, out: Path) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("sha256", pa.string()),
+                        ("embedding", pa.list_(pa.float32(), result.dim))])
+    tmp = out.with_name(f".{out.name}.tmp")
+    with pq.ParquetWriter(tmp, schema) as w:
+        for part, X in _batches(members, result):
+            w.write_table(pa.table([pa.array([_text(m.path) for m in part]), pa.array([_text(m.label) for m in part]),
+                                    pa.array([m.sha256 for m in part]),
+                                    pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), result.dim)],
+                                   schema=schema))
+    os.replace(tmp, out)
+    return [out]
+
+
+def _npy(members, result: ExtractResult, out: Path) -> list[Path]:
+    out = out.with_suffix(".npy")
+    index = out.with_suffix(".csv")
+    tmp, tmp_index = out.with_name(f".{out.name}.tmp"), index.with_name(f".{index.name}.tmp")
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(members), result.dim))
+    with open(tmp_index, "w", newline="") as fh:
+        rows = csv.writer(fh)
+        rows.writerow(["path", "label", "sha256"])
+        at = 0
+        for part, X in _batches(members, result):
+            matrix[at:at + len(part)] = X
+            at += len(part)
+            rows.writerows([_text(m.path), _text(m.label), m.sha256] for m in part)
+    matrix.flush()
+    del matrix
+    os.replace(tmp_index, index)
+    os.replace(tmp, out)
+    return [out, index]
+
+
+def _text(name: str) -> str:
+    """A file name that is not UTF-8 (Linux allows any bytes) as its bytes decoded with replacement marks:
+    Parquet and CSV hold text."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
