@@ -1,4 +1,5 @@
-"""ImageFolder discovery: DATA_DIR/<class>/<image> (or a folder of unlabelled images), and the shipped default dataset."""
+"""ImageFolder discovery: DATA_DIR/<class>/<image> (or a flat folder of unlabelled images), and the shipped
+default dataset."""
 
 from __future__ import annotations
 

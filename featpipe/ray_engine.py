@@ -1,9 +1,9 @@
 """`featpipe extract --engine ray`: decode + forward on a pool of Ray actors, everything else as in the local engine.
 
 The driver keeps the local engine's reader (read once, sha256, probe, cache lookup) and its single writer thread
-(Cache.append per batch, a shard published at the end); only the middle stage changes: instead of decoding and running the
-model in-process, it ships each batch of missing images' bytes to the least busy actor and passes (embedding,
-skip reason) results on as they finish. Actors build their model and decoder with the same `start_runtime`.
+(Cache.append per batch, a shard published at the end); only the middle stage changes: instead of decoding and
+running the model in-process, it ships each batch of missing images' bytes to the least busy actor and passes
+(embedding, skip reason) results on as they finish. Actors build their model and decoder with the same `start_runtime`.
 
 Why actors driven by hand rather than Ray Data's `from_items(...).map_batches(cls, concurrency=N)`: Ray Data wants
 the whole input up front (from_items puts every record in the object store before the first batch runs), while

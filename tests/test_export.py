@@ -28,7 +28,8 @@ def test_parquet_and_npy_hold_the_cached_rows(small_data, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), X)
     with open(tmp_path / "e.csv") as fh:
         assert [row["path"] for row in csv.DictReader(fh)] == paths
-    assert sorted(p.name for p in tmp_path.glob("e*")) == ["e.csv", "e.npy", "e.parquet"] and not list(tmp_path.glob(".*"))
+    assert sorted(p.name for p in tmp_path.glob("e*")) == ["e.csv", "e.npy", "e.parquet"]
+    assert not list(tmp_path.glob(".*"))  # no temp files left
 
 
 def test_a_bad_format_is_one_line(small_data, tmp_path):

@@ -232,7 +232,8 @@ def test_failure_reasons_hold_only_for_the_decoders_that_gave_them(tmp_path):
     assert same.unchanged(f, st) == "ab" * 32 and same.failure(f) == "decode failed: truncated"
     upgraded = fileindex.FileIndex(tmp_path, tmp_path / "data", "featpipe 1, Pillow 2")
     assert upgraded.unchanged(f, st) == "ab" * 32 and upgraded.failure(f) is None
-    by_pil = fileindex.FileIndex(tmp_path, tmp_path / "data", decoders_version("pil"))  # a batched decoder may take what Pillow fails
+    # a batched decoder may take what Pillow fails
+    by_pil = fileindex.FileIndex(tmp_path, tmp_path / "data", decoders_version("pil"))
     by_pil.record(f, st, "ab" * 32, st.st_ctime_ns + 10**10)
     by_pil.record_failure(f, "decode failed: truncated")
     by_pil.save()
