@@ -294,8 +294,7 @@ class Cache:
         for name in self.shards():
             try:
                 with h5py.File(self.dir / name, "r") as f:
-                    parts.append(Rows([s.decode() for s in f["sha256"][:]], f["embeddings"][:],
-                                      _os_strings(f["path"][:]), _os_strings(f["label"][:])))
+                    parts.append(_rows_of(f))
             except OSError as e:
                 self.set_aside(name, e)
         return Rows.concat(parts + self._journal_rows_all(), self.key.dim).unique()
@@ -341,7 +340,7 @@ class Cache:
         if not dead:
             return
         rows = Rows.concat([r for p, _ in dead for r in journal.read(p, self.key.dim)], self.key.dim)
-        self._publish_rows(rows, self._held())
+        self._publish_rows(rows, self._held(self.shards()))
         for p, fd in dead:
             p.unlink(missing_ok=True)
             os.close(fd)
@@ -354,8 +353,7 @@ class Cache:
         rows = Rows.concat(journal.read(self._journal, self.key.dim), self.key.dim)
         with self._publish_lock():
             newer = [n for n in self.shards() if n not in self._seen]
-            held = Hashes(np.concatenate([self._sha256(n) for n in newer] or [np.empty(0, "S64")]))
-            self._publish_rows(rows, held)
+            self._publish_rows(rows, self._held(newer))
             self._seen = set(self.shards())
             self._journal.unlink()
         self._journal_fh.close()
@@ -486,8 +484,7 @@ class Cache:
         for name, _ in shards:
             try:
                 with h5py.File(self.dir / name, "r") as f:
-                    rows = Rows([h.decode() for h in f["sha256"][:]], f["embeddings"][:],
-                                _os_strings(f["path"][:]), _os_strings(f["label"][:]))
+                    rows = _rows_of(f)
             except OSError as e:
                 self.set_aside(name, e)
                 continue
@@ -510,10 +507,8 @@ class Cache:
             with h5py.File(legacy, "r") as f:
                 _check_attrs(f, self.key, skip=("precision",))
                 for start in range(0, len(f["sha256"]), SHARD_ROWS):
-                    s = slice(start, start + SHARD_ROWS)
-                    rows = Rows([h.decode() for h in f["sha256"][s]], f["embeddings"][s],
-                                _os_strings(f["path"][s]), _os_strings(f["label"][s]))
-                    self._publish_rows(rows, self._held())
+                    rows = _rows_of(f, slice(start, start + SHARD_ROWS))
+                    self._publish_rows(rows, self._held(self.shards()))
                     n += len(rows)
         except (BlockingIOError, PermissionError) as e:
             raise UserError(f"cannot open cache {legacy}: {e.strerror or e} (is another program holding it open "
@@ -524,15 +519,15 @@ class Cache:
             print(f"featpipe: cache {legacy.name} is corrupt ({type(e).__name__}: {first_line(e)[:120]}); moved to "
                   f"{aside.name}, rebuilding", file=sys.stderr)
         rows = Rows.concat(journal.read(format1_journal, self.key.dim), self.key.dim)
-        self._publish_rows(rows, self._held())
+        self._publish_rows(rows, self._held(self.shards()))
         print(f"featpipe: converted cache {legacy.name} (format 1, {n + len(rows)} rows) to format 2: "
               f"{self.path.name} and its shards in {self.dir.name}/", file=sys.stderr)
         legacy.unlink(missing_ok=True)
         format1_journal.unlink(missing_ok=True)
         legacy.with_suffix(".lock").unlink(missing_ok=True)
 
-    def _held(self) -> Hashes:
-        return Hashes(np.concatenate([self._sha256(n) for n in self.shards()] or [np.empty(0, "S64")]))
+    def _held(self, shards: list[str]) -> Hashes:
+        return Hashes(np.concatenate([self._sha256(n) for n in shards] or [np.empty(0, "S64")]))
 
 
 def tables(cache_dir: Path) -> Iterator[tuple[Path, CacheKey | None]]:
@@ -551,6 +546,12 @@ def tables(cache_dir: Path) -> Iterator[tuple[Path, CacheKey | None]]:
 
 
 
+
+
+def _rows_of(f: h5py.File, part: slice = slice(None)) -> Rows:
+    """A shard's (or a format-1 file's) rows, all columns."""
+    return Rows([h.decode() for h in f["sha256"][part]], f["embeddings"][part], _os_strings(f["path"][part]),
+                _os_strings(f["label"][part]))
 
 
 def _set_attrs(f: h5py.File, key: CacheKey) -> None:

@@ -144,10 +144,6 @@ class FileIndex:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
         (self.path.parent / FORMAT1_NAME).unlink(missing_ok=True)
 
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
 
 def indexed_hashes(cache_dir: Path) -> np.ndarray | None:
