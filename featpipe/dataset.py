@@ -4,6 +4,7 @@ default dataset."""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from featpipe.errors import UserError
 
 SHIPPED_NAME = "gcompris-photos"
+MAX_FILE_BYTES = 1 << 30  # far above any decodable image (Pillow's pixel limit), far below a video's size
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"}
 
 
@@ -112,3 +114,18 @@ def _entries(root: Path) -> list[os.DirEntry]:
             return list(it)
     except PermissionError as e:
         raise UserError(f"cannot read data directory {root}: {e.strerror}") from None
+
+
+def read_file(f: ImageFile, st: os.stat_result | None = None) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or why not. Only regular files are opened: a named pipe would block forever and a link
+    to /dev/zero would read until memory ran out. Files over MAX_FILE_BYTES (a video, a disk image) are not read.
+    `st`: the file's stat if the caller took one already."""
+    try:
+        st = st or os.stat(f.path)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_size > MAX_FILE_BYTES:
+            return None, f"file too large ({st.st_size / 2**30:.1f} GiB; images are read whole)"
+        return f.path.read_bytes(), None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or type(e).__name__}"

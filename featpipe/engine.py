@@ -10,9 +10,7 @@ engine (ray_engine.py) replaces the decode and forward stages; `start_runtime` b
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
-import stat
 import threading
 import time
 from collections import deque
@@ -27,12 +25,11 @@ import numpy as np
 from featpipe import fileindex
 from featpipe.cache import Cache, CacheKey, Hashes
 from featpipe.rows import Rows
-from featpipe.dataset import ImageFile
+from featpipe.dataset import ImageFile, read_file
 from featpipe.decode import Probe, default_decode_threads, probe
 from featpipe.errors import UserError
 
 READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags
-MAX_FILE_BYTES = 1 << 30  # far above any decodable image (Pillow's pixel limit), far below a video's size
 
 
 @dataclass(frozen=True)
@@ -50,21 +47,6 @@ class Item:
     sha256: str
     data: bytes
     probe: Probe
-
-
-def read_file(f: ImageFile, st: os.stat_result | None = None) -> tuple[bytes | None, str | None]:
-    """The file's bytes, or why not. Only regular files are opened: a named pipe would block forever and a link
-    to /dev/zero would read until memory ran out. Files over MAX_FILE_BYTES (a video, a disk image) are not read.
-    `st`: the file's stat if the caller took one already."""
-    try:
-        st = st or os.stat(f.path)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file"
-        if st.st_size > MAX_FILE_BYTES:
-            return None, f"file too large ({st.st_size / 2**30:.1f} GiB; images are read whole)"
-        return f.path.read_bytes(), None
-    except OSError as e:
-        return None, f"unreadable: {e.strerror or type(e).__name__}"
 
 
 class StageTimer:

@@ -118,9 +118,8 @@ def _finetuned(spec, bundle: B.Bundle):
 
 def _decode(files: list[Path], decoder) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Read, probe and Pillow-decode each file; anything unreadable becomes (path, reason), never an exception."""
-    from featpipe.dataset import ImageFile
+    from featpipe.dataset import ImageFile, read_file
     from featpipe.decode import probe
-    from featpipe.engine import read_file
 
     def one(f: Path) -> np.ndarray | str:
         data, err = read_file(ImageFile(f, ""))

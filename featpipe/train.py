@@ -25,11 +25,10 @@ from torchvision.transforms import v2
 
 from featpipe import registry
 from featpipe.backbone import Backbone, load
-from featpipe.dataset import ImageFile
+from featpipe.dataset import ImageFile, read_file
 from featpipe.decode import PilDecoder, crop_corner, probe
 from featpipe.embed import configure_cpu, resolve_device, resolve_precision
 from featpipe.errors import UserError
-from featpipe.engine import read_file
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES
 from featpipe.features import class_counts, find_duplicates
 from featpipe.heads import Head, HeadConfig, fit_head
