@@ -30,7 +30,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from featpipe.cache import SHARD_ROWS, Cache, CacheKey
+from featpipe.cache import Cache
+from featpipe.shards import SHARD_ROWS, CacheKey
 from featpipe.rows import Rows
 from featpipe.cache_admin import compact
 from featpipe.fileindex import FileIndex

@@ -34,7 +34,7 @@ def main() -> None:
         build(work)
     print("| data | seed | row-level split | grouped split |\n| --- | --- | --- | --- |")
     for name in ("distinct", "twice"):
-        f = load_features(ExtractConfig(work / name, cache_dir=work / "cache"), progress=False)
+        f = load_features(ExtractConfig(data_dir=work / name, cache_dir=work / "cache"), progress=False)
         for seed in (0, 1, 2):
             accs = []
             for groups in (None, f.groups):

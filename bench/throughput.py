@@ -119,7 +119,8 @@ def single_threaded() -> None:
 
 
 def run_extract(images: Path, cache: Path, args, decoder: str) -> dict:
-    cfg = ExtractConfig(images, args.backbone, cache, args.device, decoder, args.precision, args.batch_size)
+    cfg = ExtractConfig(data_dir=images, backbone=args.backbone, cache_dir=cache, device=args.device, decoder=decoder,
+                        precision=args.precision, batch_size=args.batch_size)
     res = extract(cfg)
     assert res.computed + res.reused == res.images, res.skipped
     return {"seconds": res.seconds, "decoder": res.decoder, "stages": res.stage_seconds, "cfg": cfg}
@@ -182,10 +183,12 @@ def head_fit_seconds(cfg: ExtractConfig) -> float:
 
 def finetune_epoch_seconds(cfg: ExtractConfig, out: Path) -> float:
     """One epoch of featpipe's own fine-tune (last 3 blocks + head, augmentation, val pass); not the decode."""
+    from featpipe.features import load_features
     from featpipe.train import TrainConfig, finetune
 
-    res = finetune(TrainConfig(cfg.data_dir, cfg.backbone, cfg.cache_dir, cfg.device, epochs=1, out=out),
-                   log=lambda s: None)
+    tc = TrainConfig(data_dir=cfg.data_dir, backbone=cfg.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
+                     epochs=1, out=out)
+    res = finetune(tc, load_features(tc.extract_config()), log=lambda s: None)
     return float(res.history[1]["seconds"])
 
 

@@ -14,9 +14,8 @@ from featpipe.backbone import Backbone
 from featpipe.errors import UserError
 from featpipe.hardware import cpu_has_bf16
 
-# bf16: the first convolutions (full resolution, linear bottleneck) keep fp32. Measured on the shipped set, per-image
-# cosine to fp32 embeddings, worst image: mobilenet_v2 0.9896 all-bf16 -> 0.9997; efficientnet_lite0 0.9969 ->
-# 0.9982; forward throughput -2% and -14% (interleaved medians, 2 cores).
+# bf16: the first convolutions (full resolution, linear bottleneck) keep fp32: all-bf16 put one shipped photo's
+# embedding under the 0.99 cosine spec (bench/README.md, "bf16 autocast stays the default").
 FP32_LEADING_CONVS = 3
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters (malloc.h)
 
@@ -54,9 +53,9 @@ def reuse_freed_memory() -> None:
     """glibc malloc: serve large blocks from the heap (no mmap) and keep up to 1 GiB freed at its top.
 
     By default glibc maps each block over its adaptive threshold afresh and trims the heap top, so every batch's
-    activations (tens of MB) arrive as new zero-filled pages: mobilenet_v2's CPU forward spent 35-60% of its time
-    in the kernel's page-fault path (115-140 -> 190 img/s on 2 cores; bench/README.md). What tcmalloc/jemalloc fix
-    by LD_PRELOAD, done in-process. Other C libraries (musl, macOS): nothing to do."""
+    activations (tens of MB) arrive as new zero-filled pages, and the CPU forward spends much of its time in the
+    kernel's page-fault path (bench/README.md). What tcmalloc/jemalloc fix by LD_PRELOAD, done in-process. Other C
+    libraries (musl, macOS): nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

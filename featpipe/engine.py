@@ -1,10 +1,10 @@
-"""The local extraction engine: files -> (read+hash+probe) -> decode -> embed -> journal, timing each stage.
+"""Extraction's driver: files -> reader (stat, read, hash, probe) -> compute (decode + forward) -> writer (journal).
 
 Stages overlap: the reader reads each file once, on a few threads (hash and decode share the bytes; a file the
-index in fileindex.py knows unchanged and cached is not read at all), and queues the images the cache lacks; a
-decode thread turns batches of them into pixels; the main thread runs the model; a writer thread journals results
-so disk writes never stall compute. Only images whose content hash is missing are decoded at all. The Ray
-engine (ray_engine.py) replaces the decode and forward stages; `start_runtime` builds model and decoder for both.
+index in fileindex.py knows unchanged and cached is not read at all), and queues the images the cache lacks; the
+compute stage (pipeline.Compute: compute.LocalCompute, or ray_engine.RayCompute) turns them into embeddings; a
+writer thread journals rows so disk writes never stall compute. Only images whose content hash is missing are
+decoded at all. Queues are bounded, so memory holds a few batches whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from typing import Iterator
 import numpy as np
 
 from featpipe import fileindex
-from featpipe.cache import Cache, CacheKey, Hashes
-from featpipe.rows import Rows
+from featpipe.cache import Cache
+from featpipe.hashes import Hashes
 from featpipe.dataset import ImageFile, read_file
-from featpipe.decode import Probe, default_decode_threads, probe
+from featpipe.decode import default_decode_threads, probe
 from featpipe.errors import UserError
+from featpipe.pipeline import DONE, Compute, Computed, Encoded, Item, StageTimer
+from featpipe.rows import Rows
 
 READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags
 
@@ -41,51 +43,11 @@ class Member:
     sha256: str
 
 
-@dataclass
-class Item:
-    file: ImageFile
-    sha256: str
-    data: bytes
-    probe: Probe
-
-
-class StageTimer:
-    """Wall seconds per stage, summed across threads (stages overlap, so they add up to more than the total)."""
-
-    def __init__(self) -> None:
-        self._t: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, time.perf_counter() - t0)
-
-    def add(self, stage: str, seconds: float) -> None:
-        """Also for seconds measured elsewhere (Ray actors report their decode/forward time)."""
-        with self._lock:
-            self._t[stage] = self._t.get(stage, 0.0) + seconds
-
-    def totals(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in self._t.items()}
-
-
-DONE = object()
-
-
 class Engine:
-    """Three threads around the model: reader (stat, read, hash, probe) -> decoder -> [main: forward] -> writer.
+    """Reader and writer threads around a compute stage that the calling thread drives (see the module doc)."""
 
-    The model and decoder are built when the first uncached image reaches them: a fully cached run never imports
-    DALI or loads weights. Queues are bounded, so memory holds a few batches whatever the dataset size.
-    """
-
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, index: fileindex.FileIndex):  # cfg: ExtractConfig
-        self.cfg, self.spec, self.key, self.timer = cfg, spec, key, timer
-        self.decoder_name, self.device_name, self.precision = "none", "none", "none"
+    def __init__(self, compute: Compute, timer: StageTimer, index: fileindex.FileIndex):
+        self.compute, self.timer, self.index = compute, timer, index
         self.skipped: list[dict] = []
         self.reused_files = 0  # files served by an existing row: identical files count once each
         self.first_copy: set[str] = set()  # hashes this run computes
@@ -93,35 +55,29 @@ class Engine:
         self.failed: dict[str, str] = {}  # hash -> why its first copy did not decode
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
-        self.batch_size = cfg.batch_size or 32  # raised to the device's default once the runtime starts
-        self.model_waiting = threading.Event()
-        self.index = index
 
     def run(self, files: list[ImageFile], known: Hashes, cache: Cache, progress):
         """Journal a row for every image `known` lacks; returns (hashes computed, skipped)."""
         encoded: queue.Queue = queue.Queue(maxsize=4)
-        decoded: queue.Queue = queue.Queue(maxsize=3)
         written: queue.Queue = queue.Queue(maxsize=8)
         out: set[str] = set()
-        stages = [(self._read, (files, known, encoded)), (self._decode, (encoded, decoded)),
-                  (self._write, (written, cache, out))]
-        threads = [threading.Thread(target=self._guard, args=(fn, args), daemon=True) for fn, args in stages]
-        for t in threads:
-            t.start()
+        reader = threading.Thread(target=self._guard, args=(self._read, (files, known, encoded)), daemon=True)
+        writer = threading.Thread(target=self._guard, args=(self._write, (written, cache, out)), daemon=True)
+        reader.start()
+        writer.start()
         done = 0
+        results = self.compute.run(encoded)
         try:
-            while (msg := self._next(decoded)) is not DONE:
-                if isinstance(msg, int):  # files the reader settled without compute (cached or skipped)
-                    done += msg
-                else:
-                    done += self._forward(*msg, written)
+            for msg in results:
+                done += msg.settled + self._emit(msg, written)
                 if progress:
                     progress(done, len(files))
                 if self.errors:
                     break
         finally:
+            results.close()  # a compute stage's own clean-up (a local Ray shuts down) runs now, also on errors
             written.put(DONE)
-            threads[2].join()
+            writer.join()
         if self.errors:
             raise self.errors[0]
         self._settle_copies()
@@ -136,17 +92,6 @@ class Engine:
                 self.index.record_failure(f.path, self.failed[digest])
             else:
                 self.reused_files += 1
-
-    def _next(self, decoded: queue.Queue):
-        """The next decoded batch; `model_waiting` is set for as long as the model has to wait for it."""
-        try:
-            return decoded.get_nowait()
-        except queue.Empty:
-            self.model_waiting.set()
-            try:
-                return decoded.get()
-            finally:
-                self.model_waiting.clear()
 
     def _guard(self, fn, args) -> None:
         try:
@@ -184,10 +129,10 @@ class Engine:
             known.add(digest)  # identical bytes twice in one run: embed once
             self.first_copy.add(digest)
             batch.append(Item(f, digest, data, p))
-            if len(batch) >= self.batch_size:
-                encoded.put((batch, settled))
+            if len(batch) >= self.compute.batch_size:
+                encoded.put(Encoded(batch, settled))
                 batch, settled = [], 0
-        encoded.put((batch, settled))
+        encoded.put(Encoded(batch, settled))
         encoded.put(DONE)
 
     def _hashed(self, files: list[ImageFile], known: Hashes) -> Iterator[tuple[ImageFile, bytes | None, str | None,
@@ -222,46 +167,18 @@ class Engine:
             self.index.record(f.path, st, digest, read_at_ns)
         return f, data, digest, None
 
-    def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
-        decoder = None
-        while (msg := encoded.get()) is not DONE:
-            batch, settled = msg
-            if settled:
-                decoded.put(settled)
-            if not batch:
-                continue
-            if decoder is None:
-                decoder = self._start_runtime()
-            with self.timer("decode"):
-                pixels, reasons = decoder.decode([it.data for it in batch], [it.probe for it in batch])
-            decoded.put((batch, pixels, reasons))
-        decoded.put(DONE)
-
-    def _start_runtime(self):
-        """Device, precision, model and decoder, built once, on the first batch that needs them."""
-        self.embedder, decoder = start_runtime(self.cfg, self.spec, self.timer, self.model_waiting)
-        self.decoder_name, self.device_name = decoder.name, str(self.embedder.device)
-        self.precision = self.embedder.precision
-        self.batch_size = batch_size_for(self.cfg, self.embedder.device)
-        return decoder
-
-    def _forward(self, batch: list[Item], pixels, reasons: list[str | None], written: queue.Queue) -> int:
-        return self._emit(batch, embed_decoded(self.embedder, pixels, reasons, self.timer, wait=False), reasons,
-                          written)
-
-    def _emit(self, batch: list[Item], emb: np.ndarray | None, reasons: list[str | None],
-              written: queue.Queue) -> int:
-        """Record skip reasons and queue the decoded images' rows for the writer (shared with the Ray engine)."""
-        ok = [it for it, r in zip(batch, reasons) if r is None]
-        for it, r in zip(batch, reasons):
+    def _emit(self, msg: Computed, written: queue.Queue) -> int:
+        """Record skip reasons and queue the decoded images' rows for the writer; returns the files settled."""
+        ok = [it for it, r in zip(msg.items, msg.reasons) if r is None]
+        for it, r in zip(msg.items, msg.reasons):
             if r:
                 self.skipped.append({"path": str(it.file.path), "reason": r})
                 self.failed[it.sha256] = r
                 self.index.record_failure(it.file.path, r)
         if ok:
-            written.put(Rows([it.sha256 for it in ok], emb, [str(it.file.path) for it in ok],
+            written.put(Rows([it.sha256 for it in ok], msg.embeddings, [str(it.file.path) for it in ok],
                              [it.file.label for it in ok]))
-        return len(batch)
+        return len(msg.items)
 
     def _write(self, written: queue.Queue, cache: Cache, out: set[str]) -> None:
         while (rows := written.get()) is not DONE:
@@ -288,39 +205,3 @@ def decoders_version(decoder: str) -> str:
     from featpipe import __version__
 
     return f"featpipe {__version__}, Pillow {PIL.__version__}, --decoder {decoder}"
-
-
-def start_runtime(cfg, spec, timer: StageTimer, model_waiting: threading.Event | None = None):
-    """(Embedder, decoder) for cfg: one recipe for the local engine and every Ray actor.
-
-    `model_waiting`, set while the model waits for decoded batches: with the model on the CPU, the decoder then
-    works in the background and hurries only when the model waits (decode.PilDecoder)."""
-    from featpipe.backbone import load
-    from featpipe.decode import make_decoder
-    from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
-
-    configure_cpu()
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    with timer("load_model"):
-        embedder = Embedder(load(spec, cfg.weights).model, device, precision)
-    cuda = (device.index or 0) if device.type == "cuda" else None
-    decoder = make_decoder(cfg.decoder, spec.preprocessing, batch_size_for(cfg, device), cuda,
-                           model_waiting if cuda is None else None)
-    return embedder, decoder
-
-
-def batch_size_for(cfg, device) -> int:
-    from featpipe.embed import default_batch_size
-
-    return cfg.batch_size or default_batch_size(device)
-
-
-def embed_decoded(embedder, pixels, reasons: list[str | None], timer: StageTimer, wait: bool = True):
-    """Embeddings of a decoded batch; None when every image failed to decode (the model never sees an empty batch).
-
-    wait=False may return a handle that np.asarray() resolves (CUDA: the GPU keeps computing meanwhile)."""
-    if None not in reasons:
-        return None
-    with timer("forward"):
-        return embedder(pixels) if wait else embedder.submit(pixels)

@@ -26,7 +26,8 @@ from featpipe import __version__, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
 from featpipe.splits import Groups, check_k
-from featpipe.train import TrainConfig, decode_images, finetune, scan_images, scratch
+from featpipe.train import TrainConfig, finetune, scratch
+from featpipe.train_images import decode_images, scan_images
 
 METHODS = ("scratch", "head", "finetune")
 DEFAULT_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
@@ -74,8 +75,9 @@ class ExperimentConfig:
         if unknown:
             raise UserError(f"[{method}] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         out = self.out / "models" / f"{backbone}-{'finetuned' if method == 'finetune' else method}"
-        return TrainConfig(self.data_dir, backbone, self.cache_dir, self.device, val_fraction=self.val_fraction,
-                           seed=self.seed, out=out, head=self.head, force=True, **given)  # its own report dir
+        return TrainConfig(data_dir=self.data_dir, backbone=backbone, cache_dir=self.cache_dir, device=self.device,
+                           val_fraction=self.val_fraction, seed=self.seed, out=out, head=self.head, force=True,
+                           **given)  # force: the bundle lives in this experiment's own report dir
 
     def resolved(self) -> dict:
         """Every setting actually used, defaults filled in: what report.json records."""
@@ -165,13 +167,12 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
     """Run every method x backbone; write report.json, report.md, report.png and confusion.png under cfg.out, and
     each row's model bundle under cfg.out/models (the report links to them)."""
     from featpipe.dataset import scan
-    from featpipe.embed import configure_cpu, resolve_device
+    from featpipe.runtime import prepare
 
     t_start = time.perf_counter()
     specs = check_weights(cfg)
     scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
-    device = str(resolve_device(cfg.device))
-    configure_cpu()
+    device = str(prepare(cfg.device)[0])
     results, backbones, preds = [], {}, {}
     for spec in specs:
         info, rows = run_backbone(cfg, spec, log)
@@ -215,14 +216,15 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
     features, images, extract_seconds = None, None, 0.0
     if {"head", "finetune"} & set(cfg.methods):
         t0 = time.perf_counter()
-        features = load_features(ExtractConfig(cfg.data_dir, spec.name, cfg.cache_dir, cfg.device))
+        features = load_features(ExtractConfig(data_dir=cfg.data_dir, backbone=spec.name, cache_dir=cfg.cache_dir,
+                                                 device=cfg.device))
         extract_seconds = time.perf_counter() - t0
     if {"scratch", "finetune"} & set(cfg.methods):
         if features is not None:
             images = decode_images(features.paths, features.y, features.classes, spec.preprocessing,
                                    cfg.val_fraction, cfg.seed)
         else:
-            images = scan_images(cfg.train_config("scratch", spec.name))
+            images = scan_images(cfg.data_dir, spec.name, cfg.val_fraction, cfg.seed)
     classes = (features or images).classes
     y = features.y if features is not None else images.y.numpy()
     from featpipe.splits import val_split
@@ -236,7 +238,10 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
             rows.append(run_head(cfg, features, split))
             continue
         tc = cfg.train_config(method, spec.name)
-        res = finetune(tc, log, features, images) if method == "finetune" else scratch(tc, log, images)
+        if method == "finetune":
+            res = finetune(tc, features, log=log, images=images)
+        else:
+            res = scratch(tc, log=log, images=images)
         rows.append((res.to_json() | {"only_last_layers_trained": method == "finetune"}, res.val_pred))
     for r, _ in rows:
         r["meets_tutorial_task"] = bool(r["val_accuracy"] >= TUTORIAL_MIN_VAL and r["train_seconds"] <

@@ -1,5 +1,6 @@
-"""`featpipe extract`: scan the data dir, open the cache for the backbone's key, let an engine (engine.py, or
-ray_engine.py) journal the rows the cache lacks, publish them as a shard, and say what the data dir holds now."""
+"""`featpipe extract`: scan the data dir, open the cache for the backbone's key, let the engine (engine.py, with
+compute.py or ray_engine.py as its compute stage) journal the rows the cache lacks, publish them as a shard, and say
+what the data dir holds now."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Callable
 
 from featpipe import registry
 from featpipe import weights as W
-from featpipe.cache import Cache, CacheKey
+from featpipe.cache import Cache
+from featpipe.shards import CacheKey
 from featpipe.dataset import describe, require_every_class, scan
-from featpipe.engine import Engine, Member, StageTimer, decoders_version, user_error_if_disk_fails
+from featpipe.engine import Engine, Member, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
+from featpipe.pipeline import Compute, StageTimer
 
 DEFAULT_CACHE_DIR = Path("cache")
 DEVICES = ("auto", "cpu", "cuda")
@@ -112,7 +115,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     timer = StageTimer()
     with cache:
         index = FileIndex(cfg.cache_dir, root, decoders_version(cfg.decoder), cache.writable)
-        engine = _make_engine(cfg, spec, key, timer, index)
+        engine = Engine(_compute(cfg, spec, timer), timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
         with timer("commit"), user_error_if_disk_fails(cache.path):
@@ -126,20 +129,23 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         raise UserError(f"no valid image in {root}; {len(skipped)} file(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
     seconds = time.perf_counter() - t0
+    decoder, device, precision = engine.compute.described()
     return ExtractResult(
         images=len(files), computed=len(computed), reused=engine.reused_files, skipped=skipped,
         seconds=round(seconds, 4),
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
-        backbone=spec.name, dim=spec.dim, decoder=engine.decoder_name, device=engine.device_name,
-        precision=engine.precision, stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
+        backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,
+        stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
         members=members, cache=cache,
     )
 
 
-def _make_engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer, index: FileIndex) -> Engine:
-    """The Ray engine swaps only the decode+forward stages; its module (and Ray) load only when asked for."""
+def _compute(cfg: ExtractConfig, spec, timer: StageTimer) -> Compute:
+    """The compute stage: its module (and Ray) load only when asked for."""
     if cfg.engine == "ray":
-        from featpipe.ray_engine import RayEngine
+        from featpipe.ray_engine import RayCompute
 
-        return RayEngine(cfg, spec, key, timer, index)
-    return Engine(cfg, spec, key, timer, index)
+        return RayCompute(cfg, spec, timer)
+    from featpipe.compute import LocalCompute
+
+    return LocalCompute(cfg, spec, timer)

@@ -12,7 +12,10 @@ import socket
 import struct
 import uuid
 import zlib
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -95,3 +98,18 @@ def try_lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+
+
+@contextmanager
+def publish_lock(folder: Path, holder: str) -> Iterator[None]:
+    """flock on <folder>/publish.lock: one publisher at a time; says so on stderr when it has to wait for `holder`."""
+    fd = os.open(folder / "publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"featpipe: waiting for {holder} …", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

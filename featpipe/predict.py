@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from featpipe import bundle as B
-from featpipe.decode import PilDecoder
+from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError, first_line
 
 BATCH = 32
@@ -83,22 +83,22 @@ def collect(paths: list[Path]) -> list[Path]:
 def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
     from featpipe import registry
     from featpipe.backbone import load, weights_sha256
-    from featpipe.embed import Embedder, configure_cpu, resolve_device, resolve_precision
+    from featpipe.embed import Embedder
+    from featpipe.runtime import prepare
 
     spec = registry.resolve(bundle.backbone)
     if spec.preprocessing != bundle.preprocessing:
         raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
                         f"{spec.name!r}; refit it with `featpipe fit-head`")
-    configure_cpu()
-    dev = resolve_device(device)
+    dev, precision = prepare(device)
     if bundle.finetuned:
-        return Embedder(_finetuned(spec, bundle), dev, resolve_precision("auto", dev))
+        return Embedder(_finetuned(spec, bundle), dev, precision)
     sha = weights_sha256(spec, weights)  # before building: a file's hash needs no model
     if sha != bundle.weights_sha256:
         raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
                         f"{bundle.weights_sha256[:12]}…, but these are {sha[:12]}…; pass "
                         f"the checkpoint it was fitted with as --weights PATH")
-    return Embedder(load(spec, weights).model, dev, resolve_precision("auto", dev))
+    return Embedder(load(spec, weights).model, dev, precision)
 
 
 def _finetuned(spec, bundle: B.Bundle):
@@ -116,16 +116,9 @@ def _finetuned(spec, bundle: B.Bundle):
     return model
 
 
-def _decode(files: list[Path], decoder) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+def _decode(files: list[Path], decoder: PilDecoder) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Read, probe and Pillow-decode each file; anything unreadable becomes (path, reason), never an exception."""
-    from featpipe.dataset import ImageFile, read_file
-    from featpipe.decode import probe
-
-    def one(f: Path) -> np.ndarray | str:
-        data, err = read_file(ImageFile(f, ""))
-        return err or probe(data).skip_reason or decoder.decode_one(data)
-
-    results = list(decoder.pool.map(one, files))
+    results = [r for _, r in decode_files(files, decoder)]
     ok = [f for f, r in zip(files, results) if not isinstance(r, str)]
     reasons = [(f, r) for f, r in zip(files, results) if isinstance(r, str)]
     crop = decoder.pre.crop

@@ -1,9 +1,9 @@
-"""`featpipe extract --engine ray`: decode + forward on a pool of Ray actors, everything else as in the local engine.
+"""`featpipe extract --engine ray`: the compute stage (pipeline.Compute) on a pool of Ray actors.
 
-The driver keeps the local engine's reader (read once, sha256, probe, cache lookup) and its single writer thread
-(Cache.append per batch, a shard published at the end); only the middle stage changes: instead of decoding and
-running the model in-process, it ships each batch of missing images' bytes to the least busy actor and passes
-(embedding, skip reason) results on as they finish. Actors build their model and decoder with the same `start_runtime`.
+The driver (engine.Engine) keeps its reader (read once, sha256, probe, cache lookup) and its single writer thread
+(Cache.append per batch, a shard published at the end); only the compute stage differs: instead of decoding and
+running the model in-process, it ships each batch of missing images' bytes to the least busy actor and yields
+(embedding, skip reason) results as they finish. Actors build model and decoder with `runtime.start_embedding`.
 
 Why actors driven by hand rather than Ray Data's `from_items(...).map_batches(cls, concurrency=N)`: Ray Data wants
 the whole input up front (from_items puts every record in the object store before the first batch runs), while
@@ -24,13 +24,14 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from featpipe.cache import CacheKey
 from featpipe.decode import Probe
 from featpipe.errors import UserError
-from featpipe.engine import DONE, Engine, Item, StageTimer, embed_decoded, start_runtime
+from featpipe.pipeline import DONE, Computed, StageTimer
+from featpipe.runtime import embed_decoded, start_embedding
 
 OBJECT_STORE_BYTES = 200 * 2**20  # a local Ray holds only a few batches of encoded images at a time
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
@@ -59,10 +60,10 @@ class EmbedWorker:
         import torch
 
         self.timer = StageTimer()
-        self.embedder, self.decoder = start_runtime(cfg, spec, self.timer)
+        self.embedder, self.decoder = start_embedding(cfg, spec, self.timer)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if self.embedder.device.type == "cpu" and cpus:
-            torch.set_num_threads(max(1, int(cpus)))  # start_runtime sized threads for the whole machine
+            torch.set_num_threads(max(1, int(cpus)))  # start_embedding sized threads for the whole machine
         self.die_once = die_once
 
     def describe(self) -> tuple[str, str, str, dict]:
@@ -89,29 +90,40 @@ def _die_once(marker: str | None) -> None:
     os._exit(1)
 
 
-class RayEngine(Engine):
-    """The local engine with stage 2 (decode, and via `_forward` the model) replaced by Ray actors.
+class RayCompute:
+    """Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray."""
 
-    Ray starts (or is joined) on the first batch that needs compute, so a fully cached run never touches Ray.
-    """
-
-    def __init__(self, cfg, spec, key: CacheKey, timer: StageTimer, index):
-        super().__init__(cfg, spec, key, timer, index)
+    def __init__(self, cfg, spec, timer: StageTimer):  # cfg: ExtractConfig
+        self.cfg, self.spec, self.timer = cfg, spec, timer
         self.ray = _import_ray()
         if cfg.workers and not cfg.ray_address:  # now, not after the tens of seconds a local Ray takes to start
             _check_workers(cfg.workers, local_cpus(), None, gpu=False, where="this machine (a local Ray)")
+        self.batch_size = cfg.batch_size or 32
         self.actors: list = []
-        self.in_flight: dict = {}  # ObjectRef -> (batch, actor)
+        self.in_flight: dict = {}  # ObjectRef -> (items, actor)
+        self._described = ("none", "none", "none")
         self.started_ray = False
         self.ray_children: list = []  # the processes ray.init started here (gcs, raylet, ...), see _shutdown
         self.released = threading.Event()  # set once a local Ray is shut down: its owner thread may end
 
-    def run(self, *args):
-        """The local engine's run; Ray's driver thread prints raylet events ("worker died, retrying") to stdout,
-        which `--json` reserves for its one object, so they go to stderr until Ray is shut down."""
+    def described(self) -> tuple[str, str, str]:
+        return self._described
+
+    def run(self, encoded: queue.Queue) -> Iterator[Computed]:
+        """Keep every actor busy with batches from the reader, yield results as they finish. Ray's driver thread
+        prints raylet events ("worker died, retrying") to stdout, which `--json` reserves for its one object, so
+        they go to stderr until Ray is shut down."""
         with contextlib.redirect_stdout(sys.stderr):
             try:
-                return super().run(*args)
+                eof = False
+                while not eof or self.in_flight:
+                    room = not eof and len(self.in_flight) < IN_FLIGHT_PER_WORKER * max(1, len(self.actors))
+                    if room:
+                        eof, settled = self._submit_next(encoded)
+                        if settled:
+                            yield Computed([], None, [], settled)
+                    if self.in_flight:
+                        yield from self._collect(block=not room)
             finally:
                 if self.started_ray:
                     self._shutdown()
@@ -147,50 +159,34 @@ class RayEngine(Engine):
         if failed:
             raise failed[0]
 
-    def _decode(self, encoded: queue.Queue, decoded: queue.Queue) -> None:
-        """Stage 2 on Ray: keep every actor busy with batches from the reader, pass results on as they finish."""
-        eof = False
-        while not eof or self.in_flight:
-            room = not eof and len(self.in_flight) < IN_FLIGHT_PER_WORKER * max(1, len(self.actors))
-            if room:
-                eof = self._submit_next(encoded, decoded)
-            if self.in_flight:
-                self._collect(decoded, block=not room)
-        decoded.put(DONE)
-
-    def _submit_next(self, encoded: queue.Queue, decoded: queue.Queue) -> bool:
-        """Take one reader message (waiting briefly if results are due); True once the reader is done."""
+    def _submit_next(self, encoded: queue.Queue) -> tuple[bool, int]:
+        """Take one reader message (waiting briefly if results are due) and send its images to the least busy
+        actor; returns (reader done, the files it settled without compute, if any)."""
         try:
-            msg = encoded.get(timeout=0.02 if self.in_flight else None)
+            enc = encoded.get(timeout=0.02 if self.in_flight else None)
         except queue.Empty:
-            return False
-        if msg is DONE:
-            return True
-        batch, settled = msg
-        if settled:
-            decoded.put(settled)
-        if batch:
+            return False, 0
+        if enc is DONE:
+            return True, 0
+        if enc.items:
             if not self.actors:
                 self._start_actors()
             actor = min(self.actors, key=lambda a: sum(b is a for _, b in self.in_flight.values()))
-            ref = actor.embed.remote([it.data for it in batch], [it.probe for it in batch])
-            self.in_flight[ref] = (batch, actor)
-        return False
+            ref = actor.embed.remote([it.data for it in enc.items], [it.probe for it in enc.items])
+            self.in_flight[ref] = (enc.items, actor)
+        return False, enc.settled
 
-    def _collect(self, decoded: queue.Queue, block: bool) -> None:
+    def _collect(self, block: bool) -> Iterator[Computed]:
         ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
         for ref in ready:
-            batch, _actor = self.in_flight.pop(ref)
+            items, _actor = self.in_flight.pop(ref)
             emb, reasons, seconds = self.ray.get(ref)
             # ray.get maps large arrays zero-copy from the object store; such a view must not outlive
             # ray.shutdown() (releasing it then kills the driver), so the rows get their own copy.
             emb = None if emb is None else np.array(emb)
             for stage, s in seconds.items():
                 self.timer.add(stage, s)
-            decoded.put((batch, emb, reasons))
-
-    def _forward(self, batch: list[Item], emb, reasons: list[str | None], written: queue.Queue) -> int:
-        return self._emit(batch, emb, reasons, written)
+            yield Computed(items, emb, reasons, 0)
 
     def _start_actors(self) -> None:
         ray = self.ray
@@ -207,8 +203,7 @@ class RayEngine(Engine):
                 described = ray.get([a.describe.remote() for a in self.actors])
             except ray.exceptions.RayError as e:
                 raise UserError(f"Ray workers failed to start: {str(e).strip().splitlines()[-1]}") from None
-        self.decoder_name, self.device_name, self.precision = (
-            ",".join(sorted({d[i] for d in described})) for i in range(3))
+        self._described = tuple(",".join(sorted({d[i] for d in described})) for i in range(3))
         self.timer.add("load_model", max(d[3].get("load_model", 0.0) for d in described))
 
     def _worker_count(self, gpu: bool) -> int:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 
 from featpipe.decode import DRAFT_MARGIN, PilDecoder, TorchvisionDecoder, pil_decode, probe, resize_crop
-from featpipe.pixels import rgb_pixels
+from featpipe.decode.pixels import rgb_pixels
 from featpipe.preprocess import Preprocessing
 from featpipe.registry import resolve
 
@@ -66,7 +66,7 @@ def test_rgb_pixels_are_pillows_own_memory_and_outlive_the_image(photo):
 def test_rgb_pixels_with_padded_rows_still_gives_the_pixels():
     """PILLOW_ALIGNMENT pads each row; the view must never read the padding as pixels (Pillow 11.2-12 exported
     padded rows as packed: pixels.EXPORTS_PACKED_ROWS)."""
-    code = ("import numpy as np; from PIL import Image; from featpipe.pixels import rgb_pixels\n"
+    code = ("import numpy as np; from PIL import Image; from featpipe.decode.pixels import rgb_pixels\n"
             "for w, h in [(640, 480), (333, 251), (17, 9), (1, 5), (16, 9)]:\n"
             "    im = Image.effect_noise((w, h), 60).convert('RGB')\n"
             "    assert np.array_equal(rgb_pixels(im)[..., :3], np.asarray(im)), (w, h)\n")
@@ -208,12 +208,13 @@ def test_gpu_torchvision_decoder_matches_its_cpu_twin(batchable):
 @pytest.mark.parametrize("device", [None, pytest.param(0, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)"))], ids=["cpu", "gpu"])
 def test_torchvision_decoder_chunks_by_pixels_and_keeps_input_order(batchable, monkeypatch, device):
-    import featpipe.decode as decode
+    from featpipe.decode import nvjpeg
+    from featpipe.decode.batched import pixel_chunks
 
     probes = [probe(d) for d in batchable]
     whole = TorchvisionDecoder(PRE, device)._run(batchable, probes)
-    assert decode.pixel_chunks([(10, 10), (10, 10), (30, 30), (5, 5)], 250) == [[0, 1], [2], [3]]
-    monkeypatch.setattr(decode, "CHUNK_PIXELS", 640 * 480 + 1)  # about one image per nvJPEG call
+    assert pixel_chunks([(10, 10), (10, 10), (30, 30), (5, 5)], 250) == [[0, 1], [2], [3]]
+    monkeypatch.setattr(nvjpeg, "CHUNK_PIXELS", 640 * 480 + 1)  # about one image per nvJPEG call
     chunked = TorchvisionDecoder(PRE, device)._run(batchable, probes)
     if device is not None:
         whole, chunked = whole.cpu().numpy(), chunked.cpu().numpy()
@@ -303,3 +304,30 @@ def test_a_small_jpeg_without_its_end_marker_is_not_batched(photo):
     data = jpeg_of(photo.resize((16, 16)))
     assert len(data) < 1024 and probe(data).batch_ok
     assert not probe(data[:-2]).batch_ok and not probe(data[: len(data) // 2]).batch_ok
+
+
+def test_decode_files_keeps_input_order_and_turns_every_failure_into_a_reason(tmp_path, jpegs):
+    """train and predict both decode through it: a sha256 for identical bytes, an image or the skip reason."""
+    from featpipe.decode import decode_files
+
+    files = {"a.jpg": jpegs[0], "empty.jpg": b"", "text.jpg": b"not an image", "cut.jpg": jpegs[1][:len(jpegs[1]) // 2],
+             "b.jpg": jpegs[1], "same-as-a.jpg": jpegs[0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder.jpg").mkdir()
+    paths = [str(tmp_path / n) for n in files] + [tmp_path / "folder.jpg", tmp_path / "missing.jpg"]
+    out = decode_files(paths, PilDecoder(PRE, 2))
+    shas = [s for s, _ in out]
+    assert shas[0] == shas[5] != shas[4] and all(len(s) == 64 for s in shas[:6]) and shas[6:] == ["", ""]
+    reasons = [r if isinstance(r, str) else None for _, r in out]
+    assert reasons[:3] == [None, "empty file", "not an image"] and reasons[3].startswith("decode failed: ")
+    assert reasons[4:6] == [None, None] and reasons[6] == "not a regular file" and reasons[7].startswith("unreadable:")
+    for i, data in [(0, jpegs[0]), (4, jpegs[1])]:
+        np.testing.assert_array_equal(out[i][1], pil_decode(data, PRE))
+
+
+def test_importing_the_decoders_loads_neither_torch_nor_dali():
+    """torch and DALI are imported only inside the decoders that use them (the package docstring says so)."""
+    code = "import sys, featpipe.decode; print(sorted({'torch', 'torchvision', 'nvidia.dali'} & sys.modules.keys()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:] or proc.stdout

@@ -107,11 +107,11 @@ def test_scratch_bundle_predicts_what_the_trained_model_did(small_data, tmp_path
     """predict on the val images (the same split scan_images makes) gives training's own val predictions: the
     bundle holds every trained weight, BatchNorm statistics included, and the head predict computes."""
     from featpipe.predict import PredictConfig, predict
-    from featpipe.train import scan_images
+    from featpipe.train_images import scan_images
 
     cfg = TrainConfig(data_dir=small_data, epochs=2, val_fraction=0.5, out=tmp_path / "sc")
     res = scratch(cfg, log=lambda s: None)
-    images = scan_images(cfg)
+    images = scan_images(cfg.data_dir, cfg.backbone, cfg.val_fraction, cfg.seed)
     val = [Path(images.paths[i]) for i in images.split.val]
     got = predict(PredictConfig(Path(res.model_path), val, top_k=1))["predictions"]
     same = np.mean([images.classes.index(g["top"][0]["class"]) for g in got] == res.val_pred)

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from featpipe import bundle as B
-from featpipe.cache import Cache, CacheKey, Hashes, RowsGone
+from featpipe.cache import Cache, RowsGone
+from featpipe.cache_admin import compact_key
+from featpipe.hashes import Hashes
+from featpipe.shards import CacheKey
 from featpipe.rows import Rows
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
@@ -119,11 +122,11 @@ def test_compact_merges_small_shards_and_drops_unreferenced_rows(tmp_path):
     c = Cache(tmp_path, KEY).open()
     old = set(c.shards())
     live = Hashes(np.array(rows(8).sha256, "S64"))  # row 8 no longer referenced
-    out = c.compact(live)
+    out = compact_key(c, live)
     assert (out["shards"], out["shards_after"], out["dropped_rows"]) == (3, 1, 1)
     assert not old & set(p.name for p in c.dir.glob("*.h5"))
     assert sorted(h.decode() for h in table(c)["sha256"]) == rows(8).sha256
-    assert c.compact(live)["shards_after"] == 1  # nothing left to do
+    assert compact_key(c, live)["shards_after"] == 1  # nothing left to do
     with pytest.raises(RowsGone):  # a reader that counted on the dropped row: load_features extracts again
         c.embeddings([rows(9).sha256[8]])
 

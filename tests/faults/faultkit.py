@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from featpipe.cache import Cache, CacheKey, tables
+from featpipe.cache import Cache
+from featpipe.shards import CacheKey, tables
 from featpipe.rows import Rows
 from featpipe.extract import ExtractConfig, key_precision
 from featpipe.registry import resolve

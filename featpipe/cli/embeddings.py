@@ -1,0 +1,80 @@
+"""Commands over images and their cached embeddings: extract, export-embeddings, backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DecoderOpt, DeviceOpt, EngineOpt, JsonOpt,
+                              PrecisionOpt, RayAddressOpt, WeightsOpt, WorkersOpt, app, data_or_shipped, emit)
+
+
+@app.command()
+def extract(
+    data_dir: DataDir = None,
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    decoder: DecoderOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per forward pass "
+                                                      "(default 16 on CPU, 256 on CUDA).")] = None,
+    weights: WeightsOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
+    from featpipe.extract import ExtractConfig
+
+    from featpipe.progress import run_extract
+
+    cfg = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
+                        decoder=decoder, precision=precision, batch_size=batch_size, weights=weights, engine=engine,
+                        ray_address=ray_address, workers=workers)
+
+    res = run_extract(cfg)
+    emit(res.to_json(), as_json, f"cache: {res.cache_file}")
+
+
+
+@app.command("export-embeddings")
+def export_embeddings(
+    data_dir: DataDir = None,
+    out: Annotated[Path, typer.Option("--out", help="File to write (npy: also a .csv of path, label, sha256 "
+                                      "beside it).")] = Path("embeddings.parquet"),
+    fmt: Annotated[str, typer.Option("--format", help="parquet (path, label, sha256, embedding as a fixed-size "
+                                     "list) | npy (the float32 matrix).")] = "parquet",
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the data dir's embeddings (extracting what is missing) for pandas, polars, DuckDB, numpy."""
+    from featpipe.export import ExportConfig, export
+    from featpipe.extract import ExtractConfig
+    from featpipe.progress import run_extract
+
+    extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
+                            weights=weights)
+    cfg = ExportConfig(extract=extract, out=out, format=fmt)
+    r = export(cfg, run_extract(cfg.extract))
+    emit(r, as_json, f"{r['rows']} rows x {r['dim']} -> {', '.join(r['files'])}")
+
+
+@app.command()
+def backbones(as_json: JsonOpt = False) -> None:
+    """List the built-in backbones and whether their pretrained weights are available offline."""
+    from featpipe.registry import REGISTRY
+
+    rows = [{"name": s.name, "library": s.library, "arch": s.arch, "dim": s.dim,
+             "input": s.preprocessing.crop, "offline": s.weights_available(), "description": s.description}
+            for s in REGISTRY.values()]
+    lines = [f"{r['name']:<20} {'offline' if r['offline'] else 'needs download':<15} {r['dim']:>5}-d  "
+             f"{r['input']}px  {r['description']}" for r in rows]
+    lines.append("Any other torchvision or timm model name works with network access or --weights PATH.")
+    emit({"backbones": rows}, as_json, "\n".join(lines))

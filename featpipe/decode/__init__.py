@@ -1,0 +1,68 @@
+"""Encoded bytes -> uint8 HWC crops behind one interface: Pillow, DALI (GPU or CPU), torchvision's nvJPEG (GPU, or
+libjpeg-turbo on CPU as its test twin).
+
+Files are read once (by the reader, which also hashes them); decoders get bytes, never paths. Batched decoders
+cannot skip a bad sample, so every file is probed first (`probe`) and anything they should not see (non-JPEG, CMYK,
+16-bit, palette, alpha, suspected truncation) goes to Pillow. What they still reject is redone in Pillow.
+
+probing.py: what a file is (header, size, orientation); pil.py: Pillow and its thread pools; batched.py: the Decoder
+interface and the Pillow fallback batched decoders share; dali.py, nvjpeg.py: the batched decoders. torch and DALI
+are imported only where a decoder uses them, so importing this package loads neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.dataset import ImageFile, read_file
+from featpipe.decode.batched import Decoder
+from featpipe.decode.dali import DaliDecoder
+from featpipe.decode.nvjpeg import TorchvisionDecoder
+from featpipe.decode.pil import DRAFT_MARGIN, PilDecoder, default_decode_threads, pil_decode, resize_crop
+from featpipe.decode.probing import Probe, crop_corner, probe, to_rgb
+from featpipe.errors import UserError, first_line
+from featpipe.preprocess import Preprocessing
+
+__all__ = ["DRAFT_MARGIN", "DaliDecoder", "Decoder", "PilDecoder", "Probe", "TorchvisionDecoder", "crop_corner",
+           "decode_files", "default_decode_threads", "make_decoder", "pil_decode", "probe", "resize_crop", "to_rgb"]
+
+
+def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None,
+                 model_waiting: threading.Event | None = None) -> Decoder:
+    """`auto`: nvJPEG when the model runs on CUDA, through DALI, else through torchvision (where DALI does not import
+    or build), else Pillow; without CUDA, Pillow.
+
+    Without a GPU, Pillow beats DALI's CPU pipeline: draft() scales JPEGs in the IDCT, which DALI's CPU decoder
+    cannot, so it spends less of the cores the model needs (bench/README.md has the side-by-side numbers).
+    `model_waiting`: a Pillow decoder decodes in the background (PilDecoder)."""
+    if kind == "pil" or (kind == "auto" and cuda_device is None):
+        return PilDecoder(pre, model_waiting=model_waiting)
+    build = {"dali": lambda: DaliDecoder(pre, batch_size, cuda_device),
+             "torchvision": lambda: TorchvisionDecoder(pre, cuda_device)}
+    for name in build if kind == "auto" else [kind]:
+        try:
+            return build[name]()
+        except Exception as e:
+            if kind != "auto":
+                raise UserError(f"{name} decoder unavailable: {type(e).__name__}: {first_line(e)}") from None
+    return PilDecoder(pre, model_waiting=model_waiting)
+
+
+def decode_files(paths: Sequence[str | os.PathLike], decoder: PilDecoder) -> list[tuple[str, np.ndarray | str]]:
+    """Per path, in input order: (sha256 of its bytes, its (crop, crop, 3) uint8 image or why not: unreadable, not
+    an image, too large, corrupt); never an exception. Read, probe and decode run on `decoder`'s thread pool.
+    The sha256 ("" when the file could not be read) lets callers group identical files, as the cache's row key does."""
+    return list(decoder.pool.map(lambda p: _decode_file(p, decoder), paths))
+
+
+def _decode_file(path: str | os.PathLike, decoder: PilDecoder) -> tuple[str, np.ndarray | str]:
+    data, err = read_file(ImageFile(Path(path), ""))
+    if err:
+        return "", err
+    return hashlib.sha256(data).hexdigest(), probe(data).skip_reason or decoder.decode_one(data)
