@@ -83,3 +83,12 @@ def test_no_module_is_over_350_lines():
     """Past that a module holds more than one concern; split it by concern (as featpipe/decode/ is)."""
     long = {module_name(p): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_architecture_md_names_every_module():
+    """docs/architecture.md is the module map: a module it does not name is a module a newcomer cannot place."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    named = {p.relative_to(PACKAGE).as_posix() for p in sources() if p.name != "__main__.py"}
+    missing = sorted(n for n in named if f"`{n}`" not in doc and f"`{Path(n).name}`" not in doc
+                     and not (n.endswith("__init__.py") and f"`{Path(n).parent}/`" in doc))
+    assert missing == []
