@@ -70,10 +70,12 @@ def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> 
     return Duplicates(int(len(paths) - len(sets)), conflicts)
 
 
-def load_features(cfg: ExtractConfig, progress: bool = True) -> Features:
+def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = True) -> Features:
     """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
-    since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more."""
-    require_labels(cfg.data_dir)
+    since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more.
+    labelled=False also takes a flat folder of images (label "")."""
+    if labelled:
+        require_labels(cfg.data_dir)
     for attempt in range(2):
         result = _extract(cfg, progress)
         try:

@@ -31,6 +31,7 @@ class FitConfig:
     features_dtype: str = "float32"  # float16: X held at half the memory while fitting
     val_dir: Path | None = None  # a separate validation folder instead of the random split
     test_dir: Path | None = None  # scored once at the end, never used to choose anything
+    group_duplicates: bool = False  # near duplicates (neighbours.py) join identical files on one side of splits
 
     def __post_init__(self) -> None:  # before extraction: a typo should not cost the whole extract first
         if self.features_dtype not in ("float32", "float16"):
@@ -49,6 +50,10 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
                      cfg.force)
     _check_held_out_classes(cfg)
     f = load_features(cfg.extract, progress)
+    if cfg.group_duplicates:
+        from featpipe.neighbours import duplicate_groups
+
+        f = replace(f, groups=duplicate_groups(f.X, f.groups)[0])
     if cfg.features_dtype != "float32":  # the float32 rows are freed once converted
         f = replace(f, X=f.X.astype(cfg.features_dtype))
     if cfg.val_dir is not None:
@@ -64,11 +69,13 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
               "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json(),
               "c_search": head.report.get("c_search"),
-              "validation": f"--val-dir {cfg.val_dir}" if cfg.val_dir else f"random {cfg.val_fraction:g} split"}
+              "validation": f"--val-dir {cfg.val_dir}" if cfg.val_dir else f"random {cfg.val_fraction:g} split",
+              "groups": "identical and near-duplicate files" if cfg.group_duplicates else "identical files"}
     if cfg.test_dir is not None:
         report |= score_held_out(head, f, _features_of(cfg, cfg.test_dir, progress), "--test-dir")
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
-                                                            "label_conflicts", "c_search", "validation")}
+                                                            "label_conflicts", "c_search", "validation",
+                                                            "groups")}
     bundle = head_bundle(f, head, metrics | {"cv_folds": cfg.cv, "val_fraction": cfg.val_fraction,
                                              "seed": cfg.head.seed})
     return report | {"model_path": str(save(bundle, out))}

@@ -14,6 +14,8 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Iterator
+
 import numpy as np
 from array_api_compat import array_namespace
 from threadpoolctl import threadpool_limits
@@ -167,10 +169,26 @@ def cross_validate(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg
                    groups: np.ndarray | None = None) -> tuple[float, float]:
     """Mean and (population) std of held-out accuracy over stratified K folds of (X, y), refitting the whole head
     procedure (standardiser, C search, or MLP early stopping) on each fold's training rows (X read, never copied)."""
+    accs = [accuracy(head, X, y, te) for head, te in fold_heads(X, y, classes, k, cfg, groups)]
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig,
+                      groups: np.ndarray | None = None) -> np.ndarray:
+    """float32 (N, classes): each row's probabilities from the head of the fold that did not train on it."""
+    proba = np.empty((len(y), len(classes)), np.float32)
+    for head, te in fold_heads(X, y, classes, k, cfg, groups):
+        proba[te] = head.predict_proba(X[te])
+    return proba
+
+
+def fold_heads(X: np.ndarray, y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig,
+               groups: np.ndarray | None = None) -> Iterator[tuple[Head, np.ndarray]]:
+    """(head fitted on the other folds, this fold's rows) per stratified group K-fold (groups: one fold each)."""
     check_folds(y, classes, k, groups=groups)
     g = np.arange(len(y)) if groups is None else groups
-    accs = [accuracy(fit_head(X, y, len(classes), cfg, g, rows=tr), X, y, te) for tr, te in kfold(y, k, cfg.seed, g)]
-    return float(np.mean(accs)), float(np.std(accs))
+    for tr, te in kfold(y, k, cfg.seed, g):
+        yield fit_head(X, y, len(classes), cfg, g, rows=tr), te
 
 
 # ---- logistic ------------------------------------------------------------------------------------------------

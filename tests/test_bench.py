@@ -80,3 +80,16 @@ def test_scale_bench_reports_every_figure(tmp_path):
                                       str(tmp_path / "w" / "cache-3000"), "--json"], capture_output=True,
                                      text=True, cwd=REPO, check=True).stdout)
     assert info["caches"][0]["rows"] == 3000 + 1000 and info["caches"][0]["shards"] == 1  # compacted
+
+
+def test_audit_bench_finds_what_it_planted(tmp_path):
+    """bench/audit_scale.py at a toy size: every phase timed; planted near copies found (flat index here)."""
+    out = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "audit_scale.py"), "--rows", "2000", "--classes", "4",
+                           "--dim", "64", "--planted", "0.02", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["seconds"]) == {"duplicates", "label_issues", "cv", "files"} and all(
+        v > 0 for v in r["seconds"].values())
+    assert r["planted_copies_found"] == "40/40" and r["label_issues"] > 0

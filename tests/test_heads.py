@@ -21,7 +21,7 @@ from tests.conftest import run_cli, run_json
 
 KEYS = {"head", "backbone", "train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "fit_seconds",
         "n_train", "n_val", "classes", "model_path", "duplicate_files", "label_conflicts", "class_counts", "data_dir",
-        "c_search", "validation"}
+        "c_search", "validation", "groups"}
 
 
 @pytest.fixture(scope="module")

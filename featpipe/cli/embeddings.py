@@ -1,4 +1,4 @@
-"""Commands over images and their cached embeddings: extract, export-embeddings, backbones."""
+"""Commands over images and their cached embeddings: extract, export-embeddings, backbones, audit."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 
 from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DecoderOpt, DeviceOpt, EngineOpt, JsonOpt,
                               PrecisionOpt, RayAddressOpt, WeightsOpt, WorkersOpt, app, data_or_shipped, emit)
+from featpipe.neighbours import NEAR_COSINE
 
 
 @app.command()
@@ -78,3 +79,37 @@ def backbones(as_json: JsonOpt = False) -> None:
              f"{r['input']}px  {r['description']}" for r in rows]
     lines.append("Any other torchvision or timm model name works with network access or --weights PATH.")
     emit({"backbones": rows}, as_json, "\n".join(lines))
+
+
+@app.command()
+def audit(
+    data_dir: DataDir = None,
+    test_dir: Annotated[Optional[Path], typer.Option("--test-dir", help="A held-out folder (labelled or not): "
+                                                     "its images that are also training images are leaks.")] = None,
+    near: Annotated[float, typer.Option("--near", help="Cosine at or above which two different files count as the "
+                                        "same picture (calibrated for mobilenet_v2: bench/README.md).")
+                    ] = NEAR_COSINE,
+    folds: Annotated[int, typer.Option("--folds", help="K for the out-of-fold probabilities behind the label "
+                                       "issues, and for the two CV accuracies.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Fold seed.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Where audit.json, audit.md, map.png and audit.html go.")
+                   ] = Path("reports/audit"),
+    backbone: BackboneOpt = "mobilenet_v2",
+    cache_dir: CacheDirOpt = Path("cache"),
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Exact and near duplicates, train/test leaks, likely label errors, and how much duplicates inflate K-fold
+    accuracy, from the cached embeddings (extracting what is missing)."""
+    from featpipe.audit import AuditConfig, audit as run
+    from featpipe.extract import ExtractConfig
+
+    extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
+                            weights=weights)
+    r = run(AuditConfig(extract=extract, test_dir=test_dir, near=near, folds=folds, seed=seed, out=out))
+    cv = r["cv"]
+    emit(r, as_json, f"{len(r['duplicates'])} duplicate set(s) "
+         f"({sum(s['across_classes'] for s in r['duplicates'])} across classes), {len(r['leaks'])} leak(s), "
+         f"{len(r['label_issues'])} likely label error(s); {cv['folds']}-fold accuracy {cv['ungrouped']['mean']:.3f} "
+         f"ungrouped, {cv['grouped']['mean']:.3f} with duplicates in one fold\nreport: {r['files']['audit.md']}")

@@ -10,6 +10,7 @@ import typer
 
 from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, ForceOpt, JsonOpt, WeightsOpt, app,
                               classes_line, data_or_shipped, emit)
+from featpipe.neighbours import NEAR_COSINE
 
 
 @app.command("fit-head")
@@ -38,6 +39,10 @@ def fit_head(
     test_dir: Annotated[Optional[Path], typer.Option("--test-dir", help="A labelled test folder scored once at "
                                                      "the end (test_accuracy), never used to choose anything.")
                         ] = None,
+    group_duplicates: Annotated[bool, typer.Option("--group-duplicates", help=f"Keep near duplicates (cosine >= "
+                                                   f"{NEAR_COSINE}, as `featpipe audit` finds them) on one side of "
+                                                   "the split and in one CV fold, as identical files always are.")
+                                ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
@@ -49,7 +54,7 @@ def fit_head(
                             weights=weights)
     r = fit_and_save(FitConfig(extract=extract, head=HeadConfig(kind=head, seed=seed), cv=cv, val_fraction=val_fraction,
                                out=out, force=force, features_dtype=features_dtype, val_dir=val_dir,
-                               test_dir=test_dir))
+                               test_dir=test_dir, group_duplicates=group_duplicates))
     cv_text = f", cv {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f}" if cv else ""
     val_text = f"{r['val_accuracy']:.3f}" if r["val_accuracy"] is not None else "n/a"
     if test_dir is not None:
