@@ -8,6 +8,7 @@ import base64
 import io
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -152,15 +153,52 @@ def test_bad_settings_are_refused_before_any_work(kw, words):
         AuditConfig(extract=ExtractConfig(), **kw)
 
 
-def test_cli_writes_the_report_and_json(tmp_path, shipped, cache):
-    out = tmp_path / "report"
-    r = run_json("audit", "--cache-dir", cache, "--out", out)
-    assert {"duplicates", "leaks", "label_issues", "cv", "files"} <= set(r)
+@pytest.fixture(scope="module")
+def cli_report(tmp_path_factory, shipped, cache) -> tuple[dict, Path]:
+    """`featpipe audit --json` once: a copy filed under another class, a leak, so every section has entries."""
+    d = tmp_path_factory.mktemp("cli")
+    data = copy_of_shipped(shipped, d / "data")
+    altered(sorted((data / "animals").iterdir())[0], data / "tools" / "copy.jpg", "q60")
+    (d / "test").mkdir()
+    shutil.copy(sorted((data / "fishes").iterdir())[0], d / "test" / "leak.jpg")
+    return run_json("audit", data, "--test-dir", d / "test", "--cache-dir", cache, "--out", d / "report"), d / "report"
+
+
+def test_cli_writes_the_report_and_json(cli_report, cache):
+    r, out = cli_report
+    assert {"duplicates", "leaks", "label_issues", "cv", "files"} <= set(r) and r["leaks"] and r["label_issues"]
     assert all(Path(p).exists() for p in r["files"].values())
-    page = (out / "audit.html").read_text()
-    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", page)
-    shown = sum(len(s["paths"]) for s in r["duplicates"]) + 7 * len(r["label_issues"])
+    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", (out / "audit.html").read_text())
+    shown = sum(len(s["paths"]) for s in r["duplicates"]) + 2 * len(r["leaks"]) + 7 * len(r["label_issues"])
     assert len(thumbs) == shown
-    assert all(Image.open(io.BytesIO(base64.b64decode(t))).size[0] <= 128 for t in thumbs)
+    assert all(max(Image.open(io.BytesIO(base64.b64decode(t))).size) <= 128 for t in thumbs)
     proc = run_cli("audit", "--cache-dir", cache, "--near", "0")
     assert proc.returncode == 2 and "--near" in one_line(proc)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium)")
+def test_audit_html_shows_every_thumbnail_in_a_real_browser(cli_report, tmp_path):
+    """Headless Chromium loads the page: every <img> decoded (counted by the page's own script, added here only),
+    and a screenshot whose thumbnail rows are not blank."""
+    _, out = cli_report
+    page = (out / "audit.html").read_text().replace("</body>", "<script>addEventListener('load', () => { const i = "
+                                                    "[...document.images]; document.title = 'decoded ' + i.filter("
+                                                    "x => x.complete && x.naturalWidth > 0).length + '/' + i.length"
+                                                    "; });</script></body>")
+    probe = out / "probe.html"
+    probe.write_text(page)
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'u'}",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    done, total = map(int, re.search(r"<title>decoded (\d+)/(\d+)</title>", dom).groups())
+    assert done == total and total > 10
+    shot = tmp_path / "audit.png"
+    subprocess.run(flags + ["--window-size=1000,2400", f"--screenshot={shot}", probe.as_uri()], capture_output=True,
+                   timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    rows_with_photos = (np.abs(np.diff(pixels.astype(int), axis=1)) > 30).sum(1) > 50  # busy rows: photos, not text
+    assert rows_with_photos.sum() > 300, rows_with_photos.sum()
