@@ -17,7 +17,8 @@ from featpipe.dataset import shipped_dataset
 FULL = os.environ.get("FEATPIPE_FULL") == "1"  # `make test-all`: every slow trial, not CI's seeded subset
 # Whole modules of heavy work: training networks, benches, Ray clusters, hostile-input and kill trials.
 SLOW_MODULES = {"test_train", "test_experiment", "test_bench", "test_ray_engine", "test_extract", "test_offline",
-                "test_precision", "test_duplicates", "test_allocator", "test_cli_first_run", "test_predict"}
+                "test_precision", "test_duplicates", "test_allocator", "test_cli_first_run", "test_predict",
+                "test_onnx"}
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -61,6 +61,7 @@ def altered(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
+@pytest.mark.slow  # extracts copies and fits 5-10 heads
 def test_moved_labels_are_the_top_label_issues(tmp_path, shipped, cache):
     untouched = run(copy_of_shipped(shipped, tmp_path / "clean"), cache)
     assert len(untouched["label_issues"]) <= 3  # the untouched set: a short list (docs/audit.md states the rule)
@@ -76,6 +77,7 @@ def test_moved_labels_are_the_top_label_issues(tmp_path, shipped, cache):
     assert len(set(moved) & set(top)) >= 6, (moved, top)
 
 
+@pytest.mark.slow  # extracts copies and fits 5-10 heads
 def test_near_copies_are_found_and_distinct_photos_are_not(tmp_path, shipped, cache):
     data = copy_of_shipped(shipped, tmp_path / "data")
     originals = sorted((data / "animals").iterdir())[:6]
@@ -91,6 +93,7 @@ def test_near_copies_are_found_and_distinct_photos_are_not(tmp_path, shipped, ca
                set(copies))
 
 
+@pytest.mark.slow  # extracts copies and fits 5-10 heads
 def test_training_images_in_the_test_dir_are_leaks(tmp_path, shipped, cache):
     data = copy_of_shipped(shipped, tmp_path / "data")
     test = tmp_path / "test"
@@ -108,6 +111,7 @@ def test_training_images_in_the_test_dir_are_leaks(tmp_path, shipped, cache):
     assert leaks["reencoded.jpg"]["kind"] == "near" and leaks["reencoded.jpg"]["train"] == str(train[6])
 
 
+@pytest.mark.slow  # extracts copies and fits 5-10 heads
 def test_group_duplicates_keeps_near_copies_in_one_fold(tmp_path, shipped, cache):
     data = copy_of_shipped(shipped, tmp_path / "data")
     pairs = []
@@ -179,6 +183,7 @@ def test_cli_writes_the_report_and_json(cli_report, cache):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # the CLI run behind cli_report
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium)")
 def test_audit_html_shows_every_thumbnail_in_a_real_browser(cli_report, tmp_path):
     """Headless Chromium loads the page: every <img> decoded (counted by the page's own script, added here only),
