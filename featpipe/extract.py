@@ -13,11 +13,12 @@ from featpipe import registry
 from featpipe import weights as W
 from featpipe.cache import Cache
 from featpipe.shards import CacheKey
-from featpipe.dataset import describe, require_every_class, scan
+from featpipe.dataset import describe, require_every_class, scan, shipped_dataset
 from featpipe.engine import Engine, Member, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
+from featpipe.manifest import Manifest, read as read_manifest
 from featpipe.pipeline import Compute, StageTimer
 
 DEFAULT_CACHE_DIR = Path("cache")
@@ -40,6 +41,7 @@ class ExtractConfig:
     engine: str = "local"
     ray_address: str | None = None  # --engine ray: join this cluster instead of starting a local Ray
     workers: int | None = None  # --engine ray: embedding actors (default: one per GPU, else one per CPU)
+    labels: Path | None = None  # a CSV/Parquet of paths and labels (manifest.py) instead of class folders
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
@@ -76,10 +78,11 @@ class ExtractResult:
     data_dir: str = ""  # featpipe.dataset.describe: the absolute path, or shipped:<name>
     members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
     cache: Cache | None = field(default=None, repr=False)  # where the members' rows are (its key, no weights hashing)
+    splits: dict[str, str] = field(default_factory=dict, repr=False)  # --labels' split column: path -> split
 
     def to_json(self) -> dict:
         """The --json object: every field but the per-image members and the cache (no deep copies)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "cache")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "cache", "splits")}
 
 
 def _weights_sha256(spec: registry.BackboneSpec, weights: Path | None) -> str:
@@ -108,7 +111,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
     t0 = time.perf_counter()
     spec = registry.resolve(cfg.backbone)
-    root, files, classes = scan(cfg.data_dir, labelled=False)
+    root, files, classes, listed = _inputs(cfg)
     cfg = replace(cfg, precision=key_precision(cfg))
     key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim, cfg.precision)
     cache = Cache(cfg.cache_dir, key)
@@ -118,6 +121,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         engine = Engine(_compute(cfg, spec, timer), timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
+        skipped = sorted(skipped + [{"path": s["path"], "reason": f"--labels row {s['row']}: {s['reason']}"}
+                                    for s in listed.skipped], key=lambda s: s["path"]) if listed else skipped
         with timer("commit"), user_error_if_disk_fails(cache.path):
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
@@ -136,8 +141,17 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,
         stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
-        members=members, cache=cache,
+        members=members, cache=cache, splits=listed.splits if listed else {},
     )
+
+
+def _inputs(cfg: ExtractConfig) -> tuple[Path, list, list[str], Manifest | None]:
+    """(root, files, classes, the --labels manifest or None): class folders, a flat folder, or a label file."""
+    if cfg.labels is None:
+        return (*scan(cfg.data_dir, labelled=False), None)
+    root = shipped_dataset() if cfg.data_dir is None else Path(cfg.data_dir)
+    listed = read_manifest(cfg.labels, root)
+    return root, listed.files, listed.classes, listed
 
 
 def _compute(cfg: ExtractConfig, spec, timer: StageTimer) -> Compute:

@@ -74,7 +74,7 @@ def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = Tr
     """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
     since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more.
     labelled=False also takes a flat folder of images (label "")."""
-    if labelled:
+    if labelled and cfg.labels is None:
         require_labels(cfg.data_dir)
     for attempt in range(2):
         result = _extract(cfg, progress)

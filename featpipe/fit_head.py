@@ -56,7 +56,13 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
         f = replace(f, groups=duplicate_groups(f.X, f.groups)[0])
     if cfg.features_dtype != "float32":  # the float32 rows are freed once converted
         f = replace(f, X=f.X.astype(cfg.features_dtype))
-    if cfg.val_dir is not None:
+    test = None
+    if f.result.splits:
+        if cfg.val_dir is not None or cfg.test_dir is not None:
+            raise UserError(f"{cfg.extract.labels} has a split column: it says which images are val and test, so "
+                            f"--val-dir and --test-dir do not apply")
+        f, split, test = given_split(f)
+    elif cfg.val_dir is not None:
         f, split = with_held_out(f, _features_of(cfg, cfg.val_dir, progress), "--val-dir")
     else:
         split = val_split(f.y, f.classes, cfg.val_fraction, cfg.head.seed, groups=f.groups)
@@ -69,10 +75,12 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "classes": f.classes,
               "class_counts": data["class_counts"], "data_dir": data["dir"], **f.duplicates.to_json(),
               "c_search": head.report.get("c_search"),
-              "validation": f"--val-dir {cfg.val_dir}" if cfg.val_dir else f"random {cfg.val_fraction:g} split",
+              "validation": _validation(cfg, bool(f.result.splits)),
               "groups": "identical and near-duplicate files" if cfg.group_duplicates else "identical files"}
     if cfg.test_dir is not None:
-        report |= score_held_out(head, f, _features_of(cfg, cfg.test_dir, progress), "--test-dir")
+        test = _features_of(cfg, cfg.test_dir, progress)
+    if test is not None:
+        report |= score_held_out(head, f, test, "--test-dir" if cfg.test_dir else "the test split")
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",
                                                             "label_conflicts", "c_search", "validation",
                                                             "groups")}
@@ -95,7 +103,10 @@ def fit_and_score(f: Features, split: Split, cfg: HeadConfig, cv: int | None) ->
 
 
 def _check_held_out_classes(cfg: FitConfig) -> None:
-    """Before any image is embedded: a held-out class the training data lacks is refused in one line."""
+    """Before any image is embedded: a held-out class the training data lacks is refused in one line (with
+    --labels the classes are known only once the file is read: _labels_in refuses them then)."""
+    if cfg.extract.labels is not None:
+        return
     classes = set(class_folders(cfg.extract.data_dir or shipped_dataset()))
     for flag, folder in (("--val-dir", cfg.val_dir), ("--test-dir", cfg.test_dir)):
         unknown = sorted(set(class_folders(Path(folder))) - classes) if folder is not None else []
@@ -118,8 +129,8 @@ def _labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
 
 def _shared(f: Features, other: Features, flag: str) -> int:
     """Images of `other` whose bytes are also in the training data: said on stderr (they inflate its score)."""
-    train = {m.sha256 for m in f.result.members}
-    n = sum(m.sha256 in train for m in other.result.members)
+    train = {m.sha256 for m in _members(f)}
+    n = sum(m.sha256 in train for m in _members(other))
     if n:
         print(f"warning: {n} image(s) of {flag} are byte-identical to training images: its score counts them",
               file=sys.stderr)
@@ -146,6 +157,32 @@ def head_bundle(f: Features, head: Head, metrics: dict) -> Bundle:
     """A head fitted on cached features `f` as the bundle fit-head saves."""
     key = f.result.cache.key
     return Bundle(key.backbone, key.weights_sha256, key.preprocessing, f.classes, head, metrics, data=f.data())
+
+
+def _members(f: Features) -> list:
+    """f's own rows' members (a split of one extract run shares its members list)."""
+    paths = set(f.paths)
+    return [m for m in f.result.members if m.path in paths]
+
+
+def given_split(f: Features) -> tuple[Features, Split, Features | None]:
+    """--labels' split column: (the train and val rows, their split, the test rows or None)."""
+    which = np.array([f.result.splits.get(p, "") for p in f.paths])
+    keep, test = np.flatnonzero(which != "test"), np.flatnonzero(which == "test")
+    split = Split(np.flatnonzero(which[keep] == "train"), np.flatnonzero(which[keep] == "val"))
+    if not len(split.train):
+        raise UserError("the --labels split column names no train image")
+    return _rows(f, keep), split, (_rows(f, test) if len(test) else None)
+
+
+def _rows(f: Features, rows: np.ndarray) -> Features:
+    return replace(f, X=f.X[rows], y=f.y[rows], paths=[f.paths[i] for i in rows], groups=f.groups[rows])
+
+
+def _validation(cfg: FitConfig, given: bool) -> str:
+    if given:
+        return f"split column of {cfg.extract.labels}"
+    return f"--val-dir {cfg.val_dir}" if cfg.val_dir else f"random {cfg.val_fraction:g} split"
 
 
 def _round(x: float | None) -> float | None:

@@ -53,6 +53,9 @@ RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--e
                                                       "(e.g. HEAD:6379 or auto) instead of starting a local Ray.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="--engine ray: embedding actors (default: one "
                                                    "per GPU of the cluster, else one per CPU).")]
+LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of the images and their "
+                                                 "labels (columns path or filename, label, optional split: train, "
+                                                 "val, test), instead of class folders; paths relative to DATA_DIR.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a bundle at the output dir even if it was trained "
                                         "on another data dir.")]

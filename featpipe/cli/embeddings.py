@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DecoderOpt, DeviceOpt, EngineOpt, JsonOpt,
-                              PrecisionOpt, RayAddressOpt, WeightsOpt, WorkersOpt, app, data_or_shipped, emit)
+                              LabelsOpt, PrecisionOpt, RayAddressOpt, WeightsOpt, WorkersOpt, app, data_or_shipped,
+                              emit)
 from featpipe.neighbours import NEAR_COSINE
 
 
@@ -26,6 +27,7 @@ def extract(
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     workers: WorkersOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
@@ -35,7 +37,7 @@ def extract(
 
     cfg = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
                         decoder=decoder, precision=precision, batch_size=batch_size, weights=weights, engine=engine,
-                        ray_address=ray_address, workers=workers)
+                        ray_address=ray_address, workers=workers, labels=labels)
 
     res = run_extract(cfg)
     emit(res.to_json(), as_json, f"cache: {res.cache_file}")
@@ -53,6 +55,7 @@ def export_embeddings(
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the data dir's embeddings (extracting what is missing) for pandas, polars, DuckDB, numpy."""
@@ -61,7 +64,7 @@ def export_embeddings(
     from featpipe.progress import run_extract
 
     extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
-                            weights=weights)
+                            weights=weights, labels=labels)
     cfg = ExportConfig(extract=extract, out=out, format=fmt)
     r = export(cfg, run_extract(cfg.extract))
     emit(r, as_json, f"{r['rows']} rows x {r['dim']} -> {', '.join(r['files'])}")
@@ -98,6 +101,7 @@ def audit(
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Exact and near duplicates, train/test leaks, likely label errors, and how much duplicates inflate K-fold
@@ -106,7 +110,7 @@ def audit(
     from featpipe.extract import ExtractConfig
 
     extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
-                            weights=weights)
+                            weights=weights, labels=labels)
     r = run(AuditConfig(extract=extract, test_dir=test_dir, near=near, folds=folds, seed=seed, out=out))
     cv = r["cv"]
     emit(r, as_json, f"{len(r['duplicates'])} duplicate set(s) "

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, ForceOpt, JsonOpt, WeightsOpt, app,
-                              classes_line, data_or_shipped, emit)
+from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, ForceOpt, JsonOpt, LabelsOpt, WeightsOpt,
+                              app, classes_line, data_or_shipped, emit)
 from featpipe.errors import UserError
 from featpipe.neighbours import NEAR_COSINE
 
@@ -44,6 +44,7 @@ def fit_head(
                                                    f"{NEAR_COSINE}, as `featpipe audit` finds them) on one side of "
                                                    "the split and in one CV fold, as identical files always are.")
                                 ] = False,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
@@ -52,7 +53,7 @@ def fit_head(
     from featpipe.heads import HeadConfig
 
     extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
-                            weights=weights)
+                            weights=weights, labels=labels)
     r = fit_and_save(FitConfig(extract=extract, head=HeadConfig(kind=head, seed=seed), cv=cv, val_fraction=val_fraction,
                                out=out, force=force, features_dtype=features_dtype, val_dir=val_dir,
                                test_dir=test_dir, group_duplicates=group_duplicates))

@@ -1,0 +1,93 @@
+"""--labels FILE: the shipped photos as a flat folder + CSV and + Parquet with a split column give the class-folder
+run's rows and accuracy; unusable rows are listed and skipped; a file with none usable is one line, exit 2."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featpipe.errors import UserError
+from featpipe.extract import ExtractConfig
+from featpipe.features import load_features
+from featpipe.fit_head import FitConfig, fit_and_save
+from featpipe.heads import HeadConfig
+from featpipe.manifest import read
+from tests.conftest import one_line, run_cli, run_json
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory, shipped) -> tuple[Path, list[tuple[str, str]]]:
+    """Every shipped photo in one folder as <class>_<name> (the class-folder run's path order), and its rows."""
+    d = tmp_path_factory.mktemp("flat") / "images"
+    d.mkdir()
+    rows = []
+    for f in sorted(shipped.glob("*/*.jpg")):
+        shutil.copy(f, d / f"{f.parent.name}_{f.name}")
+        rows.append((f"{f.parent.name}_{f.name}", f.parent.name))
+    return d, rows
+
+
+def write_csv(path: Path, header: list[str], rows: list) -> Path:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    return path
+
+
+def test_flat_folder_and_csv_equal_the_class_folders(tmp_path, flat, warm_cache):
+    d, rows = flat
+    labels = write_csv(tmp_path / "labels.csv", ["filename", "label"], rows)
+    folders = load_features(ExtractConfig(cache_dir=warm_cache), progress=False)
+    listed = load_features(ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels), progress=False)
+    assert listed.result.computed == 0  # same bytes: every row from the cache
+    assert listed.classes == folders.classes and (listed.y == folders.y).all()
+    cos = (listed.X * folders.X).sum(1) / np.linalg.norm(listed.X, axis=1) / np.linalg.norm(folders.X, axis=1)
+    assert cos.min() >= 0.999
+    cv = [fit_and_save(FitConfig(extract=e, head=HeadConfig(), cv=5, out=tmp_path / str(k)), progress=False)
+          ["cv_accuracy_mean"] for k, e in enumerate([ExtractConfig(cache_dir=warm_cache),
+                                                      ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels)])]
+    assert abs(cv[0] - cv[1]) <= 0.01
+
+
+def test_parquet_split_column_is_the_split(tmp_path, flat, warm_cache):
+    d, rows = flat
+    split = ["train", "train", "train", "val", "test"]
+    table = pa.table({"path": [str(d / p) for p, _ in rows], "label": [c for _, c in rows],
+                      "split": [split[i % 5] for i in range(len(rows))]})  # absolute paths this time
+    pq.write_table(table, tmp_path / "labels.parquet")
+    r = fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache,
+                                                     labels=tmp_path / "labels.parquet"),
+                               head=HeadConfig(), out=tmp_path / "m"), progress=False)
+    n = {s: sum(split[i % 5] == s for i in range(len(rows))) for s in ("train", "val", "test")}
+    assert (r["n_train"], r["n_val"], r["n_test"]) == (n["train"], n["val"], n["test"])
+    assert r["validation"].startswith("split column of") and r["test_in_train"] == 0 and r["test_accuracy"] > 0.8
+
+
+def test_unusable_rows_are_listed_and_skipped(tmp_path, flat, capsys):
+    d, rows = flat
+    labels = write_csv(tmp_path / "l.csv", ["filename", "label", "split"],
+                       [[rows[0][0], rows[0][1], "train"], ["gone.jpg", "tools", "train"], [rows[0][0], "tools", "val"],
+                        [rows[1][0], "", "train"], [rows[2][0], "tools", "holdout"], [rows[3][0], "tools", "val"]])
+    m = read(labels, d)
+    assert [f.path.name for f in m.files] == [rows[0][0], rows[3][0]]
+    assert [s["reason"] for s in m.skipped] == ["no such file", "duplicate of row 1", "empty label",
+                                                "split 'holdout' is not one of train, val, test"]
+    assert "4 of 6 row(s) skipped" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no usable row"):
+        read(write_csv(tmp_path / "none.csv", ["path", "label"], [["gone.jpg", "x"]]), d)
+    with pytest.raises(UserError, match="label column"):
+        read(write_csv(tmp_path / "nolabel.csv", ["path", "class"], [[rows[0][0], "x"]]), d)
+
+
+def test_cli_extract_with_labels(tmp_path, flat, warm_cache):
+    d, rows = flat
+    labels = write_csv(tmp_path / "l.csv", ["filename", "label"], rows[:10] + [["gone.jpg", "tools"]])
+    r = run_json("extract", d, "--labels", labels, "--cache-dir", warm_cache)
+    assert r["images"] == 10 and [s["reason"] for s in r["skipped"]] == ["--labels row 11: no such file"]
+    proc = run_cli("extract", d, "--labels", tmp_path / "missing.csv", "--cache-dir", warm_cache)
+    assert proc.returncode == 2 and "no such file" in one_line(proc)
