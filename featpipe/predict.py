@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from featpipe import bundle as B
+from featpipe import table_out
 from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError, first_line
 
@@ -27,13 +28,17 @@ class PredictConfig:
     top_k: int = 3
     device: str = "auto"
     weights: Path | None = None  # the local checkpoint a head-only bundle was fitted with (`--weights`)
+    out: Path | None = None  # a .csv or .parquet of every prediction, written batch by batch
 
 
 def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = None) -> dict:
-    """{"model", "predictions": [{"path", "top": [{"class", "probability"}]}], "skipped": [{"path", "reason"}]};
-    `progress(done, total)` as batches of files complete."""
+    """{"model", "predicted", "predictions": [{"path", "top": [{"class", "probability"}]}], "skipped": [{"path",
+    "reason"}]}; with cfg.out the predictions go to that file instead, batch by batch. `progress(done, total)` as
+    batches of files complete."""
     if cfg.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {cfg.top_k})")
+    if cfg.out is not None:
+        table_out.check(cfg.out)
     bundle = B.load(cfg.model)
     if bundle.finetuned and cfg.weights is not None:  # it would be ignored: backbone.safetensors holds every weight
         raise UserError(f"--weights does not apply to model bundle {bundle.path}: it is fine-tuned and carries its "
@@ -41,29 +46,51 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    proba, ok, skipped = probabilities(bundle, files, cfg.device, cfg.weights, progress)
-    predictions = [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
-    return {"model": str(bundle.path), "predictions": predictions, "skipped": skipped}
+    r = {"model": str(bundle.path), "predicted": 0, "predictions": [], "skipped": []}
+    batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
+    if cfg.out is None:
+        for proba, ok, skipped in batches:
+            r["predictions"] += [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
+            r["skipped"] += skipped
+        r["predicted"] = len(r["predictions"])
+    else:
+        names = ["path", "predicted", "probability", *(f"p:{c}" for c in bundle.classes)]
+        with table_out.TableWriter(cfg.out, names, floats=set(names[2:])) as table:
+            for proba, ok, skipped in batches:
+                table.write([[str(f) for f in ok], [bundle.classes[i] for i in proba.argmax(1)], proba.max(1),
+                             *proba.T.astype(np.float32)])
+                r["skipped"] += skipped
+                r["predicted"] += len(ok)
+        r["out"] = str(cfg.out)
+    return r
 
 
 def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
                   progress: Callable[[int, int], None] | None = None, precision: str = "auto",
                   ) -> tuple[np.ndarray, list[Path], list[dict]]:
-    """(class probabilities of the files that decode, those files, skipped [{"path", "reason"}]), in batches;
+    """(class probabilities of the files that decode, those files, skipped [{"path", "reason"}])."""
+    parts, ok, skipped = [], [], []
+    for proba, good, bad in probability_batches(bundle, files, device, weights, progress, precision):
+        parts.append(proba)
+        ok += good
+        skipped += bad
+    return (np.concatenate(parts) if parts else np.empty((0, len(bundle.classes)))), ok, skipped
+
+
+def probability_batches(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
+                        progress: Callable[[int, int], None] | None = None, precision: str = "auto",
+                        ) -> Iterator[tuple[np.ndarray, list[Path], list[dict]]]:
+    """Per batch of BATCH files: (probabilities of those that decode, those files, the skipped ones with reasons);
     progress(done, total) before the first batch and after each."""
     progress = progress or (lambda done, total: None)
     embedder = _embedder(bundle, device, weights, precision)
     decoder = PilDecoder(bundle.preprocessing)
-    parts, ok, skipped = [], [], []
     progress(0, len(files))
     for start in range(0, len(files), BATCH):
         pixels, good, reasons = _decode(files[start:start + BATCH], decoder)
-        skipped += [{"path": str(f), "reason": r} for f, r in reasons]
-        if good:
-            parts.append(bundle.head.predict_proba(embedder(pixels)))
-            ok += good
+        proba = bundle.head.predict_proba(embedder(pixels)) if good else np.empty((0, len(bundle.classes)))
         progress(min(start + BATCH, len(files)), len(files))
-    return (np.concatenate(parts) if parts else np.empty((0, len(bundle.classes)))), ok, skipped
+        yield proba, good, [{"path": str(f), "reason": r} for f, r in reasons]
 
 
 def collect(paths: list[Path]) -> list[Path]:

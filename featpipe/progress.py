@@ -55,7 +55,7 @@ def run_predict(cfg: "PredictConfig") -> dict:
     t0 = time.perf_counter()
     with progress_bar("predict", Path(cfg.model).name) as (console, progress):
         r = predict(cfg, progress=progress)
-    n, m = len(r["predictions"]), len(r["skipped"])
+    n, m = r["predicted"], len(r["skipped"])
     say(console, f"predicted {n} image{'s' * (n != 1)}, skipped {m} in {time.perf_counter() - t0:.2f} s "
                  f"({r['model']})")
     for s in r["skipped"]:

@@ -173,3 +173,25 @@ def test_weights_that_are_not_a_checkpoint_say_so(model, sample, tmp_path):
     proc = run_cli("predict", model, sample[0], "--weights", text)
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
     assert f"cannot read weights {text}: it is not a PyTorch checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_out_file_holds_what_the_listing_says(model, sample, tmp_path, suffix):
+    """--out writes every prediction batch by batch: the same files, top class and probabilities as the listing."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    files = sample + [tmp_path / "not-an-image.jpg"]
+    files[-1].write_bytes(b"nope")
+    listed = predict(PredictConfig(model=model, paths=files, top_k=5))
+    r = predict(PredictConfig(model=model, paths=files, top_k=5, out=tmp_path / f"p{suffix}"))
+    assert r["predicted"] == listed["predicted"] == len(sample) and r["skipped"] == listed["skipped"]
+    table = (pq.read_table if suffix == ".parquet" else pcsv.read_csv)(tmp_path / f"p{suffix}").to_pydict()
+    assert table["path"] == [p["path"] for p in listed["predictions"]]
+    assert table["predicted"] == [p["top"][0]["class"] for p in listed["predictions"]]
+    classes = B.load(model).classes
+    for k, p in enumerate(listed["predictions"]):
+        assert {t["class"]: t["probability"] for t in p["top"]} == pytest.approx(
+            {c: table[f"p:{c}"][k] for c in classes}, abs=1e-6)
+    with pytest.raises(UserError, match="must end in .csv or .parquet"):
+        predict(PredictConfig(model=model, paths=files, out=tmp_path / "p.txt"))
