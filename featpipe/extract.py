@@ -4,6 +4,7 @@ what the data dir holds now."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from featpipe import registry
 from featpipe import weights as W
 from featpipe.cache import Cache
 from featpipe.shards import CacheKey
-from featpipe.dataset import describe, require_every_class, scan, shipped_dataset
+from featpipe.dataset import ImageFile, describe, require_every_class, scan, shipped_dataset
 from featpipe.engine import Engine, Member, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
@@ -42,6 +43,7 @@ class ExtractConfig:
     ray_address: str | None = None  # --engine ray: join this cluster instead of starting a local Ray
     workers: int | None = None  # --engine ray: embedding actors (default: one per GPU, else one per CPU)
     labels: Path | None = None  # a CSV/Parquet of paths and labels (manifest.py) instead of class folders
+    files: list[Path] | None = None  # these files, unlabelled, instead of a data dir (predict); none may decode
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
@@ -126,11 +128,11 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
         with timer("commit"), user_error_if_disk_fails(cache.path):
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
-            index.save()
+            index.save(drop_gone=cfg.files is None)
     members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
                if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
-    if not members:  # an unlabelled folder none of whose files is an image
+    if not members and cfg.files is None:  # an unlabelled folder none of whose files is an image
         raise UserError(f"no valid image in {root}; {len(skipped)} file(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
     seconds = time.perf_counter() - t0
@@ -147,6 +149,9 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
 
 def _inputs(cfg: ExtractConfig) -> tuple[Path, list, list[str], Manifest | None]:
     """(root, files, classes, the --labels manifest or None): class folders, a flat folder, or a label file."""
+    if cfg.files is not None:
+        root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in cfg.files]))
+        return root, [ImageFile(Path(p), "") for p in cfg.files], [], None
     if cfg.labels is None:
         return (*scan(cfg.data_dir, labelled=False), None)
     root = shipped_dataset() if cfg.data_dir is None else Path(cfg.data_dir)

@@ -130,12 +130,13 @@ class FileIndex:
             except sqlite3.DatabaseError as e:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
 
-    def save(self) -> None:
-        """Write this run's records; drop the records under root of files this run did not find."""
+    def save(self, drop_gone: bool = True) -> None:
+        """Write this run's records; drop the records under root of files this run did not find (unless it was
+        given a list of files, not a whole folder: drop_gone=False)."""
         self.flush()
         if self._db is None or not self.writable:
             return
-        gone = [(p,) for p in self.old if p not in self.seen]
+        gone = [(p,) for p in self.old if p not in self.seen] if drop_gone else []
         with self._lock:
             try:
                 with self._db:

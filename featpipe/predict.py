@@ -1,7 +1,8 @@
-"""Classify image files with a model bundle: Pillow decode (the bundle's preprocessing) -> backbone -> head.
+"""Classify image files with a model bundle: embeddings -> head.
 
-The backbone is the pretrained one whose weights sha256 the bundle records (so features match those the head was
-trained on), or the bundle's own `backbone.safetensors` when it is a fine-tuned bundle.
+A head-only bundle's embeddings come from extract's engine and cache (the pretrained backbone whose weights sha256
+the bundle records, its decoders and batching; an image embedded before costs a lookup). A bundle with its own
+`backbone.safetensors` (fine-tuned, scratch) embeds here, batch by batch: Pillow decode, that backbone, the head.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError, first_line
 
 BATCH = 32
+CACHED_BATCH = 8192  # rows read from the cache per head call
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class PredictConfig:
     device: str = "auto"
     weights: Path | None = None  # the local checkpoint a head-only bundle was fitted with (`--weights`)
     out: Path | None = None  # a .csv or .parquet of every prediction, written batch by batch
+    cache_dir: Path = Path("cache")  # head-only bundles: the embedding cache extract uses
 
 
 def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -46,23 +49,48 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    r = {"model": str(bundle.path), "predicted": 0, "predictions": [], "skipped": []}
-    batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
-    if cfg.out is None:
-        for proba, ok, skipped in batches:
-            r["predictions"] += [{"path": str(f), "top": _top(p, bundle.classes, cfg.top_k)} for f, p in zip(ok, proba)]
-            r["skipped"] += skipped
-        r["predicted"] = len(r["predictions"])
+    if bundle.finetuned:
+        batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
     else:
-        names = ["path", "predicted", "probability", *(f"p:{c}" for c in bundle.classes)]
-        with table_out.TableWriter(cfg.out, names, floats=set(names[2:])) as table:
-            for proba, ok, skipped in batches:
-                table.write([[str(f) for f in ok], [bundle.classes[i] for i in proba.argmax(1)], proba.max(1),
+        batches = _cached_batches(bundle, files, cfg, progress)
+    found = _listed(batches, bundle.classes, cfg.top_k) if cfg.out is None else _written(batches, bundle.classes,
+                                                                                          cfg.out)
+    return {"model": str(bundle.path), **found}
+
+
+def _listed(batches, classes: list[str], top_k: int) -> dict:
+    predictions, skipped = [], []
+    for proba, ok, bad in batches:
+        predictions += [{"path": str(f), "top": _top(p, classes, top_k)} for f, p in zip(ok, proba)]
+        skipped += bad
+    return {"predicted": len(predictions), "predictions": predictions, "skipped": skipped}
+
+
+def _written(batches, classes: list[str], out: Path) -> dict:
+    names = ["path", "predicted", "probability", *(f"p:{c}" for c in classes)]
+    n, skipped = 0, []
+    with table_out.TableWriter(out, names, floats=set(names[2:])) as table:
+        for proba, ok, bad in batches:
+            if ok:
+                table.write([[str(f) for f in ok], [classes[i] for i in proba.argmax(1)], proba.max(1),
                              *proba.T.astype(np.float32)])
-                r["skipped"] += skipped
-                r["predicted"] += len(ok)
-        r["out"] = str(cfg.out)
-    return r
+            n += len(ok)
+            skipped += bad
+    return {"predicted": n, "predictions": [], "skipped": skipped, "out": str(out)}
+
+
+def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, progress):
+    """As probability_batches, with the embeddings from an extract run over exactly these files (skips included)."""
+    from featpipe.extract import ExtractConfig, extract
+
+    check_weights(bundle, cfg.weights)  # before any image is embedded with other weights
+    res = extract(ExtractConfig(files=files, backbone=bundle.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
+                                weights=cfg.weights), progress)
+    yield np.empty((0, len(bundle.classes))), [], res.skipped
+    for start in range(0, len(res.members), CACHED_BATCH):
+        part = res.members[start:start + CACHED_BATCH]
+        proba = bundle.head.predict_proba(res.cache.embeddings([m.sha256 for m in part]))
+        yield proba, [Path(m.path) for m in part], []
 
 
 def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
@@ -119,21 +147,36 @@ def _embedder(bundle: B.Bundle, device: str, weights: Path | None, precision: st
 def backbone_for(bundle: B.Bundle, weights: Path | None = None):
     """The backbone whose features the bundle's head was trained on: the bundle's own backbone.safetensors if it is
     fine-tuned, else the pretrained weights it names (checked by sha256 before the model is built)."""
+    from featpipe.backbone import load
+
+    spec = _spec(bundle)
+    if bundle.finetuned:
+        return _finetuned(spec, bundle)
+    check_weights(bundle, weights)
+    return load(spec, weights).model
+
+
+def check_weights(bundle: B.Bundle, weights: Path | None) -> None:
+    """The pretrained weights here are those the head was fitted on (a file's hash needs no model)."""
+    from featpipe.backbone import weights_sha256
+
+    spec = _spec(bundle)
+    sha = weights_sha256(spec, weights)
+    if sha != bundle.weights_sha256:
+        raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
+                        f"{bundle.weights_sha256[:12]}…, but these are {sha[:12]}…; pass "
+                        f"the checkpoint it was fitted with as --weights PATH")
+
+
+def _spec(bundle: B.Bundle):
+    """The registry entry the bundle names, with the preprocessing it was made with."""
     from featpipe import registry
-    from featpipe.backbone import load, weights_sha256
 
     spec = registry.resolve(bundle.backbone)
     if spec.preprocessing != bundle.preprocessing:
         raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
                         f"{spec.name!r}; refit it with `featpipe fit-head`")
-    if bundle.finetuned:
-        return _finetuned(spec, bundle)
-    sha = weights_sha256(spec, weights)  # before building: a file's hash needs no model
-    if sha != bundle.weights_sha256:
-        raise UserError(f"model bundle {bundle.path} was trained on {spec.name} weights with sha256 "
-                        f"{bundle.weights_sha256[:12]}…, but these are {sha[:12]}…; pass "
-                        f"the checkpoint it was fitted with as --weights PATH")
-    return load(spec, weights).model
+    return spec
 
 
 def _finetuned(spec, bundle: B.Bundle):

@@ -76,13 +76,16 @@ def predict(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write every prediction to this .csv or .parquet "
                                                 "(path, predicted, probability, p:<class> per class), batch by "
                                                 "batch, instead of listing them.")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="The embedding cache (a head-only bundle's images "
+                                            "are embedded through it, as extract does).")] = Path("cache"),
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a model bundle; unreadable files are listed as skipped, never fatal."""
     from featpipe.predict import PredictConfig
     from featpipe.progress import run_predict
 
-    r = run_predict(PredictConfig(model=model, paths=paths, top_k=top_k, device=device, weights=weights, out=out))
+    r = run_predict(PredictConfig(model=model, paths=paths, top_k=top_k, device=device, weights=weights, out=out,
+                                  cache_dir=cache_dir))
     lines = [f"{p['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])
              for p in r["predictions"]] + ([f"{r['predicted']} predictions -> {r['out']}"] if out else [])
     if as_json or lines:  # every file skipped: no blank line on stdout
