@@ -195,3 +195,22 @@ def test_out_file_holds_what_the_listing_says(model, sample, tmp_path, suffix):
             {c: table[f"p:{c}"][k] for c in classes}, abs=1e-6)
     with pytest.raises(UserError, match="must end in .csv or .parquet"):
         predict(PredictConfig(model=model, paths=files, out=tmp_path / "p.txt"))
+
+
+def test_predict_embeds_through_the_cache_and_matches_the_direct_path(model, sample, tmp_path):
+    """A head-only bundle's images go through extract's cache: a second call computes nothing, and the
+    probabilities equal the per-batch Pillow path's (same backbone, decoder and precision)."""
+    from featpipe.extract import extract
+    from featpipe.predict import probabilities
+
+    cfg = PredictConfig(model=model, paths=sample, top_k=5, cache_dir=tmp_path / "c")
+    first = predict(cfg)
+    again = extract(ExtractConfig(files=sample, cache_dir=tmp_path / "c"))
+    assert (again.computed, again.reused) == (0, len(sample))
+    assert predict(cfg) == first
+    direct, ok, _ = probabilities(B.load(model), sample, "auto")
+    assert [str(p) for p in ok] == [p["path"] for p in first["predictions"]]
+    classes = B.load(model).classes
+    cached = np.array([[{t["class"]: t["probability"] for t in p["top"]}[c] for c in classes]
+                       for p in first["predictions"]])
+    assert np.abs(cached - direct).max() < 1e-3
