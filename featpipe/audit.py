@@ -7,12 +7,14 @@ inflate the score. audit_report.py writes the files."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from featpipe.dataset import shipped_dataset
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.features import Features, load_features
@@ -36,6 +38,14 @@ class AuditConfig:
         check_k(self.folds, "--folds")
         if self.test_dir is not None and not Path(self.test_dir).is_dir():
             raise UserError(f"--test-dir {self.test_dir} is not a directory")
+        if self.out is not None:  # now: not after the whole audit
+            try:
+                Path(self.out).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--out {self.out}: {e.strerror}") from None
+        data = self.extract.data_dir or shipped_dataset()
+        if self.test_dir is not None and os.path.realpath(self.test_dir) == os.path.realpath(data):
+            raise UserError(f"--test-dir {self.test_dir} is DATA_DIR itself: every image would leak into itself")
 
 
 def audit(cfg: AuditConfig, progress: bool = True) -> dict:
@@ -44,7 +54,8 @@ def audit(cfg: AuditConfig, progress: bool = True) -> dict:
     f = load_features(cfg.extract, progress)
     test = None
     if cfg.test_dir is not None:
-        test = load_features(replace(cfg.extract, data_dir=Path(cfg.test_dir)), progress, labelled=False)
+        test = load_features(replace(cfg.extract, data_dir=Path(cfg.test_dir), labels=None), progress,
+                             labelled=False)  # read as a folder: --labels describes DATA_DIR only
     extract_seconds = time.perf_counter() - t0
     found = examine(f, test, cfg)
     report = {"data_dir": f.result.data_dir, "test_dir": str(cfg.test_dir) if cfg.test_dir else None,
@@ -66,19 +77,38 @@ def examine(f: Features, test: Features | None, cfg: AuditConfig) -> dict:
     sets = duplicate_sets(f, clusters, pairs)
     leaks = leaked(f, test, cfg.near) if test is not None else []
     seconds["duplicates"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for groups in (clusters, None):  # now, in one line, not from inside the folds
-        check_folds(f.y, f.classes, cfg.folds, "--folds", groups)
-    head = HeadConfig(kind="logistic", seed=cfg.seed)
-    proba = out_of_fold_proba(f.X, f.y, f.classes, cfg.folds, head, clusters)
-    issues = label_issues(f, proba)
-    seconds["label_issues"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cv = {"folds": cfg.folds, "grouped": _fold_accuracy(proba, f.y, kfold(f.y, cfg.folds, cfg.seed, clusters)),
-          "ungrouped": _ungrouped(f, cfg.folds, head), "duplicate_groups": int(clusters.max()) + 1}
-    seconds["cv"] = time.perf_counter() - t0
-    return {"duplicates": sets, "leaks": leaks, "label_issues": issues, "cv": cv,
+    cv = {"folds": cfg.folds, "grouped": None, "ungrouped": None, "duplicate_groups": int(clusters.max()) + 1}
+    issues, notes = [], []
+    ungrouped_why, grouped_why = _unfoldable(f, cfg.folds, None), _unfoldable(f, cfg.folds, clusters)
+    if ungrouped_why:  # duplicates and leaks stand; what needs folds is said, not attempted
+        notes.append(f"no label issues or CV: {ungrouped_why}")
+    else:
+        t0 = time.perf_counter()
+        head = HeadConfig(kind="logistic", seed=cfg.seed)
+        groups = f.groups if grouped_why else clusters  # near sets too large to fold: identical files only
+        proba = out_of_fold_proba(f.X, f.y, f.classes, cfg.folds, head, groups)
+        issues = label_issues(f, proba)
+        seconds["label_issues"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if grouped_why:
+            notes.append(f"no grouped CV: with near duplicates joined, {grouped_why}")
+        else:
+            cv["grouped"] = _fold_accuracy(proba, f.y, kfold(f.y, cfg.folds, cfg.seed, clusters))
+        cv["ungrouped"] = _ungrouped(f, cfg.folds, head)
+        seconds["cv"] = time.perf_counter() - t0
+    return {"duplicates": sets, "leaks": leaks, "label_issues": issues, "cv": cv, "notes": notes,
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def _unfoldable(f: Features, k: int, groups: np.ndarray | None) -> str | None:
+    """Why K folds cannot be made (fewer than 2 classes, a class with fewer than K distinct images), or None."""
+    if len(np.unique(f.y)) < 2:
+        return "a classifier needs at least 2 classes with images"
+    try:
+        check_folds(f.y, f.classes, k, "--folds", groups)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def duplicate_sets(f: Features, clusters: np.ndarray, pairs: tuple) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe.dataset import as_text, json_safe
 from featpipe.features import Features
 from featpipe.neighbours import unit
 
@@ -27,7 +28,7 @@ def write(out: Path, report: dict, f: Features) -> dict[str, str]:
     plot_map(f, flagged(report), out / "map.png")
     (out / "audit.md").write_text(markdown(report))
     (out / "audit.html").write_text(page(report, f))
-    (out / "audit.json").write_text(json.dumps(report | {"files": files}, indent=1) + "\n")
+    (out / "audit.json").write_text(json.dumps(json_safe(report | {"files": files}), indent=1) + "\n")
     return files
 
 
@@ -40,24 +41,28 @@ def markdown(report: dict) -> str:
     cv = report["cv"]
     leaks = (f"- leaks into {report['test_dir']}: {len(report['leaks'])}" if report["test_dir"]
              else "- leaks: no --test-dir given")
-    lines = [f"# Audit of {report['data_dir']} ({report['images']} images, {report['backbone']})", "",
+    lines = [f"# Audit of {_md(report['data_dir'])} ({report['images']} images, {report['backbone']})", "",
              f"- duplicate sets: {len(report['duplicates'])} (exact: same bytes; near: cosine >= "
              f"{report['near_threshold']}), {sum(s['across_classes'] for s in report['duplicates'])} across classes",
              leaks, f"- likely label errors: {len(report['label_issues'])}",
-             f"- {cv['folds']}-fold accuracy: {cv['ungrouped']['mean']:.3f} ± {cv['ungrouped']['std']:.3f} with "
-             f"every file its own group, {cv['grouped']['mean']:.3f} ± {cv['grouped']['std']:.3f} with each "
-             f"duplicate set in one fold", "", "![map](map.png)", "", "## Duplicate sets", "",
+             f"- {cv['folds']}-fold accuracy: {_acc(cv['ungrouped'])} with every file its own group, "
+             f"{_acc(cv['grouped'])} with each duplicate set in one fold", *(f"- {n}" for n in report["notes"]),
+             "", "![map](map.png)", "", "## Duplicate sets", "",
              "| kind | min cosine | files (class) |", "| --- | ---: | --- |"]
     lines += [f"| {s['kind']} | {s['min_cosine']:.3f} | "
-              + "<br>".join(f"{_md(p)} ({c})" for p, c in zip(s["paths"], s["labels"])) + " |"
+              + "<br>".join(f"{_md(p)} ({_md(c)})" for p, c in zip(s["paths"], s["labels"])) + " |"
               for s in report["duplicates"][:SHOWN]]
     lines += ["", "## Leaks", "", "| kind | cosine | test | train |", "| --- | ---: | --- | --- |"]
     lines += [f"| {x['kind']} | {x['cosine']:.3f} | {_md(x['test'])} | {_md(x['train'])} |"
               for x in report["leaks"][:SHOWN]]
     lines += ["", "## Likely label errors", "", "| score | given | suggested | file |", "| ---: | --- | --- | --- |"]
-    lines += [f"| {i['score']:.3f} | {i['given']} | {i['suggested']} | {_md(i['path'])} |"
+    lines += [f"| {i['score']:.3f} | {_md(i['given'])} | {_md(i['suggested'])} | {_md(i['path'])} |"
               for i in report["label_issues"][:SHOWN]]
     return "\n".join(lines) + "\n"
+
+
+def _acc(a: dict | None) -> str:
+    return "n/a" if a is None else f"{a['mean']:.3f} ± {a['std']:.3f}"
 
 
 def plot_map(f: Features, marked: set[str], path: Path) -> None:
@@ -97,7 +102,7 @@ def layout(x: np.ndarray) -> np.ndarray:
 
 
 def page(report: dict, f: Features) -> str:
-    body = [f"<h1>Audit of {html.escape(report['data_dir'])}</h1>", '<p><img src="map.png" width="640"></p>',
+    body = [f"<h1>Audit of {_h(report['data_dir'])}</h1>", '<p><img src="map.png" width="640"></p>',
             "<h2>Duplicate sets</h2>"]
     for s in report["duplicates"][:SHOWN]:
         body.append(_row(f"{s['kind']}, min cosine {s['min_cosine']:.3f}", zip(s["paths"], s["labels"])))
@@ -125,9 +130,9 @@ def _closest(f: Features, row: int, label: str) -> list[str]:
 
 
 def _row(title: str, images) -> str:
-    figures = "".join(f"<figure><img src='{_thumb(p)}' alt='{html.escape(p)}'><figcaption>{html.escape(caption)}"
-                      f"<br>{html.escape(Path(p).name)}</figcaption></figure>" for p, caption in images)
-    return f"<div class='set'><p>{html.escape(title)}</p>{figures}</div>"
+    figures = "".join(f"<figure><img src='{_thumb(p)}' alt='{_h(p)}'><figcaption>{_h(caption)}"
+                      f"<br>{_h(Path(p).name)}</figcaption></figure>" for p, caption in images)
+    return f"<div class='set'><p>{_h(title)}</p>{figures}</div>"
 
 
 def _thumb(path: str) -> str:
@@ -145,5 +150,9 @@ def _thumb(path: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _md(path: str) -> str:
-    return path.replace("|", "\\|")
+def _h(text: str) -> str:
+    return html.escape(as_text(text))
+
+
+def _md(text: str) -> str:
+    return as_text(text).replace("|", "\\|")

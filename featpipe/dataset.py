@@ -129,3 +129,26 @@ def read_file(f: ImageFile, st: os.stat_result | None = None) -> tuple[bytes | N
         return f.path.read_bytes(), None
     except OSError as e:
         return None, f"unreadable: {e.strerror or type(e).__name__}"
+
+
+def as_text(name: str) -> str:
+    """A file name as text others can read: as it is when it is UTF-8, else its bytes percent-encoded (Linux names
+    may be any bytes; Python holds the others as lone surrogates; urllib.parse.unquote_to_bytes gives them back)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        from urllib.parse import quote
+
+        return quote(name.encode("utf-8", "surrogateescape"), safe="/")
+    return name
+
+
+def json_safe(obj):
+    """obj with every string as_text: strict JSON readers reject the lone surrogates of a non-UTF-8 file name."""
+    if isinstance(obj, str):
+        return as_text(obj)
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe.dataset import as_text
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig, ExtractResult
 
@@ -30,6 +31,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is a folder: name the file to write")
         if not Path(self.out).parent.is_dir():
             raise UserError(f"--out {self.out}: folder {Path(self.out).parent} does not exist")
 
@@ -37,7 +40,12 @@ class ExportConfig:
 def export(cfg: ExportConfig, result: ExtractResult) -> dict:
     """Write the rows of `result`'s images (an extract run over cfg.extract) to cfg.out; a summary dict."""
     members = sorted(result.members, key=lambda m: m.path)
-    files = (_parquet if cfg.format == "parquet" else _npy)(members, result, Path(cfg.out))
+    out = Path(cfg.out)
+    try:
+        files = (_parquet if cfg.format == "parquet" else _npy)(members, result, out)
+    finally:  # a failed write leaves no temporary file behind
+        for p in (out, out.with_suffix(".npy"), out.with_suffix(".csv")):
+            p.with_name(f".{p.name}.tmp").unlink(missing_ok=True)
     return {"rows": len(members), "dim": result.dim, "format": cfg.format, "files": [str(f) for f in files],
             "backbone": result.backbone, "data_dir": result.data_dir}
 
@@ -57,7 +65,8 @@ def _parquet(members, result: ExtractResult, out: Path) -> list[Path]:
     tmp = out.with_name(f".{out.name}.tmp")
     with pq.ParquetWriter(tmp, schema) as w:
         for part, X in _batches(members, result):
-            w.write_table(pa.table([pa.array([_text(m.path) for m in part]), pa.array([_text(m.label) for m in part]),
+            w.write_table(pa.table([pa.array([as_text(m.path) for m in part]),
+                                    pa.array([as_text(m.label) for m in part]),
                                     pa.array([m.sha256 for m in part]),
                                     pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), result.dim)],
                                    schema=schema))
@@ -77,15 +86,9 @@ def _npy(members, result: ExtractResult, out: Path) -> list[Path]:
         for part, X in _batches(members, result):
             matrix[at:at + len(part)] = X
             at += len(part)
-            rows.writerows([_text(m.path), _text(m.label), m.sha256] for m in part)
+            rows.writerows([as_text(m.path), as_text(m.label), m.sha256] for m in part)
     matrix.flush()
     del matrix
     os.replace(tmp_index, index)
     os.replace(tmp, out)
     return [out, index]
-
-
-def _text(name: str) -> str:
-    """A file name that is not UTF-8 (Linux allows any bytes) as its bytes decoded with replacement marks:
-    Parquet and CSV hold text."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -115,7 +115,7 @@ def _check_held_out_classes(cfg: FitConfig) -> None:
 
 
 def _features_of(cfg: FitConfig, folder: Path, progress: bool) -> Features:
-    return load_features(replace(cfg.extract, data_dir=Path(folder)), progress)
+    return load_features(replace(cfg.extract, data_dir=Path(folder), labels=None), progress)  # its own folders
 
 
 def _labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
@@ -170,8 +170,10 @@ def given_split(f: Features) -> tuple[Features, Split, Features | None]:
     which = np.array([f.result.splits.get(p, "") for p in f.paths])
     keep, test = np.flatnonzero(which != "test"), np.flatnonzero(which == "test")
     split = Split(np.flatnonzero(which[keep] == "train"), np.flatnonzero(which[keep] == "val"))
-    if not len(split.train):
-        raise UserError("the --labels split column names no train image")
+    missing = sorted(set(range(len(f.classes))) - set(f.y[keep][split.train].tolist()))
+    if missing:
+        raise UserError(f"the --labels split column puts no image of class {f.classes[missing[0]]!r} in train"
+                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return _rows(f, keep), split, (_rows(f, test) if len(test) else None)
 
 

@@ -6,6 +6,7 @@ file with no usable row is an error."""
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ def read(labels: Path, root: Path) -> Manifest:
         if reason:
             m.skipped.append({"row": n + 1, "path": str(path), "reason": reason})
             continue
-        seen[str(path)] = n + 1
+        seen[os.path.realpath(path)] = n + 1  # ./a, sub/../a and a link to a: one file
         m.files.append(ImageFile(path, label))
         if splits is not None:
             m.splits[str(path)] = split
@@ -54,8 +55,8 @@ def read(labels: Path, root: Path) -> Manifest:
 def _unusable(path: Path, label: str, split: str, has_splits: bool, seen: dict[str, int]) -> str | None:
     if not label:
         return "empty label"
-    if str(path) in seen:
-        return f"duplicate of row {seen[str(path)]}"
+    if os.path.realpath(path) in seen:
+        return f"duplicate of row {seen[os.path.realpath(path)]}"
     if not path.is_file():
         return "no such file"
     if has_splits and split not in SPLITS:
@@ -75,6 +76,8 @@ def _table(labels: Path) -> dict[str, list]:
         with open(labels, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             names = [k.strip().lower() for k in next(reader, [])]
+            if len(set(names)) < len(names):
+                raise UserError(f"--labels {labels}: a column name appears twice ({', '.join(names)})")
             out: dict[str, list] = {k: [] for k in names}
             for row in reader:
                 for k, v in zip(names, row + [""] * (len(names) - len(row))):

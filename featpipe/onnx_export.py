@@ -25,20 +25,25 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
         raise UserError("featpipe export --format onnx needs onnx: pip install 'featpipe[onnx]'") from None
     bundle = B.load(model)
     out = Path(out) if out is not None else Path(bundle.path) / "model.onnx"
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: " + ("is a folder" if out.is_dir() else f"folder {out.parent} does not exist"))
     net = Probabilities(backbone_for(bundle, weights), bundle.head.as_torch_module()).eval()
     crop = bundle.preprocessing.crop
     example = torch.zeros((2, crop, crop, 3), dtype=torch.uint8)
-    tmp = out.with_name(out.name + ".tmp")
-    batch = torch.export.Dim("batch")
-    torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["probabilities"],
-                      dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, verbose=False)
-    graph = onnx.load(str(tmp))
-    onnx.helper.set_model_props(graph, {"featpipe_classes": json.dumps(bundle.classes),
-                                        "featpipe_preprocessing": bundle.preprocessing.to_json(),
-                                        "featpipe_backbone": bundle.backbone})
-    onnx.checker.check_model(graph)
-    onnx.save(graph, str(tmp))
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["probabilities"],
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
+                          dynamo=True, verbose=False, external_data=False)
+        graph = onnx.load(str(tmp))
+        onnx.helper.set_model_props(graph, {"featpipe_classes": json.dumps(bundle.classes),
+                                            "featpipe_preprocessing": bundle.preprocessing.to_json(),
+                                            "featpipe_backbone": bundle.backbone})
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"model": str(bundle.path), "format": "onnx", "file": str(out), "classes": bundle.classes,
             "input": {"name": "images", "dtype": "uint8", "shape": ["batch", crop, crop, 3]},
             "output": {"name": "probabilities", "shape": ["batch", len(bundle.classes)]}, "opset": OPSET,

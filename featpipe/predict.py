@@ -16,6 +16,7 @@ import numpy as np
 
 from featpipe import bundle as B
 from featpipe import table_out
+from featpipe.dataset import as_text
 from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError, first_line
 
@@ -72,7 +73,7 @@ def _written(batches, classes: list[str], out: Path) -> dict:
     with table_out.TableWriter(out, names, floats=set(names[2:])) as table:
         for proba, ok, bad in batches:
             if ok:
-                table.write([[str(f) for f in ok], [classes[i] for i in proba.argmax(1)], proba.max(1),
+                table.write([[as_text(str(f)) for f in ok], [classes[i] for i in proba.argmax(1)], proba.max(1),
                              *proba.T.astype(np.float32)])
             n += len(ok)
             skipped += bad

@@ -14,6 +14,8 @@ SUFFIXES = (".csv", ".parquet")
 
 def check(out: Path, flag: str = "--out") -> Path:
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder: name the file to write")
     if out.suffix.lower() not in SUFFIXES:
         raise UserError(f"{flag} {out}: the file name must end in .csv or .parquet")
     if not out.parent.is_dir():

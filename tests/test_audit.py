@@ -207,3 +207,15 @@ def test_audit_html_shows_every_thumbnail_in_a_real_browser(cli_report, tmp_path
     pixels = np.asarray(Image.open(shot).convert("L"))
     rows_with_photos = (np.abs(np.diff(pixels.astype(int), axis=1)) > 30).sum(1) > 50  # busy rows: photos, not text
     assert rows_with_photos.sum() > 300, rows_with_photos.sum()
+
+
+@pytest.mark.slow  # extracts a folder
+def test_what_cannot_be_folded_is_said_and_the_rest_reported(tmp_path, shipped, cache):
+    one = tmp_path / "one"
+    shutil.copytree(shipped / "tools", one / "tools")
+    r = run(one, cache)
+    assert r["cv"]["ungrouped"] is None and r["label_issues"] == [] and "at least 2 classes" in r["notes"][0]
+    with pytest.raises(UserError, match="DATA_DIR itself"):
+        AuditConfig(extract=ExtractConfig(data_dir=one), test_dir=one / ".")
+    with pytest.raises(UserError, match="--out"):
+        AuditConfig(extract=ExtractConfig(), out=Path("/proc/featpipe-audit"))

@@ -91,3 +91,31 @@ def test_cli_extract_with_labels(tmp_path, flat, warm_cache):
     assert r["images"] == 10 and [s["reason"] for s in r["skipped"]] == ["--labels row 11: no such file"]
     proc = run_cli("extract", d, "--labels", tmp_path / "missing.csv", "--cache-dir", warm_cache)
     assert proc.returncode == 2 and "no such file" in one_line(proc)
+
+
+def test_the_same_file_by_another_path_and_a_repeated_column_are_refused(tmp_path, flat, capsys):
+    d, rows = flat
+    (d / "sub").mkdir(exist_ok=True)
+    m = read(write_csv(tmp_path / "l.csv", ["path", "label"], [[rows[0][0], "a"], [f"sub/../{rows[0][0]}", "b"],
+                                                               [str(d / rows[0][0]), "c"], [rows[1][0], "b"]]), d)
+    assert [s["reason"] for s in m.skipped] == ["duplicate of row 1", "duplicate of row 1"] and len(m.files) == 2
+    with pytest.raises(UserError, match="appears twice"):
+        read(write_csv(tmp_path / "dup.csv", ["path", "label", "label"], [[rows[0][0], "a", "b"]]), d)
+
+
+def test_a_split_column_without_train_images_of_a_class_is_refused(tmp_path, flat, warm_cache):
+    d, rows = flat
+    split = [("val" if c == "tools" else "train") for _, c in rows]
+    labels = write_csv(tmp_path / "l.csv", ["filename", "label", "split"],
+                       [[p, c, s] for (p, c), s in zip(rows, split)])
+    with pytest.raises(UserError, match="no image of class 'tools' in train"):
+        fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels),
+                               head=HeadConfig(), out=tmp_path / "m"), progress=False)
+
+
+def test_held_out_folders_are_read_as_folders_not_through_labels(tmp_path, flat, warm_cache, shipped):
+    d, rows = flat
+    labels = write_csv(tmp_path / "l.csv", ["filename", "label"], rows)
+    r = fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels),
+                               head=HeadConfig(), out=tmp_path / "m", test_dir=shipped), progress=False)
+    assert r["n_test"] == 196 and r["test_in_train"] == 196

@@ -18,6 +18,7 @@ from featpipe.cli import embeddings  # noqa: F401  (each import registers its co
 from featpipe.cli import models  # noqa: F401
 from featpipe.cli import cache  # noqa: F401
 from featpipe.cli.app import NOTES, app
+from featpipe.dataset import as_text
 from featpipe.errors import UserError
 
 
@@ -32,6 +33,8 @@ def main() -> None:
         _fail("aborted", 130)
     except UserError as e:
         _fail(str(e), 2)
+    except OSError as e:  # a path the user gave that cannot be written (a folder, /proc, no permission)
+        _fail(f"{as_text(str(e.filename))}: {e.strerror}" if e.filename and e.strerror else str(e), 2)
     except KeyboardInterrupt:
         _interrupted()
     if code == 130:  # typer turns Ctrl-C inside a command into a silent exit code 130

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from featpipe.dataset import json_safe
+
 app = typer.Typer(
     name="featpipe",
     help=("Prove on your own images that a pretrained backbone beats training from scratch — then ship the fast "
@@ -55,7 +57,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="--engine r
                                                    "per GPU of the cluster, else one per CPU).")]
 LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parquet of the images and their "
                                                  "labels (columns path or filename, label, optional split: train, "
-                                                 "val, test), instead of class folders; paths relative to DATA_DIR.")]
+                                                 "val, test), instead of class folders; paths relative to "
+                                                 "DATA_DIR, or absolute.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a bundle at the output dir even if it was trained "
                                         "on another data dir.")]
@@ -74,24 +77,6 @@ def data_or_shipped(data_dir: Optional[Path]) -> Optional[Path]:
 
 def classes_line(counts: dict[str, int]) -> str:
     return "classes: " + ", ".join(f"{c} {n}" for c, n in counts.items())
-
-
-def json_safe(obj):
-    """File names that are not UTF-8 reach Python as lone surrogates, which strict JSON readers reject: such a
-    string is written percent-encoded whole (urllib.parse.unquote_to_bytes gives back the name's bytes)."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            from urllib.parse import quote
-
-            return quote(obj.encode("utf-8", "surrogateescape"), safe="/")
-        return obj
-    if isinstance(obj, dict):
-        return {json_safe(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:

@@ -115,5 +115,10 @@ def audit(
     cv = r["cv"]
     emit(r, as_json, f"{len(r['duplicates'])} duplicate set(s) "
          f"({sum(s['across_classes'] for s in r['duplicates'])} across classes), {len(r['leaks'])} leak(s), "
-         f"{len(r['label_issues'])} likely label error(s); {cv['folds']}-fold accuracy {cv['ungrouped']['mean']:.3f} "
-         f"ungrouped, {cv['grouped']['mean']:.3f} with duplicates in one fold\nreport: {r['files']['audit.md']}")
+         f"{len(r['label_issues'])} likely label error(s); {cv['folds']}-fold accuracy {_mean(cv['ungrouped'])} "
+         f"ungrouped, {_mean(cv['grouped'])} with duplicates in one fold\n"
+         + "".join(f"{n}\n" for n in r["notes"]) + f"report: {r['files']['audit.md']}")
+
+
+def _mean(a: dict | None) -> str:
+    return "n/a" if a is None else f"{a['mean']:.3f}"

@@ -131,7 +131,7 @@ def export_model(
 ) -> None:
     """Export a model bundle to run without featpipe (onnxruntime): normalisation, backbone, head and softmax in
     one graph; class names and preprocessing in its metadata."""
-    if fmt != "onnx":
+    if fmt.lower() != "onnx":
         raise UserError(f"--format must be onnx (got {fmt!r})")
     from featpipe.onnx_export import export_onnx
 
