@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,7 @@ from featpipe.errors import UserError
 
 SHIPPED_NAME = "gcompris-photos"
 MAX_FILE_BYTES = 1 << 30  # far above any decodable image (Pillow's pixel limit), far below a video's size
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # only for that warning
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"}
 
 
@@ -49,6 +51,10 @@ def scan(root: Path | None, labelled: bool = True) -> tuple[Path, list[ImageFile
                             + ("" if labelled else "; and no files to embed unlabelled either"))
         return root, files, []
     _refuse_split_parent(root, classes)
+    loose = [e.name for e in _entries(root) if not _is_dir(e) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+    if loose:  # an image beside the class folders has no class: say so rather than drop it unseen (a README not)
+        print(f"featpipe: {len(loose)} image file(s) at the top of {root} ignored (e.g. {loose[0]}): with class "
+              f"folders there, only the files inside them count", file=sys.stderr)
     return root, [f for cls in classes for f in _walk(root / cls, cls)], classes
 
 

@@ -174,6 +174,8 @@ def given_split(f: Features) -> tuple[Features, Split, Features | None]:
     if missing:
         raise UserError(f"the --labels split column puts no image of class {f.classes[missing[0]]!r} in train"
                         + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not len(split.val):
+        print("featpipe: the --labels split column has no val rows: val_accuracy is not measured", file=sys.stderr)
     return _rows(f, keep), split, (_rows(f, test) if len(test) else None)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from featpipe import fileindex
 from featpipe.engine import decoders_version
-from tests.conftest import run_cli, run_json
+from tests.conftest import make_subset, run_cli, run_json
 from tests.faults import faultkit as fk
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
@@ -258,3 +258,14 @@ def test_a_folder_without_class_folders_is_embedded_unlabelled(tmp_path, shipped
     proc = run_cli("fit-head", flat, "--cache-dir", tmp_path / "c2", "--out", tmp_path / "m")
     assert proc.returncode == 2 and "needs DATA_DIR/<class>/<image>" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c2").exists()
+
+
+def test_images_beside_class_folders_are_said_to_be_ignored(tmp_path, shipped, warm_cache):
+    """An image at the top of a data dir that has class folders has no class: one stderr line says it is left out
+    (a README there is not mentioned)."""
+    data = make_subset(shipped, tmp_path / "data", 2)
+    shutil.copy(next((shipped / "tools").iterdir()), data / "loose.jpg")
+    (data / "README.txt").write_text("about these photos")
+    proc = run_cli("extract", data, "--cache-dir", warm_cache, check=True)
+    said = [line for line in proc.stderr.splitlines() if "ignored" in line]
+    assert len(said) == 1 and "loose.jpg" in said[0] and "1 image file(s)" in said[0]
