@@ -14,8 +14,10 @@ PROBES = 16  # IVF cells searched per query
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """heads.unit_norm as the contiguous float32 rows faiss takes (imported here: heads is heavy for the CLI)."""
+    from featpipe.heads import unit_norm
+
+    return unit_norm(np.ascontiguousarray(x, np.float32))
 
 
 def near_pairs(a: np.ndarray, threshold: float, b: np.ndarray | None = None

@@ -219,3 +219,21 @@ def test_what_cannot_be_folded_is_said_and_the_rest_reported(tmp_path, shipped, 
         AuditConfig(extract=ExtractConfig(data_dir=one), test_dir=one / ".")
     with pytest.raises(UserError, match="--out"):
         AuditConfig(extract=ExtractConfig(), out=Path("/proc/featpipe-audit"))
+
+
+def test_without_duplicate_sets_the_ungrouped_cv_is_the_grouped_one():
+    """No two files grouped: both CVs are the same folds and fits, so the audit reuses the grouped one (checked
+    here against the refit it skips)."""
+    from featpipe import audit as A
+    from featpipe.features import Features
+    from featpipe.heads import cross_validate
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    X = (rng.standard_normal((120, 16)) + 1.5 * np.eye(16)[y]).astype(np.float32)
+    f = Features(X=X, y=y, classes=["a", "b", "c"], paths=[f"/x/{i}.jpg" for i in range(120)], result=None,
+                 groups=np.arange(120))
+    found = A.examine(f, None, AuditConfig(extract=ExtractConfig()))
+    assert found["duplicates"] == [] and found["cv"]["grouped"] is not None
+    mean, std = cross_validate(X, y, f.classes, 5, HeadConfig(kind="logistic", seed=0))
+    assert found["cv"]["ungrouped"] == {"mean": round(mean, 4), "std": round(std, 4)}
