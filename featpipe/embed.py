@@ -22,10 +22,12 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters (malloc.h)
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is available")
-    return torch.device(device)
+    dev = torch.device(device)
+    # an index always, so reports name the card that ran ("cuda:0") and the decoder is placed on the same one
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
