@@ -4,6 +4,7 @@ freezes all but its last blocks, the crops it sees, and the bundle it is saved a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -80,7 +81,8 @@ def predict(model: nn.Module, crops: torch.Tensor, device: torch.device, precisi
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: Classifier, crops: torch.Tensor, device: torch.device, precision: str) -> None:
+def recalibrate_batchnorm(model: Classifier, batches: Iterable[torch.Tensor], device: torch.device,
+                          precision: str) -> None:
     """Exact BatchNorm statistics over the training images ("precise BN") before evaluating a scratch model.
 
     After a few dozen steps, momentum-averaged running statistics still mostly hold their initial 0/1 values, so a
@@ -92,9 +94,9 @@ def recalibrate_batchnorm(model: Classifier, crops: torch.Tensor, device: torch.
         m.reset_running_stats()
         m.momentum = None  # cumulative average over every batch below
     model.train()
-    for start in range(0, len(crops), 64):
+    for crops in batches:  # uint8 NHWC crops of the training images
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model(crops[start:start + 64].to(device))
+            model(crops.to(device))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
 

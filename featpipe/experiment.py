@@ -1,7 +1,7 @@
 """The experiment: scratch vs frozen-backbone head vs fine-tuned last blocks, per backbone, on one shared split.
 
-Per backbone the images are extracted once (cached embeddings for the head and the fine-tune warm start) and
-decoded once (uint8 in memory for fine-tune and scratch); those one-time costs are timed apart from training.
+Per backbone the images are extracted once (cached embeddings for the head and the fine-tune warm start), timed
+apart from training; fine-tune and scratch decode their batches as they train (train_images), inside their time.
 Every row's model is saved as a bundle `featpipe predict` loads (cfg.out/models/<backbone>-<method or head kind>).
 Every pretrained backbone's weights are checked before any work, so a config naming an unavailable one stops at
 once instead of after an hour of the others.
@@ -27,7 +27,8 @@ from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
 from featpipe.splits import Groups, check_k
 from featpipe.train import TrainConfig, finetune, scratch
-from featpipe.train_images import decode_images, scan_images
+from featpipe.held_out import arrange, check_folders
+from featpipe.train_images import scan_images, split_images
 
 METHODS = ("scratch", "head", "finetune")
 DEFAULT_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
@@ -47,6 +48,9 @@ class ExperimentConfig:
     seed: int = 0
     cv: int = 5  # head: K-fold CV over every image (fewer folds when the smallest class is smaller)
     head: str = "logistic"
+    val_dir: Path | None = None  # a validation folder instead of the random split, for every method
+    test_dir: Path | None = None  # scored once per row at the end, never used to choose anything
+    labels: Path | None = None  # a CSV/Parquet of paths and labels (optional split column) instead of class folders
     # TrainConfig overrides; what is not given takes TrainConfig's defaults (scratch: lr_head is its only lr)
     finetune: dict = field(default_factory=lambda: {"epochs": 3, "unfreeze_blocks": 3})
     scratch: dict = field(default_factory=lambda: {"epochs": 6})
@@ -69,7 +73,8 @@ class ExperimentConfig:
 
     def train_config(self, method: str, backbone: str) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "backbone", "cache_dir", "device",
-                                                                     "val_fraction", "seed", "out", "head", "force"}
+                                                                     "val_fraction", "seed", "out", "head", "force",
+                                                                     "resume", "val_dir", "test_dir", "labels"}
         given = getattr(self, method)
         unknown = sorted(set(given) - known)
         if unknown:
@@ -113,7 +118,7 @@ def read_config(path: Path) -> dict:
     check_types(f"config {path}: [experiment]", kw, ExperimentConfig)
     for section in ("finetune", "scratch"):
         check_types(f"config {path}: [{section}]", kw.get(section, {}), TrainConfig)
-    for key in ("data_dir", "out", "cache_dir"):
+    for key in ("data_dir", "out", "cache_dir", "val_dir", "test_dir", "labels"):
         if key in kw:
             kw[key] = Path(kw[key])
     return kw
@@ -171,7 +176,9 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
 
     t_start = time.perf_counter()
     specs = check_weights(cfg)
-    scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
+    if cfg.labels is None:
+        scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
+    check_folders(ExtractConfig(data_dir=cfg.data_dir, labels=cfg.labels), cfg.val_dir, cfg.test_dir)
     device = str(prepare(cfg.device)[0])
     results, backbones, preds = [], {}, {}
     for spec in specs:
@@ -188,9 +195,9 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
         "results": results, "device": device, "featpipe_version": __version__, "backbones": {
             k: {kk: vv for kk, vv in v.items() if kk != "y_val"} for k, v in backbones.items()},
         "dataset": {"classes": first["classes"], "images_per_class": first["images_per_class"],
-                    "n_train": first["n_train"], "n_val": first["n_val"],
+                    "n_train": first["n_train"], "n_val": first["n_val"], "validation": first["validation"],
                     "majority_val_accuracy": round(float(np.bincount(y_val).max() / len(y_val)), 4)},
-        "timings": {"one_time": {k: {"extract_seconds": v["extract_seconds"], "decode_seconds": v["decode_seconds"]}
+        "timings": {"one_time": {k: {"extract_seconds": v["extract_seconds"], "prepare_seconds": v["prepare_seconds"]}
                                  for k, v in backbones.items()},
                     "training": {f"{r['method']}/{r['backbone']}": r["train_seconds"] for r in results},
                     "total_seconds": None},
@@ -210,58 +217,58 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
 
 
 def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dict, np.ndarray]]]:
-    """One backbone: extract (if a pretrained method runs), decode (if a trained one does), then each method."""
+    """One backbone: extract (if a pretrained method runs; else list and check the files), then each method."""
     from featpipe.features import load_features
 
-    features, images, extract_seconds = None, None, 0.0
-    if {"head", "finetune"} & set(cfg.methods):
+    held, extract_seconds = None, 0.0
+    if {"head", "finetune"} & set(cfg.methods) or cfg.val_dir or cfg.test_dir or cfg.labels:
         t0 = time.perf_counter()
-        features = load_features(ExtractConfig(data_dir=cfg.data_dir, backbone=spec.name, cache_dir=cfg.cache_dir,
-                                                 device=cfg.device))
+        extract = ExtractConfig(data_dir=cfg.data_dir, backbone=spec.name, cache_dir=cfg.cache_dir,
+                                device=cfg.device, labels=cfg.labels)
+        held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed)
         extract_seconds = time.perf_counter() - t0
-    if {"scratch", "finetune"} & set(cfg.methods):
-        if features is not None:
-            images = decode_images(features.paths, features.y, features.classes, spec.preprocessing,
-                                   cfg.val_fraction, cfg.seed)
-        else:
-            images = scan_images(cfg.data_dir, spec.name, cfg.val_fraction, cfg.seed)
-    classes = (features or images).classes
-    y = features.y if features is not None else images.y.numpy()
-    from featpipe.splits import val_split
-
-    groups = features.groups if features is not None else images.groups
-    split = val_split(y, classes, cfg.val_fraction, cfg.seed, zero_ok=False, groups=groups)
+        f = held.features
+        images = split_images(f.paths, f.y, f.classes, f.groups, spec.preprocessing, cfg.val_fraction, cfg.seed,
+                              given=(held.split, held.validation))
+    else:
+        images = scan_images(cfg.data_dir, spec.name, cfg.val_fraction, cfg.seed)
+    classes, y, split = images.classes, images.y, images.split
+    if not len(split.val):
+        raise UserError(f"the experiment compares its methods on validation images, and the {images.validation} "
+                        f"gives none")
     rows = []
     for method in [m for m in METHODS if m in cfg.methods]:
         log(f"== {method} / {spec.name}")
         if method == "head":
-            rows.append(run_head(cfg, features, split))
+            rows.append(run_head(cfg, held))
             continue
         tc = cfg.train_config(method, spec.name)
         if method == "finetune":
-            res = finetune(tc, features, log=log, images=images)
+            res = finetune(tc, held, log=log, images=images)
         else:
-            res = scratch(tc, log=log, images=images)
+            res = scratch(tc, log=log, images=images, held=held)
         rows.append((res.to_json() | {"only_last_layers_trained": method == "finetune"}, res.val_pred))
     for r, _ in rows:
         r["meets_tutorial_task"] = bool(r["val_accuracy"] >= TUTORIAL_MIN_VAL and r["train_seconds"] <
                                         TUTORIAL_MAX_SECONDS and r["only_last_layers_trained"])
-    key = features.result.cache.key if features is not None else None
+    key = held.features.result.cache.key if held is not None else None
     info = {"weights_sha256": key.weights_sha256 if key else "random-init",
             "preprocessing": json.loads(spec.preprocessing.to_json()),
             "extract_seconds": round(extract_seconds, 2),
-            "decode_seconds": images.decode_seconds if images is not None else 0.0,
+            "prepare_seconds": images.prepare_seconds,
             "classes": classes, "images_per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
-            "n_train": int(len(split.train)), "n_val": int(len(split.val)), "y_val": y[split.val]}
+            "n_train": int(len(split.train)), "n_val": int(len(split.val)), "y_val": y[split.val],
+            "validation": images.validation}
     return info, rows
 
 
-def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
+def run_head(cfg: ExperimentConfig, held) -> tuple[dict, np.ndarray]:
     """Fit the head on the training split's cached features (timed), score it, K-fold CV it on every image, and
     save it as fit-head would."""
     from featpipe.fit_head import fit_and_score
-    from featpipe.heads import HeadConfig
+    from featpipe.heads import HeadConfig, accuracy
 
+    f, split = held.features, held.split
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
     k = min(cfg.cv, int(Groups.of(f.y, f.groups).per_class(len(f.classes)).min()))
     head, s = fit_and_score(f, split, hc, k if k >= 2 else None)
@@ -270,7 +277,11 @@ def run_head(cfg: ExperimentConfig, f, split) -> tuple[dict, np.ndarray]:
          "val_accuracy": s["val_accuracy"], "train_seconds": round(s["fit_seconds"], 3),
          "cv_accuracy_mean": s["cv_accuracy_mean"], "cv_accuracy_std": s["cv_accuracy_std"],
          "cv_folds": k if k >= 2 else None, "history": [], "hyperparameters": {"head": hc.kind, **head.params},
-         "n_train": int(len(split.train)), "n_val": int(len(split.val)), "only_last_layers_trained": True}
+         "n_train": int(len(split.train)), "n_val": int(len(split.val)), "only_last_layers_trained": True,
+         "validation": held.validation}
+    if held.test is not None:
+        t = held.test
+        r |= held.test_report(accuracy(head, t.X, t.y, np.arange(len(t.y))))
     r["model_path"] = str(save_head(cfg, f, head, r))
     return r, pred
 

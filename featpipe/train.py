@@ -1,10 +1,12 @@
 """Fine-tune the last blocks of a pretrained backbone (head warm-started), or train the same network from scratch:
-the epochs (augmented batches from train_images.Images, early stopping on val accuracy) and what they report.
+the epochs (augmented batches streamed from train_images.Images, early stopping on val accuracy, a checkpoint per
+epoch for --resume) and what they report.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,14 +20,16 @@ from torchvision.transforms import v2
 
 from featpipe import registry
 from featpipe.backbone import load
+from featpipe.checkpoint import Checkpoint
 from featpipe.classifier import (Classifier, augment, centre, freeze_all_but_last, predict, recalibrate_batchnorm,
                                  save_bundle)
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, ExtractConfig
-from featpipe.features import Features, class_counts
+from featpipe.features import class_counts
 from featpipe.heads import HeadConfig, fit_head
 from featpipe.runtime import prepare
-from featpipe.train_images import Images, decode_images, scan_images
+from featpipe.held_out import Arranged, arrange, check_folders
+from featpipe.train_images import Images, scan_images, split_images, stream
 
 
 @dataclass
@@ -47,6 +51,10 @@ class TrainConfig:
     out: Path | None = None  # bundle dir (default models/<backbone>-finetuned, or -scratch)
     head: str = "logistic"  # fine-tune: the warm-started head's kind (heads.KINDS)
     force: bool = False  # replace a bundle at `out` trained on another data dir
+    resume: bool = False  # go on from `out`/checkpoint.pt, the last epoch a killed run finished
+    val_dir: Path | None = None  # fine-tune: a validation folder instead of the random split
+    test_dir: Path | None = None  # fine-tune: scored once at the end, never used to choose the epoch
+    labels: Path | None = None  # fine-tune: a CSV/Parquet of paths and labels (optional split column)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -71,7 +79,7 @@ class TrainConfig:
     def extract_config(self) -> ExtractConfig:
         """The extraction whose cached features fine-tuning warm-starts from."""
         return ExtractConfig(data_dir=self.data_dir, backbone=self.backbone, cache_dir=self.cache_dir,
-                             device=self.device)
+                             device=self.device, labels=self.labels)
 
 
 @dataclass
@@ -92,76 +100,113 @@ class TrainResult:
     n_train: int
     n_val: int
     class_counts: dict[str, int]
+    validation: str  # which images validated: held_out.Arranged.validation
     model_path: str | None = None
+    test: dict = field(default_factory=dict)  # test_accuracy, n_test, test_in_train, when a test set was given
     val_pred: np.ndarray | None = field(default=None, repr=False)  # for the confusion matrix
 
     def to_json(self) -> dict:
         d = asdict(self)
-        del d["val_pred"]
-        return d
+        del d["val_pred"], d["test"]
+        return d | self.test
 
 
 def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig, device: torch.device,
-        precision: str, log: Callable[[str], None], history: list[dict]) -> tuple[int, float]:
-    """Epochs with early stopping on val accuracy; the best checkpoint is restored. Returns (best epoch, seconds)."""
+        precision: str, log: Callable[[str], None], history: list[dict], ckpt: Checkpoint,
+        state: dict | None) -> tuple[int, float]:
+    """Epochs with early stopping on val accuracy, a checkpoint after each (from `state`, a resumed run's, it goes
+    on after the last finished one); the best checkpoint is restored. Returns (best epoch, seconds)."""
     transform = v2.Compose([v2.RandomResizedCrop(images.crop, scale=(cfg.min_scale, 1.0), antialias=True),
                             v2.RandomHorizontalFlip()])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    train_idx = images.split.train
-    y_val = images.y.numpy()[images.split.val]
+    y_val = images.y[images.split.val]
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {"epoch": 0, "val_accuracy": -1.0}
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), best["epoch"]
-    seconds = 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    best_state, best_epoch, seconds, first = copy.deepcopy(model.state_dict()), best["epoch"], 0.0, 1
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        best_state, best_epoch, seconds, first = state["best_state"], state["best_epoch"], state["seconds"], \
+            state["epoch"] + 1
+        best = next((h for h in history if h["epoch"] == best_epoch), best)
+        torch.set_rng_state(state["rng"])
+        log(f"  resumed after epoch {state['epoch']} (best so far: epoch {best_epoch})")
+        if state["epoch"] - best_epoch >= cfg.patience:  # it had stopped early; only its bundle was not written
+            first = cfg.epochs + 1
+    for epoch in range(first, cfg.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx)).numpy()]
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            x, y = augment(images.pixels[idx], transform).to(device), images.y[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+        loss, acc = _epoch(model, opt, transform, images, cfg, device, precision)
         if model.trainable is None:  # scratch: BatchNorm learns its statistics too
-            recalibrate_batchnorm(model, centre(images.pixels[train_idx], images.crop), device, precision)
-        val_acc = float((predict(model, images.val_pixels, device, precision) == y_val).mean())
+            recalibrate_batchnorm(model, (centre(b, images.crop) for _, b in images.squares(images.split.train, 64)),
+                                  device, precision)
+        val_acc = float((_scored(model, images.crops(images.split.val), device, precision)[1] == y_val).mean())
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        history.append({"epoch": epoch, "train_loss": round(total_loss / len(order), 4),
-                        "train_accuracy": round(correct / len(order), 4), "val_accuracy": round(val_acc, 4),
-                        "seconds": round(elapsed, 2)})
-        log(f"  epoch {epoch}: train loss {total_loss / len(order):.3f}, train acc {correct / len(order):.3f}, "
-            f"val acc {val_acc:.3f} ({elapsed:.1f} s)")
+        history.append({"epoch": epoch, "train_loss": round(loss, 4), "train_accuracy": round(acc, 4),
+                        "val_accuracy": round(val_acc, 4), "seconds": round(elapsed, 2)})
+        log(f"  epoch {epoch}: train loss {loss:.3f}, train acc {acc:.3f}, val acc {val_acc:.3f} ({elapsed:.1f} s)")
         if val_acc > best["val_accuracy"]:
             best, best_state, best_epoch = history[-1], copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= cfg.patience and epoch < cfg.epochs:
+        ckpt.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "best_state": best_state, "best_epoch": best_epoch, "seconds": seconds, "history": history,
+                   "rng": torch.get_rng_state()})
+        if epoch - best_epoch >= cfg.patience and epoch < cfg.epochs:
             log(f"  early stop: no better val accuracy for {cfg.patience} epochs")
             break
     model.load_state_dict(best_state)
     return best_epoch, seconds
 
 
+def _epoch(model: Classifier, opt: torch.optim.Optimizer, transform: v2.Transform, images: Images, cfg: TrainConfig,
+           device: torch.device, precision: str) -> tuple[float, float]:
+    """One pass over the training split in a fresh random order: (mean loss, accuracy on the augmented batches)."""
+    model.train()
+    train = images.split.train
+    total_loss, correct, seen = 0.0, 0, 0
+    for idx, batch in images.squares(train[torch.randperm(len(train)).numpy()], cfg.batch_size):
+        x, y = augment(batch, transform).to(device), torch.from_numpy(images.y[idx]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+    if not seen:
+        raise UserError("no training image decodes any more (listed above)")
+    return total_loss / seen, correct / seen
+
+
+def _scored(model: Classifier, batches, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, predicted classes) over (indices, uint8 crops) batches."""
+    idx, pred = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for i, b in batches:
+        idx.append(i)
+        pred.append(predict(model, b, device, precision))
+    return np.concatenate(idx), np.concatenate(pred)
+
+
 def _result(method: str, model: Classifier, images: Images, device: torch.device, precision: str,
-            best_epoch: int, seconds: float, history: list[dict], hyper: dict) -> TrainResult:
+            best_epoch: int, seconds: float, history: list[dict], hyper: dict, held: Arranged | None) -> TrainResult:
     tr, va = images.split.train, images.split.val
-    y = images.y.numpy()
-    val_pred = predict(model, images.val_pixels, device, precision)
-    train_acc = float((predict(model, centre(images.pixels[tr], images.crop), device, precision) == y[tr]).mean())
+    y = images.y
+    val_pred = _scored(model, images.crops(va), device, precision)[1]
+    seen, pred = _scored(model, ((i, centre(b, images.crop)) for i, b in images.squares(tr, 64)), device, precision)
+    test = {}
+    if held is not None and held.test is not None:  # once, with the chosen epoch's weights
+        t = held.test
+        got = _scored(model, stream(t.paths, np.arange(len(t.y)), 64, images.pre, strict=True), device, precision)
+        test = held.test_report(float((got[1] == t.y).mean()))
     params = list(model.parameters())
     return TrainResult(
-        method=method, backbone=model.backbone.spec.name, train_accuracy=round(train_acc, 4),
+        method=method, backbone=model.backbone.spec.name, train_accuracy=round(float((pred == y[seen]).mean()), 4),
         val_accuracy=round(float((val_pred == y[va]).mean()), 4), train_seconds=round(seconds, 2),
         best_epoch=best_epoch, epochs_run=len([h for h in history if h["epoch"] > 0]), history=history,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params), hyperparameters=hyper, device=str(device), precision=precision,
-        n_train=len(tr), n_val=len(va), class_counts=class_counts(y, images.classes), val_pred=val_pred)
+        n_train=len(tr), n_val=len(va), class_counts=class_counts(y, images.classes), val_pred=val_pred, test=test,
+        validation=images.validation)
 
 
 def bundle_dir(cfg: TrainConfig, method: str) -> Path:
@@ -178,78 +223,112 @@ def _runtime(cfg: TrainConfig, seed_offset: int) -> tuple[torch.device, str]:
     return prepare(cfg.device)
 
 
+def _fingerprint(cfg: TrainConfig, method: str, images: Images) -> dict:
+    """What a resumed run must share with the killed one: the files and labels, the method and its settings."""
+    from featpipe.dataset import describe
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "cache_dir", "device", "epochs",
+                                                                  "patience", "out", "force", "resume")}
+    files = hashlib.sha256("\0".join(images.paths).encode("utf-8", "surrogateescape") + images.y.tobytes())
+    return {"method": method, "data": describe(cfg.data_dir), "classes": images.classes,
+            "files": files.hexdigest(), **settings}
+
+
 def _save(model: Classifier, res: TrainResult, out: Path, weights_sha256: str, classes: list[str], data: dict,
           params: dict) -> str:
     metrics = {k: getattr(res, k) for k in ("train_accuracy", "val_accuracy", "train_seconds", "best_epoch",
-                                            "n_train", "n_val")} | res.hyperparameters
+                                            "n_train", "n_val", "validation")} | res.test | res.hyperparameters
     return str(save_bundle(model, out, weights_sha256, classes, data, metrics, params))
 
 
-def finetune(cfg: TrainConfig, features: Features, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+def training_data(cfg: TrainConfig) -> Arranged:
+    """Fine-tune's data: the held-out folders checked, the cache completed, the rows arranged into train and val
+    (and test): a random split, --val-dir, or the --labels split column (held_out.py)."""
+    from featpipe.features import load_features
+
+    extract = cfg.extract_config()
+    check_folders(extract, cfg.val_dir, cfg.test_dir)
+    held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed)
+    if not len(held.split.val):
+        raise UserError(f"fine-tuning stops early on validation accuracy, and the {held.validation} gives no "
+                        f"validation image")
+    return held
+
+
+def finetune(cfg: TrainConfig, held: Arranged, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
              images: Images | None = None) -> TrainResult:
     """Pretrained backbone + a head (cfg.head) fitted on the cached training-split features, then the last
     `unfreeze_blocks` blocks and the head trained together (backbone at lr_backbone, head at lr_head).
 
-    `features`: the data dir's cached rows (features.load_features); `images` lets `featpipe experiment` share one
-    decode across methods."""
+    `held`: the cached rows, arranged (training_data); `images` lets `featpipe experiment` share one file list and
+    split across methods."""
     spec = registry.resolve(cfg.backbone)
     out = bundle_dir(cfg, "finetune")
-    images = images or decode_images(features.paths, features.y, features.classes, spec.preprocessing,
-                                     cfg.val_fraction, cfg.seed)
-    if images.paths != features.paths:
-        raise UserError("Pillow could not decode every cached image; remove the files listed above and rerun")
+    features = held.features
+    images = images or split_images(features.paths, features.y, features.classes, features.groups,
+                                    spec.preprocessing, cfg.val_fraction, cfg.seed, given=(held.split, held.validation))
     device, precision = _runtime(cfg, 0)
+    ckpt = Checkpoint(out, _fingerprint(cfg, "finetune", images), cfg.resume)
+    state = ckpt.load()
     t0 = time.perf_counter()
-    tr = images.split.train
     head = fit_head(features.X, features.y, len(features.classes), HeadConfig(kind=cfg.head, seed=cfg.seed),
-                    features.groups, rows=tr)
+                    features.groups, rows=images.split.train)
     head_seconds = time.perf_counter() - t0
     loaded = load(spec)
     trainable = freeze_all_but_last(loaded.model, cfg.unfreeze_blocks)
     model = Classifier(loaded.model, head.as_torch_module(), trainable).to(device)
     groups = [{"params": [p for p in loaded.model.parameters() if p.requires_grad], "lr": cfg.lr_backbone},
               {"params": list(model.head.parameters()), "lr": cfg.lr_head}]
-    val_acc0 = float((predict(model, images.val_pixels, device, precision) ==
-                      images.y.numpy()[images.split.val]).mean())
-    history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": round(val_acc0, 4),
-                "seconds": round(head_seconds, 2)}]
-    log(f"finetune {spec.name}: warm-start head val acc {val_acc0:.3f}; training the last {cfg.unfreeze_blocks} "
-        f"blocks (lr {cfg.lr_backbone:g}) and the head (lr {cfg.lr_head:g})")
-    best_epoch, seconds = fit(model, groups, images, cfg, device, precision, log, history)
+    if state:
+        history = state["history"]
+    else:
+        pred = _scored(model, images.crops(images.split.val), device, precision)[1]
+        history = [{"epoch": 0, "train_loss": None, "train_accuracy": None,
+                    "val_accuracy": round(float((pred == images.y[images.split.val]).mean()), 4),
+                    "seconds": round(head_seconds, 2)}]
+    log(f"finetune {spec.name}: warm-start head val acc {history[0]['val_accuracy']:.3f}; training the last "
+        f"{cfg.unfreeze_blocks} blocks (lr {cfg.lr_backbone:g}) and the head (lr {cfg.lr_head:g})")
+    best_epoch, seconds = fit(model, groups, images, cfg, device, precision, log, history, ckpt, state)
     hyper = {"unfreeze_blocks": cfg.unfreeze_blocks, "lr_backbone": cfg.lr_backbone, "lr_head": cfg.lr_head,
              "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
              "epochs": cfg.epochs, "patience": cfg.patience, "warm_start": {"head": head.kind, **head.params},
              "augmentation": f"RandomResizedCrop({images.crop}, scale=({cfg.min_scale}, 1)) + HorizontalFlip",
              "batchnorm": "inference mode (running statistics frozen)"}
-    res = _result("finetune", model, images, device, precision, best_epoch, seconds + head_seconds, history, hyper)
+    res = _result("finetune", model, images, device, precision, best_epoch, seconds + head_seconds, history, hyper,
+                  held)
     res.model_path = _save(model, res, out, features.result.cache.key.weights_sha256, features.classes,
                            features.data(), {"finetuned": True})
+    ckpt.remove()
     return res
 
 
 def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-            images: Images | None = None) -> TrainResult:
+            images: Images | None = None, held: Arranged | None = None) -> TrainResult:
     """The same architecture from random init with a new linear head, every layer trained at lr_head: the
-    tutorial's "before". Needs no pretrained weights and no extraction; saves a bundle."""
+    tutorial's "before". Needs no pretrained weights and no extraction; saves a bundle. `images` and `held`: the
+    experiment's shared split and test set."""
     from featpipe.dataset import describe
 
     spec = registry.resolve(cfg.backbone)
     out = bundle_dir(cfg, "scratch")
     images = images or scan_images(cfg.data_dir, cfg.backbone, cfg.val_fraction, cfg.seed)
     device, precision = _runtime(cfg, 1)
+    ckpt = Checkpoint(out, _fingerprint(cfg, "scratch", images), cfg.resume)
+    state = ckpt.load()
     backbone = load(spec, pretrained=False).model
     model = Classifier(backbone, nn.Linear(spec.dim, len(images.classes))).to(device)
     log(f"scratch {spec.name}: random init, every layer trained (lr {cfg.lr_head:g})")
-    history: list[dict] = []
+    history: list[dict] = state["history"] if state else []
     best_epoch, seconds = fit(model, [{"params": list(model.parameters()), "lr": cfg.lr_head}], images, cfg, device,
-                              precision, log, history)
+                              precision, log, history, ckpt, state)
     hyper = {"lr": cfg.lr_head, "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
              "epochs": cfg.epochs, "patience": cfg.patience, "init": "random",
              "augmentation": f"RandomResizedCrop({images.crop}, scale=({cfg.min_scale}, 1)) + HorizontalFlip",
              "batchnorm": "training mode"}
-    res = _result("scratch", model, images, device, precision, best_epoch, seconds, history, hyper)
+    res = _result("scratch", model, images, device, precision, best_epoch, seconds, history, hyper, held)
     # no pretrained weights: "random-init"; every weight is in backbone.safetensors, so predict loads it as it
     # loads a fine-tuned bundle
     data = {"dir": describe(cfg.data_dir), "class_counts": res.class_counts}
     res.model_path = _save(model, res, out, "random-init", images.classes, data, {"scratch": True})
+    ckpt.remove()
     return res

@@ -1,77 +1,117 @@
-"""The training images in memory: each file decoded once, through the extractor's Pillow path, into a uint8 square
-of side `resize` (the shorter side the backbone's preprocessing resizes to); each training batch is augmented on
-tensors, so an epoch costs only the network. Validation images are decoded once more with the backbone's own
-preprocessing: the extractor's exact pixels, so fine-tune, scratch and the cached-feature head are scored on
-identical inputs. Every method uses featpipe.splits.val_split on the same path-sorted list: the same images."""
+"""The training set as files, decoded a batch at a time while the batch before it trains: memory does not grow with
+the number of images (a decoded set of 100,000 images at 256 px would need ~19 GiB).
+
+Training batches are uint8 squares of side `resize` (the shorter side the backbone's preprocessing resizes to),
+augmented on tensors; validation images are decoded with the backbone's own preprocessing, the extractor's exact
+pixels, so fine-tune, scratch and the cached-feature head are scored on identical inputs. Every method uses
+featpipe.splits.val_split on the same path-sorted list: the same images."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from featpipe import registry
-from featpipe.decode import PilDecoder, decode_files
+from featpipe.decode import PilDecoder, decode_file, probe_files
 from featpipe.errors import UserError
 from featpipe.features import find_duplicates
 from featpipe.preprocess import Preprocessing
 from featpipe.splits import Split, content_groups, val_split
 
+PREFETCH = 2  # batches decoding ahead of the one in use: hides decoding behind a step, memory stays bounded
+
 
 @dataclass
 class Images:
-    """The decoded training set: uint8 (N, S, S, 3) squares, labels, the shared split, and the val crops."""
+    """The training set: paths, labels, content groups (identical files share one, and one side of the split), the
+    shared split, and the backbone's preprocessing. Nothing decoded is held."""
 
-    pixels: torch.Tensor
-    y: torch.Tensor
-    classes: list[str]
     paths: list[str]
-    groups: np.ndarray  # featpipe.splits content groups: identical files share one, and one side of the split
+    y: np.ndarray
+    classes: list[str]
+    groups: np.ndarray
     split: Split
-    crop: int
-    val_pixels: torch.Tensor  # uint8 (len(split.val), crop, crop, 3): the extractor's preprocessing exactly
-    decode_seconds: float
+    pre: Preprocessing
+    prepare_seconds: float  # listing and checking the files (scratch), or 0 when the cache vouched for them
+    validation: str  # which images validate, as reports say it (held_out.Arranged.validation)
+
+    @property
+    def crop(self) -> int:
+        return self.pre.crop
+
+    def squares(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Training pixels in idx's order: (indices, uint8 (B, resize, resize, 3)); a file that no longer decodes
+        is left out and named on stderr."""
+        pre = self.pre
+        return stream(self.paths, idx, batch_size, Preprocessing(pre.resize, pre.resize, pre.mean, pre.std,
+                                                                 pre.interpolation), strict=False)
+
+    def crops(self, idx: np.ndarray, batch_size: int = 64) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Evaluation pixels (the extractor's preprocessing) in idx's order; a file that no longer decodes is an
+        error: the scores would silently be on fewer images."""
+        return stream(self.paths, idx, batch_size, self.pre, strict=True)
 
 
-def decode_images(paths: list[str], labels: np.ndarray, classes: list[str], pre: Preprocessing,
-                  val_fraction: float, seed: int) -> Images:
-    """Decode each file once at (resize x resize); files Pillow cannot decode are dropped (reported on stderr)."""
-    t0 = time.perf_counter()
-    square = Preprocessing(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
-    decoder = PilDecoder(square)
-    results = decode_files(paths, decoder)
-    keep = [i for i, (_, r) in enumerate(results) if not isinstance(r, str)]
-    for p, (_, r) in zip(paths, results):
-        if isinstance(r, str):
-            print(f"skipped {p}: {r}", file=sys.stderr)
-    if not keep:
-        raise UserError("no decodable image to train on")
-    y = labels[keep]
-    groups = content_groups([results[i][0] for i in keep])
-    split = val_split(y, classes, val_fraction, seed, zero_ok=False, groups=groups)
-    pixels = torch.from_numpy(np.stack([results[i][1] for i in keep]))
-    kept = [paths[i] for i in keep]
-    val = [r for _, r in decode_files([kept[i] for i in split.val], PilDecoder(pre))]
-    if any(isinstance(v, str) for v in val):
-        raise UserError(f"a validation image changed while decoding: {next(v for v in val if isinstance(v, str))}")
-    return Images(pixels=pixels, y=torch.from_numpy(y), classes=classes, paths=kept, groups=groups, split=split,
-                  crop=pre.crop, val_pixels=torch.from_numpy(np.stack(val)).reshape(-1, pre.crop, pre.crop, 3),
-                  decode_seconds=round(time.perf_counter() - t0, 4))
+def stream(paths: list[str], idx: np.ndarray, batch_size: int, pre: Preprocessing,
+           strict: bool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    decoder = PilDecoder(pre)
+    parts = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    ahead = deque([decoder.pool.submit(decode_file, paths[i], decoder) for i in part] for part in parts[:PREFETCH])
+    try:
+        for k, part in enumerate(parts):
+            futures = ahead.popleft()
+            if k + PREFETCH < len(parts):
+                ahead.append([decoder.pool.submit(decode_file, paths[i], decoder) for i in parts[k + PREFETCH]])
+            got = [f.result()[1] for f in futures]
+            ok = [j for j, g in enumerate(got) if not isinstance(g, str)]
+            for j in sorted(set(range(len(got))) - set(ok)):
+                if strict:
+                    raise UserError(f"{paths[part[j]]} no longer decodes ({got[j]}); it was usable when the run "
+                                    f"started: restore it or rerun")
+                print(f"skipped {paths[part[j]]}: {got[j]}", file=sys.stderr)
+            if ok:
+                yield part[ok], torch.from_numpy(np.stack([got[j] for j in ok]))
+    finally:
+        decoder.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def split_images(paths: list[str], y: np.ndarray, classes: list[str], groups: np.ndarray, pre: Preprocessing,
+                 val_fraction: float, seed: int, prepare_seconds: float = 0.0,
+                 given: tuple[Split, str] | None = None) -> Images:
+    """The random stratified split (identical files on one side), or `given`: (a split, what it is)."""
+    split, validation = given or (val_split(y, classes, val_fraction, seed, zero_ok=False, groups=groups),
+                                  f"random {val_fraction:g} split")
+    return Images(paths=list(paths), y=np.asarray(y, dtype=np.int64), classes=classes, groups=groups, split=split,
+                  pre=pre, prepare_seconds=round(prepare_seconds, 4), validation=validation)
 
 
 def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed: int) -> Images:
-    """The data dir's decodable images in path order, as featpipe.features orders its rows (same split)."""
+    """The data dir's images in path order, as featpipe.features orders its rows (same split). Each file is read,
+    hashed and its header checked once; files that are no image are skipped and listed."""
     from featpipe.dataset import require_every_class, scan
 
+    t0 = time.perf_counter()
     root, files, classes = scan(data_dir)
     files = sorted(files, key=lambda f: str(f.path))
-    labels = np.array([classes.index(f.label) for f in files], dtype=np.int64)
-    images = decode_images([str(f.path) for f in files], labels, classes,
-                           registry.resolve(backbone).preprocessing, val_fraction, seed)
-    require_every_class(root, classes, {classes[i] for i in images.y.tolist()})
-    find_duplicates(images.paths, [classes[i] for i in images.y.tolist()], images.groups).report()
-    return images
+    checked = probe_files([f.path for f in files])
+    for f, (_, why) in zip(files, checked):
+        if why:
+            print(f"skipped {f.path}: {why}", file=sys.stderr)
+    keep = [i for i, (_, why) in enumerate(checked) if not why]
+    if not keep:
+        raise UserError("no decodable image to train on")
+    paths = [str(files[i].path) for i in keep]
+    labels = [files[i].label for i in keep]
+    require_every_class(root, classes, set(labels))
+    groups = content_groups([checked[i][0] for i in keep])
+    find_duplicates(paths, labels, groups).report()
+    y = np.array([classes.index(label) for label in labels], dtype=np.int64)
+    return split_images(paths, y, classes, groups, registry.resolve(backbone).preprocessing, val_fraction, seed,
+                        time.perf_counter() - t0)

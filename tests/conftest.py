@@ -68,6 +68,20 @@ def make_subset(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
+def held_out_folders(shipped: Path, root: Path) -> tuple[Path, Path, Path]:
+    """train (6 per class), val (2) and test (2) folders of real photos; the test photos sit under the next class's
+    folder, so a model right about them scores low there: test_accuracy is computed from the test set's labels."""
+    classes = sorted(p for p in shipped.iterdir() if p.is_dir())
+    for i, cls in enumerate(classes):
+        photos = sorted(cls.iterdir())
+        for name, part, label in (("train", photos[:6], cls.name), ("val", photos[6:8], cls.name),
+                                  ("test", photos[8:10], classes[(i + 1) % len(classes)].name)):
+            (root / name / label).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                shutil.copy(f, root / name / label / f.name)
+    return root / "train", root / "val", root / "test"
+
+
 @pytest.fixture
 def small_data(tmp_path, shipped) -> Path:
     """5 classes x 4 real photos, in a fresh tmp dir the test may modify."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_subset, run_cli, run_json
+from conftest import held_out_folders, make_subset, run_cli, run_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_experiment_writes_consistent_reports(quick_run):
     assert r["dataset"]["images_per_class"] == {c: 4 for c in r["dataset"]["classes"]}
     b = r["backbones"]["mobilenet_v2"]
     assert len(b["weights_sha256"]) == 64 and b["preprocessing"]["crop"] == 224
-    assert set(r["timings"]["one_time"]["mobilenet_v2"]) == {"extract_seconds", "decode_seconds"}
+    assert set(r["timings"]["one_time"]["mobilenet_v2"]) == {"extract_seconds", "prepare_seconds"}
     assert sum(map(sum, r["best"]["confusion"])) == r["dataset"]["n_val"]
     # the markdown table shows exactly the JSON's numbers
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and
@@ -191,3 +191,23 @@ def test_missing_config_file_is_a_user_error():
 
     with pytest.raises(UserError, match="config file not found"):
         read_config(Path("/nonexistent.toml"))
+
+
+def test_val_dir_and_test_dir_reach_every_row_and_choose_nothing(shipped, tmp_path):
+    """--test-dir adds a test column and changes no choice: each row's C, epochs and val scores are those of the
+    same experiment without it (its photos sit under wrong class folders, so a leak would show)."""
+    train, val, test = held_out_folders(shipped, tmp_path / "data")
+    config = tmp_path / "quick.toml"
+    config.write_text("[finetune]\nepochs = 2\nunfreeze_blocks = 2\n[scratch]\nepochs = 1\n")
+    args = ["experiment", train, "--val-dir", val, "--backbones", "mobilenet_v2", "--config", config,
+            "--cache-dir", tmp_path / "cache"]
+    plain = run_json(*args, "--out", tmp_path / "plain")
+    tested = run_json(*args, "--test-dir", test, "--out", tmp_path / "tested")
+    assert tested["dataset"]["validation"] == f"--val-dir {val}" and tested["dataset"]["n_val"] == 10
+    for p, t in zip(plain["results"], tested["results"]):
+        assert (p["method"], p["val_accuracy"], p["hyperparameters"]) == (t["method"], t["val_accuracy"],
+                                                                          t["hyperparameters"])
+        assert [h["val_accuracy"] for h in p["history"]] == [h["val_accuracy"] for h in t["history"]]
+        assert "test_accuracy" not in p and t["n_test"] == 10 and t["test_accuracy"] <= 0.3, t
+    md = (tmp_path / "tested" / "report.md").read_text()
+    assert "| test acc |" in md and f"--val-dir {val}" in md

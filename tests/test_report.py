@@ -46,7 +46,7 @@ def report(n: int, out) -> dict:
             "backbones": {"mobilenet_v2": {}},
             "dataset": {"classes": names, "images_per_class": {c: 20 for c in names}, "n_train": 20 * n - n_val,
                         "n_val": n_val, "majority_val_accuracy": 0.05},
-            "timings": {"one_time": {"mobilenet_v2": {"extract_seconds": 1.0, "decode_seconds": 1.0}},
+            "timings": {"one_time": {"mobilenet_v2": {"extract_seconds": 1.0, "prepare_seconds": 1.0}},
                         "training": {}, "total_seconds": 9.0},
             "best": {"method": "finetune", "backbone": "mobilenet_v2", "val_accuracy": 0.85, "confusion": m,
                      "model_path": rows[1]["model_path"]},

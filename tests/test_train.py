@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_cli, run_json
+from conftest import held_out_folders, run_cli, run_json
 from featpipe import registry
 from featpipe.backbone import load
 from featpipe.errors import UserError
@@ -170,3 +170,55 @@ def test_bad_settings_are_user_errors(kw, match):
     """In-process (the CLI turns any UserError into one line + exit 2, checked above): no import cost per case."""
     with pytest.raises(UserError, match=match):
         scratch(TrainConfig(**kw))
+
+
+def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_run(small_data, tmp_path):
+    """SIGKILL once the first epoch's checkpoint is written; --resume then trains the rest, drawing the same batches
+    and crops (torch's random state is in the checkpoint): the same history and model as a run never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["scratch", str(small_data), "--epochs", "3", "--seed", "2"]
+    whole = run_json(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "featpipe", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before its first checkpoint: nothing was tested"
+    assert not (killed / "bundle.json").exists()
+    proc = run_cli(*args, "--out", killed, "--resume", "--json", check=True)
+    resumed = json.loads(proc.stdout)
+    assert "resumed after epoch" in proc.stderr, proc.stderr
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]] == strip
+    assert (resumed["val_accuracy"], resumed["train_accuracy"]) == (whole["val_accuracy"], whole["train_accuracy"])
+    assert not (killed / "checkpoint.pt").exists() and (killed / "bundle.json").exists()
+    from safetensors.numpy import load_file
+
+    a, b = load_file(killed / "backbone.safetensors"), load_file(tmp_path / "whole" / "backbone.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+
+def test_finetune_val_dir_validates_and_the_test_dir_chooses_nothing(shipped, tmp_path):
+    """The same run with and without --test-dir trains to identical weights (a test set used for early stopping
+    or the warm-start head would change them), and only the run given one reports test_accuracy."""
+    from safetensors.numpy import load_file
+
+    train, val, test = held_out_folders(shipped, tmp_path / "data")
+    args = ["finetune", train, "--val-dir", val, "--epochs", "2", "--cache-dir", tmp_path / "cache"]
+    plain = run_json(*args, "--out", tmp_path / "plain")
+    tested = run_json(*args, "--test-dir", test, "--out", tmp_path / "tested")
+    assert plain["validation"] == tested["validation"] == f"--val-dir {val}"
+    assert (plain["n_train"], plain["n_val"]) == (30, 10) and "test_accuracy" not in plain
+    assert tested["n_test"] == 10 and tested["test_in_train"] == 0 and tested["test_accuracy"] <= 0.3
+    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in (plain, tested)]
+    assert strip[0] == strip[1] and plain["best_epoch"] == tested["best_epoch"]
+    a, b = (load_file(tmp_path / d / "backbone.safetensors") for d in ("plain", "tested"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "tested" / "bundle.json").read_text())["metrics"]
+    assert meta["test_accuracy"] == tested["test_accuracy"]

@@ -13,6 +13,11 @@ from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, Forc
 from featpipe.errors import UserError
 from featpipe.neighbours import NEAR_COSINE
 
+ValDirOpt = Annotated[Optional[Path], typer.Option("--val-dir", help="A separate labelled validation folder instead "
+                                                   "of the random split (--val-fraction).")]
+TestDirOpt = Annotated[Optional[Path], typer.Option("--test-dir", help="A labelled test folder scored once at the "
+                                                    "end (test_accuracy), never used to choose anything.")]
+
 
 @app.command("fit-head")
 def fit_head(
@@ -35,11 +40,8 @@ def fit_head(
     features_dtype: Annotated[str, typer.Option("--features-dtype", help="float32 | float16: how the cached "
                                                 "embeddings are held while fitting (float16: half the memory).")
                               ] = "float32",
-    val_dir: Annotated[Optional[Path], typer.Option("--val-dir", help="A separate labelled validation folder "
-                                                    "instead of the random split (--val-fraction).")] = None,
-    test_dir: Annotated[Optional[Path], typer.Option("--test-dir", help="A labelled test folder scored once at "
-                                                     "the end (test_accuracy), never used to choose anything.")
-                        ] = None,
+    val_dir: ValDirOpt = None,
+    test_dir: TestDirOpt = None,
     group_duplicates: Annotated[bool, typer.Option("--group-duplicates", help=f"Keep near duplicates (cosine >= "
                                                    f"{NEAR_COSINE}, as `featpipe audit` finds them) on one side of "
                                                    "the split and in one CV fold, as identical files always are.")
@@ -147,9 +149,14 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Most epochs (ea
 
 
 def _train_summary(res) -> str:
-    return (f"{res.method} {res.backbone}: train acc {res.train_accuracy:.3f}, val acc {res.val_accuracy:.3f}, "
+    test = f", test acc {res.test['test_accuracy']:.3f} ({res.test['n_test']} images)" if res.test else ""
+    return (f"{res.method} {res.backbone}: train acc {res.train_accuracy:.3f}, val acc {res.val_accuracy:.3f}{test}, "
             f"best epoch {res.best_epoch}/{res.epochs_run}, {res.train_seconds:.1f} s\n{classes_line(res.class_counts)}"
             + (f"\nmodel: {res.model_path}" if res.model_path else ""))
+
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Go on from the last epoch a killed run finished (its "
+                                         "checkpoint.pt in the output dir), with the same data and settings.")]
 
 
 @app.command()
@@ -168,18 +175,22 @@ def finetune(
     out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
                                                 "models/<backbone>-finetuned).")] = None,
     force: ForceOpt = False,
+    resume: ResumeOpt = False,
+    val_dir: ValDirOpt = None,
+    test_dir: TestDirOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the last blocks of a pretrained backbone, head warm-started from the cached-feature head; saves a
     bundle `featpipe predict` loads."""
-    from featpipe.features import load_features
-    from featpipe.train import TrainConfig, bundle_dir, finetune as run
+    from featpipe.train import TrainConfig, bundle_dir, finetune as run, training_data
 
     cfg = TrainConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir,
                       device=device, epochs=epochs, unfreeze_blocks=unfreeze_blocks, val_fraction=val_fraction,
-                      seed=seed, out=out, head=head, force=force)
+                      seed=seed, out=out, head=head, force=force, resume=resume, val_dir=val_dir,
+                      test_dir=test_dir, labels=labels)
     bundle_dir(cfg, "finetune")  # a bundle that must not be replaced: refused before extracting
-    res = run(cfg, load_features(cfg.extract_config()))
+    res = run(cfg, training_data(cfg))
     emit(res.to_json(), as_json, _train_summary(res))
 
 
@@ -194,6 +205,7 @@ def scratch(
     out: Annotated[Optional[Path], typer.Option("--out", help="Model bundle dir (default "
                                                 "models/<backbone>-scratch).")] = None,
     force: ForceOpt = False,
+    resume: ResumeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat;
@@ -201,7 +213,7 @@ def scratch(
     from featpipe.train import TrainConfig, scratch as run
 
     res = run(TrainConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, device=device, epochs=epochs,
-                          val_fraction=val_fraction, seed=seed, out=out, force=force))
+                          val_fraction=val_fraction, seed=seed, out=out, force=force, resume=resume))
     emit(res.to_json(), as_json, _train_summary(res))
 
 
@@ -230,12 +242,15 @@ def experiment(
                                                           show_default="0.2")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Split, augmentation and initialisation seed.",
                                                 show_default="0")] = None,
+    val_dir: ValDirOpt = None,
+    test_dir: TestDirOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Scratch vs head vs fine-tune per backbone on one split: report.json, report.md, report.png, confusion.png."""
     _run_experiment(config, {"data_dir": data_dir, "backbones": _csv(backbones), "methods": _csv(methods),
                              "out": out, "cache_dir": cache_dir, "device": device, "val_fraction": val_fraction,
-                             "seed": seed}, as_json)
+                             "seed": seed, "val_dir": val_dir, "test_dir": test_dir, "labels": labels}, as_json)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from featpipe.errors import UserError, first_line
 from featpipe.preprocess import Preprocessing
 
 __all__ = ["DRAFT_MARGIN", "DaliDecoder", "Decoder", "PilDecoder", "Probe", "TorchvisionDecoder", "crop_corner",
-           "decode_files", "default_decode_threads", "make_decoder", "pil_decode", "probe", "resize_crop", "to_rgb"]
+           "decode_file", "decode_files", "default_decode_threads", "make_decoder", "pil_decode", "probe",
+           "probe_files", "resize_crop", "to_rgb"]
+PROBE_CHUNK = 4096  # files per Executor.map call: bounded futures at any list length
 
 
 def make_decoder(kind: str, pre: Preprocessing, batch_size: int, cuda_device: int | None,
@@ -58,11 +61,26 @@ def decode_files(paths: Sequence[str | os.PathLike], decoder: PilDecoder) -> lis
     """Per path, in input order: (sha256 of its bytes, its (crop, crop, 3) uint8 image or why not: unreadable, not
     an image, too large, corrupt); never an exception. Read, probe and decode run on `decoder`'s thread pool.
     The sha256 ("" when the file could not be read) lets callers group identical files, as the cache's row key does."""
-    return list(decoder.pool.map(lambda p: _decode_file(p, decoder), paths))
+    return list(decoder.pool.map(lambda p: decode_file(p, decoder), paths))
 
 
-def _decode_file(path: str | os.PathLike, decoder: PilDecoder) -> tuple[str, np.ndarray | str]:
+def decode_file(path: str | os.PathLike, decoder: PilDecoder) -> tuple[str, np.ndarray | str]:
+    """decode_files for one path, on the caller's thread."""
     data, err = read_file(ImageFile(Path(path), ""))
     if err:
         return "", err
     return hashlib.sha256(data).hexdigest(), probe(data).skip_reason or decoder.decode_one(data)
+
+
+def probe_files(paths: Sequence[str | os.PathLike], threads: int | None = None) -> list[tuple[str, str | None]]:
+    """Per path, in input order: (sha256 of its bytes, why it is no image or None), from its bytes and header
+    alone: decode_files' checks without keeping pixels, for sets too large to hold decoded."""
+    def one(path) -> tuple[str, str | None]:
+        data, err = read_file(ImageFile(Path(path), ""))
+        return ("", err) if err else (hashlib.sha256(data).hexdigest(), probe(data).skip_reason)
+
+    out: list[tuple[str, str | None]] = []
+    with ThreadPoolExecutor(threads or default_decode_threads()) as pool:
+        for start in range(0, len(paths), PROBE_CHUNK):
+            out += pool.map(one, paths[start:start + PROBE_CHUNK])
+    return out

@@ -1,0 +1,124 @@
+"""Which images validate a model and which test it: a random stratified split of DATA_DIR, a --val-dir folder, or
+a --labels split column; a --test-dir folder (or the split column's test rows) is scored once at the end and never
+used to choose anything. fit-head and finetune arrange their cached features here, so they agree."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from featpipe.dataset import class_folders, shipped_dataset
+from featpipe.errors import UserError
+from featpipe.extract import ExtractConfig
+from featpipe.features import Features, load_features
+from featpipe.splits import Split, val_split
+
+
+@dataclass
+class Arranged:
+    features: Features  # the training rows, then the validation rows
+    split: Split
+    test: Features | None  # its y already indexes features.classes
+    test_in_train: int  # test images byte-identical to training images (said on stderr)
+    validation: str  # what the report says was used
+
+    def test_report(self, accuracy: float) -> dict:
+        return {"test_accuracy": round(accuracy, 4), "n_test": len(self.test.y), "test_in_train": self.test_in_train}
+
+
+def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None) -> None:
+    """Before any image is embedded: a held-out folder that is not one, or has a class the training data lacks, is
+    refused in one line (with --labels the classes are known only once the file is read: labels_in refuses them)."""
+    for flag, d in (("--val-dir", val_dir), ("--test-dir", test_dir)):
+        if d is not None and not Path(d).is_dir():
+            raise UserError(f"{flag} {d} is not a directory")
+    if extract.labels is not None:
+        return
+    classes = set(class_folders(extract.data_dir or shipped_dataset()))
+    for flag, folder in (("--val-dir", val_dir), ("--test-dir", test_dir)):
+        unknown = sorted(set(class_folders(Path(folder))) - classes) if folder is not None else []
+        if unknown:
+            raise UserError(f"{flag} has class folder(s) the training data lacks: {', '.join(unknown[:5])}")
+
+
+def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None, val_fraction: float,
+            seed: int, progress: bool = True) -> Arranged:
+    test = None
+    if f.result.splits:
+        if val_dir is not None or test_dir is not None:
+            raise UserError(f"{extract.labels} has a split column: it says which images are val and test, so "
+                            f"--val-dir and --test-dir do not apply")
+        f, split, test = given_split(f)
+        how = f"split column of {extract.labels}"
+    elif val_dir is not None:
+        f, split = with_held_out(f, features_of(extract, val_dir, progress), "--val-dir")
+        how = f"--val-dir {val_dir}"
+    else:
+        split = val_split(f.y, f.classes, val_fraction, seed, groups=f.groups)
+        how = f"random {val_fraction:g} split"
+    if test_dir is not None:
+        test = features_of(extract, test_dir, progress)
+    flag = "--test-dir" if test_dir else "the test split"
+    if test is not None and not f.result.splits:
+        test = replace(test, y=labels_in(f, test, flag), classes=f.classes)
+    return Arranged(f, split, test, shared(f, test, flag) if test is not None else 0, how)
+
+
+def features_of(extract: ExtractConfig, folder: Path, progress: bool) -> Features:
+    return load_features(replace(extract, data_dir=Path(folder), labels=None), progress)  # its own class folders
+
+
+def labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
+    """other's labels as indices into f's classes; a class f lacks is an error (the head cannot predict it)."""
+    unknown = sorted(set(other.classes) - set(f.classes))
+    if unknown:
+        raise UserError(f"{flag} has class folder(s) the training data lacks: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(f.classes)}
+    return np.array([index[other.classes[i]] for i in other.y], np.int64)
+
+
+def shared(f: Features, other: Features, flag: str) -> int:
+    """Images of `other` whose bytes are also in the training data: said on stderr (they inflate its score)."""
+    train = {m.sha256 for m in members_of(f)}
+    n = sum(m.sha256 in train for m in members_of(other))
+    if n:
+        print(f"warning: {n} image(s) of {flag} are byte-identical to training images: its score counts them",
+              file=sys.stderr)
+    return n
+
+
+def with_held_out(f: Features, val: Features, flag: str) -> tuple[Features, Split]:
+    """f's rows then val's, as one set whose split is exactly the two folders."""
+    y = labels_in(f, val, flag)
+    shared(f, val, flag)
+    n = len(f.y)
+    merged = replace(f, X=np.concatenate([f.X, val.X.astype(f.X.dtype)]), y=np.concatenate([f.y, y]),
+                     paths=f.paths + val.paths, groups=np.concatenate([f.groups, val.groups + f.groups.max() + 1]))
+    return merged, Split(np.arange(n), np.arange(n, n + len(y)))
+
+
+def members_of(f: Features) -> list:
+    """f's own rows' members (a split of one extract run shares its members list)."""
+    paths = set(f.paths)
+    return [m for m in f.result.members if m.path in paths]
+
+
+def given_split(f: Features) -> tuple[Features, Split, Features | None]:
+    """--labels' split column: (the train and val rows, their split, the test rows or None)."""
+    which = np.array([f.result.splits.get(p, "") for p in f.paths])
+    keep, test = np.flatnonzero(which != "test"), np.flatnonzero(which == "test")
+    split = Split(np.flatnonzero(which[keep] == "train"), np.flatnonzero(which[keep] == "val"))
+    missing = sorted(set(range(len(f.classes))) - set(f.y[keep][split.train].tolist()))
+    if missing:
+        raise UserError(f"the --labels split column puts no image of class {f.classes[missing[0]]!r} in train"
+                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not len(split.val):
+        print("featpipe: the --labels split column has no val rows: val_accuracy is not measured", file=sys.stderr)
+    return rows_of(f, keep), split, (rows_of(f, test) if len(test) else None)
+
+
+def rows_of(f: Features, rows: np.ndarray) -> Features:
+    return replace(f, X=f.X[rows], y=f.y[rows], paths=[f.paths[i] for i in rows], groups=f.groups[rows])

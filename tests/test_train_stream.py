@@ -1,0 +1,71 @@
+"""Training data streamed from disk and the per-epoch checkpoint, in process: real photos, real Pillow, real torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featpipe import registry
+from featpipe.checkpoint import Checkpoint
+from featpipe.decode import PilDecoder, decode_files
+from featpipe.errors import UserError
+from featpipe.train_images import scan_images, stream
+
+
+@pytest.fixture
+def images(small_data):
+    return scan_images(small_data, "mobilenet_v2", 0.2, 0)
+
+
+def test_stream_yields_the_files_in_the_given_order_as_a_direct_decode_would(images):
+    order = np.array([7, 3, 19, 0, 11, 5, 2])
+    pre = registry.resolve("mobilenet_v2").preprocessing
+    got = list(stream(images.paths, order, 3, pre, strict=True))
+    assert [len(i) for i, _ in got] == [3, 3, 1]  # batches of 3, the last one short; two decode ahead of each
+    assert np.array_equal(np.concatenate([i for i, _ in got]), order)
+    direct = np.stack([r for _, r in decode_files([images.paths[i] for i in order], PilDecoder(pre))])
+    assert torch.equal(torch.cat([b for _, b in got]), torch.from_numpy(direct))
+
+
+def test_training_squares_leave_out_a_file_that_broke_and_evaluation_refuses_it(images, capsys):
+    broken = images.paths[4]
+    with open(broken, "wb") as fh:
+        fh.write(b"\xff\xd8 no longer a jpeg")
+    idx = np.arange(8)
+    seen = np.concatenate([i for i, b in images.squares(idx, 3)])
+    assert 4 not in seen and len(seen) == 7 and f"skipped {broken}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no longer decodes"):
+        list(images.crops(idx, 3))
+    s = images.pre.resize
+    assert next(images.squares(idx, 3))[1].shape == (3, s, s, 3)  # squares at resize; crops at the crop size
+    assert next(images.crops(idx[:2]))[1].shape == (2, images.crop, images.crop, 3)
+
+
+def test_scan_images_checks_files_without_keeping_pixels_and_groups_copies(small_data, capsys):
+    (small_data / "tools" / "notes.txt").write_text("not an image")
+    first = sorted((small_data / "animals").iterdir())[0]
+    (small_data / "animals" / "copy.jpg").write_bytes(first.read_bytes())
+    images = scan_images(small_data, "mobilenet_v2", 0.2, 0)
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "duplicate" in err
+    assert len(images.paths) == 21 and not any(p.endswith("notes.txt") for p in images.paths)
+    a, b = images.paths.index(str(first)), images.paths.index(str(small_data / "animals" / "copy.jpg"))
+    assert images.groups[a] == images.groups[b] and len(set(images.groups.tolist())) == 20
+    assert set(images.split.val).isdisjoint(images.split.train) and not hasattr(images, "pixels")
+
+
+def test_a_checkpoint_resumes_only_the_same_run(tmp_path, capsys):
+    fp = {"method": "scratch", "seed": 0, "files": "abc"}
+    Checkpoint(tmp_path, fp, resume=False).save({"epoch": 2, "history": [1, 2]})
+    assert Checkpoint(tmp_path, fp, resume=True).load()["epoch"] == 2
+    assert Checkpoint(tmp_path, fp, resume=False).load() is None  # a fresh run replaces it, and says so
+    assert "--resume continues one" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"different run \(seed changed\)"):
+        Checkpoint(tmp_path, fp | {"seed": 1}, resume=True).load()
+    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        Checkpoint(tmp_path, fp, resume=True).load()
+    Checkpoint(tmp_path, fp, resume=False).remove()
+    assert Checkpoint(tmp_path / "none", fp, resume=True).load() is None
+    assert "starting at epoch 1" in capsys.readouterr().err and not any(tmp_path.iterdir())
