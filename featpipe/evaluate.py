@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 
 from featpipe import bundle as B
-from featpipe.dataset import describe, scan
+from featpipe.dataset import describe
 from featpipe.errors import UserError
+from featpipe.manifest import labelled_files
 from featpipe.predict import probabilities
 
 
@@ -26,16 +27,17 @@ class EvaluateConfig:
     device: str = "auto"
     weights: Path | None = None
     worst: int = 20  # most confidently wrong images listed
+    labels: Path | None = None  # a CSV/Parquet of paths and labels; with a split column, its test rows are scored
 
 
 def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = None) -> dict:
     if cfg.worst < 0:
         raise UserError(f"--worst must be at least 0 (got {cfg.worst})")
     bundle = B.load(cfg.model)
-    root, files, classes = scan(cfg.data_dir)
+    root, files, classes = _labelled(cfg)
     unknown = sorted(set(classes) - set(bundle.classes))
     if unknown:
-        raise UserError(f"{len(unknown)} class folder(s) of {root} are not classes of model {bundle.path}: "
+        raise UserError(f"{len(unknown)} class(es) of {cfg.labels or root} are not classes of model {bundle.path}: "
                         f"{', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''} (it knows "
                         f"{', '.join(bundle.classes[:10])}{' …' if len(bundle.classes) > 10 else ''})")
     label = {f.path: f.label for f in files}
@@ -49,6 +51,18 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
     if cfg.out is not None:
         report["files"] = write(report, Path(cfg.out))
     return report
+
+
+def _labelled(cfg: EvaluateConfig) -> tuple[Path, list, list[str]]:
+    """The images to score: class folders, the rows of --labels, or only its test rows when it has a split column
+    (the others trained or chose the model)."""
+    root, files, classes, splits = labelled_files(cfg.data_dir, cfg.labels)
+    if splits:
+        files = [f for f in files if splits[str(f.path)] == "test"]
+        if not files:
+            raise UserError(f"the split column of {cfg.labels} has no test rows to evaluate on")
+        classes = sorted({f.label for f in files})
+    return root, files, classes
 
 
 def scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:

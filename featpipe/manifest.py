@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featpipe.dataset import ImageFile
+from featpipe.dataset import ImageFile, scan, shipped_dataset
 from featpipe.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -24,6 +24,17 @@ class Manifest:
     classes: list[str]  # sorted
     splits: dict[str, str] = field(default_factory=dict)  # path -> train | val | test; empty: no split column
     skipped: list[dict] = field(default_factory=list)  # {"row", "path", "reason"}
+
+
+def labelled_files(data_dir: Path | None, labels: Path | None) -> tuple[Path, list[ImageFile], list[str],
+                                                                          dict[str, str]]:
+    """The labelled images of a data dir: (root, files, classes, split by path, empty without a split column), from
+    its class folders, or from the rows of `labels` (paths relative to the data dir)."""
+    if labels is None:
+        return (*scan(data_dir), {})
+    root = shipped_dataset() if data_dir is None else Path(data_dir)
+    m = read(labels, root)
+    return root, m.files, m.classes, m.splits
 
 
 def read(labels: Path, root: Path) -> Manifest:

@@ -54,7 +54,7 @@ class TrainConfig:
     resume: bool = False  # go on from `out`/checkpoint.pt, the last epoch a killed run finished
     val_dir: Path | None = None  # fine-tune: a validation folder instead of the random split
     test_dir: Path | None = None  # fine-tune: scored once at the end, never used to choose the epoch
-    labels: Path | None = None  # fine-tune: a CSV/Parquet of paths and labels (optional split column)
+    labels: Path | None = None  # a CSV/Parquet of paths and labels (optional split column) instead of class folders
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -311,7 +311,7 @@ def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, fi
 
     spec = registry.resolve(cfg.backbone)
     out = bundle_dir(cfg, "scratch")
-    images = images or scan_images(cfg.data_dir, cfg.backbone, cfg.val_fraction, cfg.seed)
+    images = images or scan_images(cfg.data_dir, cfg.backbone, cfg.val_fraction, cfg.seed, cfg.labels)
     device, precision = _runtime(cfg, 1)
     ckpt = Checkpoint(out, _fingerprint(cfg, "scratch", images), cfg.resume)
     state = ckpt.load()

@@ -92,14 +92,20 @@ def split_images(paths: list[str], y: np.ndarray, classes: list[str], groups: np
                   pre=pre, prepare_seconds=round(prepare_seconds, 4), validation=validation)
 
 
-def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed: int) -> Images:
-    """The data dir's images in path order, as featpipe.features orders its rows (same split). Each file is read,
-    hashed and its header checked once; files that are no image are skipped and listed."""
-    from featpipe.dataset import require_every_class, scan
+def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed: int,
+                labels: Path | None = None) -> Images:
+    """The data dir's images (class folders, or the rows of `labels`) in path order, as featpipe.features orders its
+    rows (same split). Each file is read, hashed and its header checked once; files that are no image are skipped
+    and listed. A split column in `labels` gives the split; its test rows are left out, said on stderr."""
+    from featpipe.dataset import require_every_class
+    from featpipe.manifest import labelled_files
 
     t0 = time.perf_counter()
-    root, files, classes = scan(data_dir)
-    files = sorted(files, key=lambda f: str(f.path))
+    root, files, classes, splits = labelled_files(data_dir, labels)
+    files = sorted((f for f in files if splits.get(str(f.path)) != "test"), key=lambda f: str(f.path))
+    if any(v == "test" for v in splits.values()):
+        print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
+              file=sys.stderr)
     checked = probe_files([f.path for f in files])
     for f, (_, why) in zip(files, checked):
         if why:
@@ -108,10 +114,19 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     if not keep:
         raise UserError("no decodable image to train on")
     paths = [str(files[i].path) for i in keep]
-    labels = [files[i].label for i in keep]
-    require_every_class(root, classes, set(labels))
+    names = [files[i].label for i in keep]
+    require_every_class(root, classes, set(names))
     groups = content_groups([checked[i][0] for i in keep])
-    find_duplicates(paths, labels, groups).report()
-    y = np.array([classes.index(label) for label in labels], dtype=np.int64)
+    find_duplicates(paths, names, groups).report()
+    y = np.array([classes.index(label) for label in names], dtype=np.int64)
     return split_images(paths, y, classes, groups, registry.resolve(backbone).preprocessing, val_fraction, seed,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, given_split(paths, splits, labels) if splits else None)
+
+
+def given_split(paths: list[str], splits: dict[str, str], labels: Path | None) -> tuple[Split, str]:
+    which = np.array([splits[p] for p in paths])
+    split = Split(np.flatnonzero(which == "train"), np.flatnonzero(which == "val"))
+    if not len(split.val) or not len(split.train):
+        raise UserError(f"training needs train and val rows, and the split column of {labels} gives "
+                        f"{len(split.train)} train and {len(split.val)} val")
+    return split, f"split column of {labels}"

@@ -119,3 +119,44 @@ def test_held_out_folders_are_read_as_folders_not_through_labels(tmp_path, flat,
     r = fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels),
                                head=HeadConfig(), out=tmp_path / "m", test_dir=shipped), progress=False)
     assert r["n_test"] == 196 and r["test_in_train"] == 196
+
+
+@pytest.fixture
+def split_parquet(tmp_path, flat) -> tuple[Path, Path, dict[str, int]]:
+    d, rows = flat
+    split = ["train", "train", "train", "val", "test"]
+    pq.write_table(pa.table({"path": [p for p, _ in rows], "label": [c for _, c in rows],
+                             "split": [split[i % 5] for i in range(len(rows))]}), tmp_path / "labels.parquet")
+    return d, tmp_path / "labels.parquet", {s: sum(split[i % 5] == s for i in range(len(rows))) for s in split}
+
+
+def test_scratch_takes_the_split_column_and_leaves_its_test_rows_out(split_parquet, capsys):
+    from featpipe.train_images import scan_images
+
+    d, labels, n = split_parquet
+    images = scan_images(d, "mobilenet_v2", 0.2, 0, labels)
+    assert (len(images.split.train), len(images.split.val), len(images.paths)) == (n["train"], n["val"],
+                                                                                   n["train"] + n["val"])
+    assert images.validation == f"split column of {labels}" and "test rows" in capsys.readouterr().err
+
+
+def test_evaluate_scores_only_the_split_columns_test_rows(tmp_path, split_parquet, warm_cache):
+    from featpipe.evaluate import EvaluateConfig, evaluate
+
+    d, labels, n = split_parquet
+    fit = fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels),
+                                 head=HeadConfig(), out=tmp_path / "m"), progress=False)
+    r = evaluate(EvaluateConfig(model=tmp_path / "m", data_dir=d, labels=labels))
+    assert r["images"] == fit["n_test"] == n["test"] and r["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_finetune_takes_the_split_column(split_parquet, warm_cache, tmp_path):
+    from featpipe.train import TrainConfig, finetune, training_data
+
+    d, labels, n = split_parquet
+    cfg = TrainConfig(data_dir=d, labels=labels, cache_dir=warm_cache, epochs=1, unfreeze_blocks=1,
+                      out=tmp_path / "ft")
+    res = finetune(cfg, training_data(cfg), log=lambda s: None)
+    assert (res.n_train, res.n_val, res.test["n_test"]) == (n["train"], n["val"], n["test"])
+    assert res.validation == f"split column of {labels}" and res.test["test_accuracy"] > 0.8

@@ -104,6 +104,7 @@ def evaluate(
     worst: Annotated[int, typer.Option("--worst", help="Most confidently wrong images to list.")] = 20,
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a model bundle on a labelled folder: accuracy (top-5 past 5 classes), per-class precision / recall /
@@ -112,7 +113,7 @@ def evaluate(
     from featpipe.progress import run_evaluate
 
     r = run_evaluate(EvaluateConfig(model=model, data_dir=data_dir, out=out, device=device, weights=weights,
-                                      worst=worst))
+                                      worst=worst, labels=labels))
     top5 = f", top-5 {r['top5_accuracy']:.3f}" if "top5_accuracy" in r else ""
     lines = [f"accuracy {r['accuracy']:.3f}{top5} on {r['images']} images; macro F1 {r['macro']['f1']:.3f}"]
     lines += [f"  {c}: precision {v['precision']:.3f}, recall {v['recall']:.3f}, F1 {v['f1']:.3f} "
@@ -206,6 +207,7 @@ def scratch(
                                                 "models/<backbone>-scratch).")] = None,
     force: ForceOpt = False,
     resume: ResumeOpt = False,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same architecture from random init (every layer): the baseline the pretrained methods must beat;
@@ -213,7 +215,8 @@ def scratch(
     from featpipe.train import TrainConfig, scratch as run
 
     res = run(TrainConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, device=device, epochs=epochs,
-                          val_fraction=val_fraction, seed=seed, out=out, force=force, resume=resume))
+                          val_fraction=val_fraction, seed=seed, out=out, force=force, resume=resume,
+                          labels=labels))
     emit(res.to_json(), as_json, _train_summary(res))
 
 
