@@ -4,7 +4,8 @@ Stages overlap: the reader reads each file once, on a few threads (hash and deco
 index in fileindex.py knows unchanged and cached is not read at all), and queues the images the cache lacks; the
 compute stage (pipeline.Compute: compute.LocalCompute, or ray_engine.RayCompute) turns them into embeddings; a
 writer thread journals rows so disk writes never stall compute. Only images whose content hash is missing are
-decoded at all. Queues are bounded, so memory holds a few batches whatever the dataset size.
+decoded at all. Queues are bounded, so memory holds a few batches whatever the dataset size. WebDataset shards
+come through the same stages: tar_reader.py reads their samples instead of files.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ from featpipe.decode import default_decode_threads, probe
 from featpipe.errors import UserError
 from featpipe.pipeline import DONE, Compute, Computed, Encoded, Item, StageTimer
 from featpipe.rows import Rows
+from featpipe.tar_reader import read_shards
 
 READ_AHEAD = 64  # files read and hashed ahead of the reader: bounds the bytes held while decoding lags
+
+
+@dataclass(frozen=True)
+class Shards:
+    """WebDataset .tar shards (tar_input.expand) as the engine's input instead of a list of files."""
+
+    paths: list[Path]
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,11 @@ class Engine:
         self.failed: dict[str, str] = {}  # hash -> why its first copy did not decode
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
+        self.inputs = 0  # files (or shard samples, and a shard's damaged tail) the reader went through
 
-    def run(self, files: list[ImageFile], known: Hashes, cache: Cache, progress):
-        """Journal a row for every image `known` lacks; returns (hashes computed, skipped)."""
+    def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
+        """Journal a row for every image `known` lacks; returns (hashes computed, skipped). `files` may be
+        WebDataset shards, whose number of samples is known only once they are read (progress has no total)."""
         encoded: queue.Queue = queue.Queue(maxsize=4)
         written: queue.Queue = queue.Queue(maxsize=8)
         out: set[str] = set()
@@ -71,7 +82,7 @@ class Engine:
             for msg in results:
                 done += msg.settled + self._emit(msg, written)
                 if progress:
-                    progress(done, len(files))
+                    progress(done, len(files) if isinstance(files, list) else None)
                 if self.errors:
                     break
         finally:
@@ -104,10 +115,13 @@ class Engine:
             else:
                 args[-1].put(DONE)
 
-    def _read(self, files: list[ImageFile], known: Hashes, encoded: queue.Queue) -> None:
+    def _read(self, files: list[ImageFile] | Shards, known: Hashes, encoded: queue.Queue) -> None:
         batch: list[Item] = []
         settled = 0
-        for f, data, digest, err in self._hashed(files, known):
+        inputs = self._hashed(files, known) if isinstance(files, list) else \
+            read_shards(files.paths, known, self.index, self.timer)
+        for f, data, digest, err in inputs:
+            self.inputs += 1
             if digest is not None:
                 self.members.append(Member(str(f.path), f.label, digest))
                 if digest in known:

@@ -26,6 +26,7 @@ from featpipe import __version__, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR, ExtractConfig
 from featpipe.splits import Groups, check_k
+from featpipe.tar_input import is_shard
 from featpipe.train import TrainConfig, finetune, scratch
 from featpipe.held_out import arrange, check_folders
 from featpipe.train_images import scan_images, split_images
@@ -56,6 +57,9 @@ class ExperimentConfig:
     scratch: dict = field(default_factory=lambda: {"epochs": 6})
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None and is_shard(self.data_dir):
+            raise UserError(f"{self.data_dir}: the experiment's fine-tune and scratch read image files as they "
+                            f"train; WebDataset shards go to extract, fit-head, export-embeddings and audit")
         if not self.backbones:
             raise UserError("--backbones must name at least one backbone")
         if len(set(self.backbones)) < len(self.backbones):

@@ -1,6 +1,6 @@
-"""`featpipe extract`: scan the data dir, open the cache for the backbone's key, let the engine (engine.py, with
-compute.py or ray_engine.py as its compute stage) journal the rows the cache lacks, publish them as a shard, and say
-what the data dir holds now."""
+"""`featpipe extract`: scan the data dir (or list WebDataset shards: tar_input.py), open the cache for the backbone's
+key, let the engine (engine.py, with compute.py or ray_engine.py as its compute stage) journal the rows the cache
+lacks, publish them as a shard, and say what the data dir holds now."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from featpipe import weights as W
 from featpipe.cache import Cache
 from featpipe.shards import CacheKey
 from featpipe.dataset import ImageFile, describe, require_every_class, scan, shipped_dataset
-from featpipe.engine import Engine, Member, decoders_version, user_error_if_disk_fails
+from featpipe.engine import Engine, Member, Shards, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
 from featpipe.manifest import Manifest, read as read_manifest
 from featpipe.pipeline import Compute, StageTimer
+from featpipe.tar_input import expand, is_shard
 
 DEFAULT_CACHE_DIR = Path("cache")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +45,8 @@ class ExtractConfig:
     workers: int | None = None  # --engine ray: embedding actors (default: one per GPU, else one per CPU)
     labels: Path | None = None  # a CSV/Parquet of paths and labels (manifest.py) instead of class folders
     files: list[Path] | None = None  # these files, unlabelled, instead of a data dir (predict); none may decode
+    shards: list[str] | None = None  # WebDataset .tar shards (paths, brace patterns, globs) instead of a data dir
+    labelled: bool = False  # shards for training: a sample without a label is refused (folders are checked before)
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
@@ -56,6 +59,8 @@ class ExtractConfig:
             raise UserError("--workers must be at least 1")
         if self.engine != "ray" and (self.ray_address is not None or self.workers is not None):
             raise UserError("--ray-address and --workers need --engine ray")
+        if self.labels is not None and shard_patterns(self):
+            raise UserError("--labels lists a data dir's files: shards carry their labels in cls or json members")
         if self.device == "cuda" and self.engine == "local":  # now, not only once an image needs the model
             from featpipe.embed import resolve_device
 
@@ -87,6 +92,20 @@ class ExtractResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("members", "cache", "splits")}
 
 
+def shard_patterns(cfg: ExtractConfig) -> list[str] | None:
+    """The WebDataset shards asked for: cfg.shards, or a data dir that names .tar files (one argument of fit-head,
+    export-embeddings, audit); None for a folder."""
+    if cfg.shards:
+        return cfg.shards
+    return [str(cfg.data_dir)] if cfg.data_dir is not None and is_shard(cfg.data_dir) else None
+
+
+def described(cfg: ExtractConfig) -> str:
+    """The input as results and bundles record it: dataset.describe's, or each shard pattern's absolute path."""
+    patterns = shard_patterns(cfg)
+    return " ".join(describe(Path(p)) for p in patterns) if patterns else describe(cfg.data_dir)
+
+
 def _weights_sha256(spec: registry.BackboneSpec, weights: Path | None) -> str:
     """A weights file hashes without torch; only a model that must be loaded to be hashed imports it."""
     known = W.known_sha256(spec, weights)
@@ -109,7 +128,7 @@ def key_precision(cfg: ExtractConfig) -> str:
     return resolve_precision("auto", resolve_device(cfg.device))
 
 
-def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | None = None) -> ExtractResult:
     """Make sure every image under cfg.data_dir has a row in the cache; compute only what is missing."""
     t0 = time.perf_counter()
     spec = registry.resolve(cfg.backbone)
@@ -119,7 +138,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:
-        index = FileIndex(cfg.cache_dir, root, decoders_version(cfg.decoder), cache.writable)
+        shards = isinstance(files, Shards)  # their members' records are looked up per shard, not under root
+        index = FileIndex(cfg.cache_dir, None if shards else root, decoders_version(cfg.decoder), cache.writable)
         engine = Engine(_compute(cfg, spec, timer), timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
@@ -132,23 +152,38 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
     members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
                if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
+    if cfg.labelled:
+        _require_sample_labels(members)
     if not members and cfg.files is None:  # an unlabelled folder none of whose files is an image
-        raise UserError(f"no valid image in {root}; {len(skipped)} file(s) skipped, e.g. "
+        raise UserError(f"no valid image in {root}; {len(skipped)} {'sample' if shards else 'file'}(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
     seconds = time.perf_counter() - t0
     decoder, device, precision = engine.compute.described()
     return ExtractResult(
-        images=len(files), computed=len(computed), reused=engine.reused_files, skipped=skipped,
+        images=engine.inputs, computed=len(computed), reused=engine.reused_files, skipped=skipped,
         seconds=round(seconds, 4),
-        images_per_sec=round(len(files) / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
+        images_per_sec=round(engine.inputs / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,
-        stage_seconds=timer.totals(), data_dir=describe(cfg.data_dir),
+        stage_seconds=timer.totals(), data_dir=described(cfg),
         members=members, cache=cache, splits=listed.splits if listed else {},
     )
 
 
-def _inputs(cfg: ExtractConfig) -> tuple[Path, list, list[str], Manifest | None]:
-    """(root, files, classes, the --labels manifest or None): class folders, a flat folder, or a label file."""
+def _require_sample_labels(members: list[Member]) -> None:
+    """Training on shards: a sample without a label (no cls member, no json "label") would be a class "" of its
+    own."""
+    unlabelled = [m.path for m in members if not m.label]
+    if unlabelled:
+        raise UserError(f"{len(unlabelled)} sample(s) of the shards have no label (a cls member, or a json member's "
+                        f"\"label\"), e.g. {unlabelled[0]}: each needs one here")
+
+
+def _inputs(cfg: ExtractConfig) -> tuple[Path, list | Shards, list[str], Manifest | None]:
+    """(root, files, classes, the --labels manifest or None): class folders, a flat folder, a label file, or
+    WebDataset shards (their classes are known once they are read)."""
+    if (patterns := shard_patterns(cfg)) is not None:
+        paths = expand(patterns)
+        return Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])), Shards(paths), [], None
     if cfg.files is not None:
         root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in cfg.files]))
         return root, [ImageFile(Path(p), "") for p in cfg.files], [], None

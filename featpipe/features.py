@@ -7,14 +7,14 @@ from the data dir keeps its cache row yet never reaches a head, and a moved imag
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
 from featpipe.cache import RowsGone
 from featpipe.dataset import require_labels
-from featpipe.extract import ExtractConfig, ExtractResult
+from featpipe.extract import ExtractConfig, ExtractResult, shard_patterns
 from featpipe.splits import content_groups
 
 
@@ -74,7 +74,9 @@ def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = Tr
     """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
     since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more.
     labelled=False also takes a flat folder of images (label "")."""
-    if labelled and cfg.labels is None:
+    if labelled and shard_patterns(cfg) is not None:  # their labels are known only once they are read
+        cfg = replace(cfg, labelled=True)
+    elif labelled and cfg.labels is None:
         require_labels(cfg.data_dir)
     for attempt in range(2):
         result = _extract(cfg, progress)

@@ -11,14 +11,20 @@ A file that failed to decode keeps its reason in its record, so an unchanged cor
 without reading it (nor loading the model to find out). Reasons hold only for the decoders that gave them
 (`decoders`: featpipe's and Pillow's versions and the --decoder asked for): after an upgrade, or with another
 decoder, every such file is tried again.
+
+A tar shard (tar_input.py) is judged the same way, by its own stat: each image member has a record under
+`SHARD#MEMBER` with the shard's stamp, and the `tar_shards` table keeps the shard's list of samples (members,
+labels, skip reasons), so an unchanged shard is listed again without opening it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,9 @@ RACY_SECONDS = 2  # above any filesystem's timestamp granularity (FAT's is 2 s)
 FLUSH_ROWS = 10_000  # records held before they are written: memory stays bounded on a cold run of any size
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, mtime INTEGER, "
            "ctime INTEGER, sha256 TEXT, reason TEXT, decoders TEXT) WITHOUT ROWID")
+_TAR_SCHEMA = ("CREATE TABLE IF NOT EXISTS tar_shards (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, "
+               "mtime INTEGER, ctime INTEGER, samples BLOB) WITHOUT ROWID")
+_COLUMNS = "size, ino, mtime, ctime, sha256, reason, decoders"
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -44,20 +53,25 @@ class FileIndex:
     """The records of the files under `root` (one range query: a dict lookup per file beats a query per file
     five-fold), and this run's changes to them."""
 
-    def __init__(self, cache_dir: Path, root: Path, decoders: str = "", writable: bool = True) -> None:
+    def __init__(self, cache_dir: Path, root: Path | None, decoders: str = "", writable: bool = True) -> None:
         self.path = Path(cache_dir) / INDEX_NAME
         self.decoders, self.writable = decoders, writable
         self.seen: set[bytes] = set()  # files this run stat'ed: the records under its root to keep
         self.reasons: dict[bytes, str] = {}  # unchanged files whose recorded decode failure still holds
         self._rows: list[tuple] = []  # records to write
         self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
+        self._forgotten: list[tuple] = []  # (low, high) ranges of records to delete before them
+        self._listings: list[tuple] = []  # tar_shards rows to write after them
         self._lock = threading.Lock()  # the reader's threads share one connection
         self._db = self._connect()
-        self.low = os.fsencode(os.path.join(os.path.abspath(root), ""))
-        self.high = self.low[:-1] + bytes([self.low[-1] + 1])  # every path that starts with "<root>/"
-        self.old = {r[0]: r[1:] for r in self._query("SELECT path, size, ino, mtime, ctime, sha256, reason, "
-                                                     "decoders FROM files WHERE path >= ? AND path < ?",
-                                                     (self.low, self.high))}
+        self.old: dict[bytes, tuple] = {}  # root None (tar shards): one shard's records at a time, by listing()
+        if root is not None:
+            low = os.fsencode(os.path.join(os.path.abspath(root), ""))
+            self._load(low, low[:-1] + bytes([low[-1] + 1]))  # every path that starts with "<root>/"
+
+    def _load(self, low: bytes, high: bytes) -> None:
+        self.old.update((r[0], r[1:]) for r in self._query(f"SELECT path, {_COLUMNS} FROM files WHERE path >= ? "
+                                                           f"AND path < ?", (low, high)))
 
     def _connect(self) -> sqlite3.Connection | None:
         if not self.writable and not self.path.exists():
@@ -67,6 +81,7 @@ class FileIndex:
             db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
             if self.writable:
                 db.execute(_SCHEMA)
+                db.execute(_TAR_SCHEMA)
             db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
             return db
         except sqlite3.DatabaseError as e:
@@ -111,22 +126,51 @@ class FileIndex:
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
             self._queue(self._rows, (key, *_stamp(st), sha256, None, None))
 
+    def listing(self, shard: Path, st: os.stat_result) -> list[list] | None:
+        """A tar shard's samples ([member, label, skip reason] each) as the last run listed them, if the shard is
+        unchanged since. Its members' records are loaded for unchanged() then, in place of those loaded before (an
+        index for shards is opened without a root)."""
+        key = _key(shard)
+        rows = self._query("SELECT size, ino, mtime, ctime, samples FROM tar_shards WHERE path = ?", (key,))
+        if not rows or tuple(rows[0][:4]) != _stamp(st):
+            return None
+        self.old = {}  # the previous shard's records are done with: memory holds one shard's, not every sample's
+        self._load(key + b"#", key + b"$")  # every SHARD#MEMBER
+        try:
+            return json.loads(zlib.decompress(rows[0][4]))
+        except (zlib.error, ValueError, TypeError):
+            return None  # a damaged listing costs reading the shard again
+
+    def record_listing(self, shard: Path, st: os.stat_result, samples: list[list], read_at_ns: int) -> None:
+        """Remember a tar shard's samples, read whole now (its members recorded with the same `read_at_ns`)."""
+        if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
+            blob = zlib.compress(json.dumps(samples).encode())
+            self._queue(self._listings, (_key(shard), *_stamp(st), blob))
+
+    def forget_members(self, shard: Path) -> None:
+        """A tar shard read again: its members' old records go (the ones read now replace them)."""
+        key = _key(shard)
+        self._queue(self._forgotten, (key + b"#", key + b"$"))
+
     def _queue(self, pending: list, row: tuple) -> None:
         with self._lock:
             pending.append(row)
-            full = len(self._rows) + len(self._failures) >= FLUSH_ROWS
+            full = len(self._rows) + len(self._failures) + len(self._listings) >= FLUSH_ROWS
         if full:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            rows, failures, self._rows, self._failures = self._rows, self._failures, [], []
-            if self._db is None or not self.writable or not (rows or failures):
+            forgotten, rows, failures, listings = self._forgotten, self._rows, self._failures, self._listings
+            self._forgotten, self._rows, self._failures, self._listings = [], [], [], []
+            if self._db is None or not self.writable or not (forgotten or rows or failures or listings):
                 return
             try:
                 with self._db:
+                    self._db.executemany("DELETE FROM files WHERE path >= ? AND path < ?", forgotten)
                     self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     self._db.executemany("UPDATE files SET reason = ?, decoders = ? WHERE path = ?", failures)
+                    self._db.executemany("INSERT OR REPLACE INTO tar_shards VALUES (?, ?, ?, ?, ?, ?)", listings)
             except sqlite3.DatabaseError as e:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
 

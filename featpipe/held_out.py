@@ -12,7 +12,7 @@ import numpy as np
 
 from featpipe.dataset import class_folders, shipped_dataset
 from featpipe.errors import UserError
-from featpipe.extract import ExtractConfig
+from featpipe.extract import ExtractConfig, shard_patterns
 from featpipe.features import Features, load_features
 from featpipe.splits import Split, val_split
 
@@ -31,11 +31,12 @@ class Arranged:
 
 def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None) -> None:
     """Before any image is embedded: a held-out folder that is not one, or has a class the training data lacks, is
-    refused in one line (with --labels the classes are known only once the file is read: labels_in refuses them)."""
+    refused in one line (with --labels or shards the classes are known only once they are read: labels_in refuses
+    them then)."""
     for flag, d in (("--val-dir", val_dir), ("--test-dir", test_dir)):
         if d is not None and not Path(d).is_dir():
             raise UserError(f"{flag} {d} is not a directory")
-    if extract.labels is not None:
+    if extract.labels is not None or shard_patterns(extract) is not None:
         return
     classes = set(class_folders(extract.data_dir or shipped_dataset()))
     for flag, folder in (("--val-dir", val_dir), ("--test-dir", test_dir)):

@@ -28,6 +28,7 @@ from featpipe.extract import DEFAULT_CACHE_DIR, DEVICES, ExtractConfig
 from featpipe.features import class_counts
 from featpipe.heads import HeadConfig, fit_head
 from featpipe.runtime import prepare
+from featpipe.tar_input import is_shard
 from featpipe.held_out import Arranged, arrange, check_folders
 from featpipe.train_images import Images, scan_images, split_images, stream
 
@@ -57,6 +58,9 @@ class TrainConfig:
     labels: Path | None = None  # a CSV/Parquet of paths and labels (optional split column) instead of class folders
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None and is_shard(self.data_dir):
+            raise UserError(f"{self.data_dir}: finetune and scratch read image files as they train; WebDataset "
+                            f"shards go to extract, fit-head, export-embeddings and audit")
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         HeadConfig(kind=self.head)

@@ -13,9 +13,16 @@ from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DecoderOpt, Dev
 from featpipe.neighbours import NEAR_COSINE
 
 
+DataDirsOrShards = Annotated[Optional[list[Path]], typer.Argument(
+    metavar="DATA_DIR | SHARDS",
+    help="ImageFolder tree DATA_DIR/<class>/<image> (or a folder of unlabelled images), or WebDataset .tar shards: "
+         "paths, brace patterns (train-{000000..000099}.tar) or globs, quoted or not. Default: the shipped "
+         "196-photo, 5-class dataset.", show_default=False)]
+
+
 @app.command()
 def extract(
-    data_dir: DataDir = None,
+    data_dir: DataDirsOrShards = None,
     backbone: BackboneOpt = "mobilenet_v2",
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
@@ -32,10 +39,12 @@ def extract(
 ) -> None:
     """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
     from featpipe.extract import ExtractConfig
-
     from featpipe.progress import run_extract
+    from featpipe.tar_input import shard_args
 
-    cfg = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
+    shards = shard_args(data_dir)
+    folder = None if shards else data_or_shipped(data_dir[0] if data_dir else None)
+    cfg = ExtractConfig(data_dir=folder, shards=shards, backbone=backbone, cache_dir=cache_dir, device=device,
                         decoder=decoder, precision=precision, batch_size=batch_size, weights=weights, engine=engine,
                         ray_address=ray_address, workers=workers, labels=labels)
 
