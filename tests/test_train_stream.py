@@ -69,3 +69,14 @@ def test_a_checkpoint_resumes_only_the_same_run(tmp_path, capsys):
     Checkpoint(tmp_path, fp, resume=False).remove()
     assert Checkpoint(tmp_path / "none", fp, resume=True).load() is None
     assert "starting at epoch 1" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_training_commands_refuse_shards_in_one_line():
+    from pathlib import Path
+
+    from featpipe.experiment import ExperimentConfig
+    from featpipe.train import TrainConfig
+
+    for make in (TrainConfig, ExperimentConfig):
+        with pytest.raises(UserError, match="WebDataset shards go to extract"):
+            make(data_dir=Path("shards/train-{000000..000002}.tar"))
