@@ -134,10 +134,10 @@ def duplicate_sets(f: Features, clusters: np.ndarray, pairs: tuple) -> list[dict
 def leaked(f: Features, test: Features, near: float) -> list[dict]:
     """Each test image that is also a training image: its closest training file, exact (same bytes) or near."""
     train_of = {}
-    for path, sha in zip(f.paths, _sha256(f)):
+    for path, sha in zip(f.paths, f.sha256):
         train_of.setdefault(sha, path)
     out = {t: {"train": train_of[sha], "test": t, "kind": "exact", "cosine": 1.0}
-           for t, sha in zip(test.paths, _sha256(test)) if sha in train_of}
+           for t, sha in zip(test.paths, test.sha256) if sha in train_of}
     i, j, cos = near_pairs(test.X, near, f.X)
     for k in np.argsort(-cos, kind="stable"):
         t = test.paths[i[k]]
@@ -154,11 +154,6 @@ def label_issues(f: Features, proba: np.ndarray) -> list[dict]:
     ranked = find_label_issues(f.y, proba, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [{"path": f.paths[i], "given": f.classes[f.y[i]], "suggested": f.classes[int(proba[i].argmax())],
              "score": round(1.0 - float(proba[i, f.y[i]]), 4)} for i in ranked]
-
-
-def _sha256(f: Features) -> list[str]:
-    """Per row of f (rows are in path order, as features.from_result sorts the members)."""
-    return [m.sha256 for m in sorted(f.result.members, key=lambda m: m.path)]
 
 
 def _fold_accuracy(proba: np.ndarray, y: np.ndarray, folds: list) -> dict:

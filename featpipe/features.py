@@ -26,6 +26,7 @@ class Features:
     paths: list[str]
     result: ExtractResult  # the extract run that guaranteed the rows (backbone, weights sha, preprocessing)
     groups: np.ndarray  # int64 (N,): equal for files with identical bytes (every split keeps them together)
+    sha256: list[str]  # each row's content hash: its cache key
 
     def data(self) -> dict:
         """What bundle.json and every training summary record about the training data."""
@@ -108,4 +109,5 @@ def from_result(result: ExtractResult) -> Features:
     label_id = {c: i for i, c in enumerate(classes)}
     X = result.cache.embeddings([m.sha256 for m in members])
     y = np.array([label_id[m.label] for m in members], dtype=np.int64)
-    return Features(X, y, classes, [m.path for m in members], result, content_groups([m.sha256 for m in members]))
+    digests = [m.sha256 for m in members]
+    return Features(X, y, classes, [m.path for m in members], result, content_groups(digests), digests)

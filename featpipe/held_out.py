@@ -22,7 +22,7 @@ class Arranged:
     features: Features  # the training rows, then the validation rows
     split: Split
     test: Features | None  # its y already indexes features.classes
-    test_in_train: int  # test images byte-identical to training images (said on stderr)
+    test_in_train: int  # test images byte-identical to images of DATA_DIR (said on stderr)
     validation: str  # what the report says was used
 
     def test_report(self, accuracy: float) -> dict:
@@ -47,25 +47,26 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
 
 def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None, val_fraction: float,
             seed: int, progress: bool = True) -> Arranged:
-    test = None
-    if f.result.splits:
+    test, given = None, bool(f.result.splits)
+    if given:
         if val_dir is not None or test_dir is not None:
             raise UserError(f"{extract.labels} has a split column: it says which images are val and test, so "
                             f"--val-dir and --test-dir do not apply")
         f, split, test = given_split(f)
         how = f"split column of {extract.labels}"
-    elif val_dir is not None:
+    own = np.arange(len(f.y))  # DATA_DIR's rows, its validation share included; a --val-dir's come after them
+    if not given and val_dir is not None:
         f, split = with_held_out(f, features_of(extract, val_dir, progress), "--val-dir")
         how = f"--val-dir {val_dir}"
-    else:
+    elif not given:
         split = val_split(f.y, f.classes, val_fraction, seed, groups=f.groups)
         how = f"random {val_fraction:g} split"
     if test_dir is not None:
         test = features_of(extract, test_dir, progress)
     flag = "--test-dir" if test_dir else "the test split"
-    if test is not None and not f.result.splits:
+    if test is not None and not given:
         test = replace(test, y=labels_in(f, test, flag), classes=f.classes)
-    return Arranged(f, split, test, shared(f, test, flag) if test is not None else 0, how)
+    return Arranged(f, split, test, shared(f, own, test, flag) if test is not None else 0, how)
 
 
 def features_of(extract: ExtractConfig, folder: Path, progress: bool) -> Features:
@@ -81,10 +82,10 @@ def labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
     return np.array([index[other.classes[i]] for i in other.y], np.int64)
 
 
-def shared(f: Features, other: Features, flag: str) -> int:
-    """Images of `other` whose bytes are also in the training data: said on stderr (they inflate its score)."""
-    train = {m.sha256 for m in members_of(f)}
-    n = sum(m.sha256 in train for m in members_of(other))
+def shared(f: Features, rows: np.ndarray, other: Features, flag: str) -> int:
+    """Images of `other` whose bytes are also in f's training `rows`: said on stderr (they inflate its score)."""
+    train = {f.sha256[i] for i in rows}
+    n = sum(digest in train for digest in other.sha256)
     if n:
         print(f"warning: {n} image(s) of {flag} are byte-identical to training images: its score counts them",
               file=sys.stderr)
@@ -94,17 +95,12 @@ def shared(f: Features, other: Features, flag: str) -> int:
 def with_held_out(f: Features, val: Features, flag: str) -> tuple[Features, Split]:
     """f's rows then val's, as one set whose split is exactly the two folders."""
     y = labels_in(f, val, flag)
-    shared(f, val, flag)
+    shared(f, np.arange(len(f.y)), val, flag)
     n = len(f.y)
     merged = replace(f, X=np.concatenate([f.X, val.X.astype(f.X.dtype)]), y=np.concatenate([f.y, y]),
-                     paths=f.paths + val.paths, groups=np.concatenate([f.groups, val.groups + f.groups.max() + 1]))
+                     paths=f.paths + val.paths, groups=np.concatenate([f.groups, val.groups + f.groups.max() + 1]),
+                     sha256=f.sha256 + val.sha256)
     return merged, Split(np.arange(n), np.arange(n, n + len(y)))
-
-
-def members_of(f: Features) -> list:
-    """f's own rows' members (a split of one extract run shares its members list)."""
-    paths = set(f.paths)
-    return [m for m in f.result.members if m.path in paths]
 
 
 def given_split(f: Features) -> tuple[Features, Split, Features | None]:
@@ -122,4 +118,5 @@ def given_split(f: Features) -> tuple[Features, Split, Features | None]:
 
 
 def rows_of(f: Features, rows: np.ndarray) -> Features:
-    return replace(f, X=f.X[rows], y=f.y[rows], paths=[f.paths[i] for i in rows], groups=f.groups[rows])
+    return replace(f, X=f.X[rows], y=f.y[rows], paths=[f.paths[i] for i in rows], groups=f.groups[rows],
+                   sha256=[f.sha256[i] for i in rows])

@@ -232,7 +232,7 @@ def test_without_duplicate_sets_the_ungrouped_cv_is_the_grouped_one():
     y = np.repeat(np.arange(3), 40)
     X = (rng.standard_normal((120, 16)) + 1.5 * np.eye(16)[y]).astype(np.float32)
     f = Features(X=X, y=y, classes=["a", "b", "c"], paths=[f"/x/{i}.jpg" for i in range(120)], result=None,
-                 groups=np.arange(120))
+                 groups=np.arange(120), sha256=[f"{i:064x}" for i in range(120)])
     found = A.examine(f, None, AuditConfig(extract=ExtractConfig()))
     assert found["duplicates"] == [] and found["cv"]["grouped"] is not None
     mean, std = cross_validate(X, y, f.classes, 5, HeadConfig(kind="logistic", seed=0))
