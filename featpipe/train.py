@@ -272,6 +272,7 @@ def finetune(cfg: TrainConfig, held: Arranged, log: Callable[[str], None] = lamb
     images = images or split_images(features.paths, features.y, features.classes, features.groups,
                                     spec.preprocessing, cfg.val_fraction, cfg.seed, given=(held.split, held.validation))
     device, precision = _runtime(cfg, 0)
+    images.cuda = device.index if device.type == "cuda" else None  # batches decode where the model runs
     ckpt = Checkpoint(out, _fingerprint(cfg, "finetune", images), cfg.resume)
     state = ckpt.load()
     t0 = time.perf_counter()
@@ -317,6 +318,7 @@ def scratch(cfg: TrainConfig, log: Callable[[str], None] = lambda s: print(s, fi
     out = bundle_dir(cfg, "scratch")
     images = images or scan_images(cfg.data_dir, cfg.backbone, cfg.val_fraction, cfg.seed, cfg.labels)
     device, precision = _runtime(cfg, 1)
+    images.cuda = device.index if device.type == "cuda" else None
     ckpt = Checkpoint(out, _fingerprint(cfg, "scratch", images), cfg.resume)
     state = ckpt.load()
     backbone = load(spec, pretrained=False).model

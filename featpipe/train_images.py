@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from featpipe import registry
-from featpipe.decode import PilDecoder, decode_file, probe_files
+from featpipe.decode import default_decode_threads, make_decoder, probe_files, read_probed
 from featpipe.errors import UserError
 from featpipe.features import find_duplicates
 from featpipe.preprocess import Preprocessing
@@ -41,6 +42,8 @@ class Images:
     pre: Preprocessing
     prepare_seconds: float  # listing and checking the files (scratch), or 0 when the cache vouched for them
     validation: str  # which images validate, as reports say it (held_out.Arranged.validation)
+    decoder: str = "auto"  # decode.make_decoder's kind: Pillow on the CPU, nvJPEG when `cuda` names a GPU
+    cuda: int | None = None  # the GPU training runs on (set by train once the device is known)
 
     @property
     def crop(self) -> int:
@@ -50,36 +53,50 @@ class Images:
         """Training pixels in idx's order: (indices, uint8 (B, resize, resize, 3)); a file that no longer decodes
         is left out and named on stderr."""
         pre = self.pre
-        return stream(self.paths, idx, batch_size, Preprocessing(pre.resize, pre.resize, pre.mean, pre.std,
-                                                                 pre.interpolation), strict=False)
+        square = Preprocessing(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
+        return stream(self.paths, idx, batch_size, square, False, self.decoder, self.cuda)
 
     def crops(self, idx: np.ndarray, batch_size: int = 64) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Evaluation pixels (the extractor's preprocessing) in idx's order; a file that no longer decodes is an
         error: the scores would silently be on fewer images."""
-        return stream(self.paths, idx, batch_size, self.pre, strict=True)
+        return stream(self.paths, idx, batch_size, self.pre, True, self.decoder, self.cuda)
 
 
-def stream(paths: list[str], idx: np.ndarray, batch_size: int, pre: Preprocessing,
-           strict: bool) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    decoder = PilDecoder(pre)
+def stream(paths: list[str], idx: np.ndarray, batch_size: int, pre: Preprocessing, strict: bool,
+           decoder: str = "pil", cuda: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(indices, uint8 batch) in idx's order. A background thread prepares PREFETCH batches ahead: the files read
+    and probed on a pool, then one batched decode (decode.make_decoder: Pillow's threads, or nvJPEG on the GPU with
+    `cuda`, its pixels staying there)."""
+    dec = make_decoder(decoder, pre, batch_size, cuda)
     parts = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
-    ahead = deque([decoder.pool.submit(decode_file, paths[i], decoder) for i in part] for part in parts[:PREFETCH])
+    reads, ahead = ThreadPoolExecutor(default_decode_threads()), ThreadPoolExecutor(1)
+
+    def batch(part: np.ndarray) -> tuple:
+        got = list(reads.map(lambda i: read_probed(paths[i]), part))
+        ok = [j for j, (_, _, why) in enumerate(got) if why is None]
+        pixels, reasons = dec.decode([got[j][0] for j in ok], [got[j][1] for j in ok]) if ok else (None, [])
+        why = [g[2] for g in got]
+        for j, reason in zip(ok, reasons):
+            why[j] = reason
+        return pixels, why
+
+    queued = deque(ahead.submit(batch, part) for part in parts[:PREFETCH])
     try:
         for k, part in enumerate(parts):
-            futures = ahead.popleft()
+            pixels, why = queued.popleft().result()
             if k + PREFETCH < len(parts):
-                ahead.append([decoder.pool.submit(decode_file, paths[i], decoder) for i in parts[k + PREFETCH]])
-            got = [f.result()[1] for f in futures]
-            ok = [j for j, g in enumerate(got) if not isinstance(g, str)]
-            for j in sorted(set(range(len(got))) - set(ok)):
+                queued.append(ahead.submit(batch, parts[k + PREFETCH]))
+            for j in (j for j, w in enumerate(why) if w):
                 if strict:
-                    raise UserError(f"{paths[part[j]]} no longer decodes ({got[j]}); it was usable when the run "
+                    raise UserError(f"{paths[part[j]]} no longer decodes ({why[j]}); it was usable when the run "
                                     f"started: restore it or rerun")
-                print(f"skipped {paths[part[j]]}: {got[j]}", file=sys.stderr)
-            if ok:
-                yield part[ok], torch.from_numpy(np.stack([got[j] for j in ok]))
+                print(f"skipped {paths[part[j]]}: {why[j]}", file=sys.stderr)
+            good = [j for j, w in enumerate(why) if not w]
+            if good:
+                yield part[good], torch.as_tensor(pixels)
     finally:
-        decoder.pool.shutdown(wait=False, cancel_futures=True)
+        ahead.shutdown(wait=False, cancel_futures=True)
+        reads.shutdown(wait=False, cancel_futures=True)
 
 
 def split_images(paths: list[str], y: np.ndarray, classes: list[str], groups: np.ndarray, pre: Preprocessing,

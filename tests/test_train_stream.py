@@ -80,3 +80,15 @@ def test_training_commands_refuse_shards_in_one_line():
     for make in (TrainConfig, ExperimentConfig):
         with pytest.raises(UserError, match="WebDataset shards go to extract"):
             make(data_dir=Path("shards/train-{000000..000002}.tar"))
+
+
+def test_batches_decode_through_extracts_decoders_and_the_nvjpeg_path_has_a_cpu_twin(images):
+    """Training batches use decode.make_decoder: on a GPU that is nvJPEG; its CPU twin (torchvision on
+    libjpeg-turbo) gives the Pillow path's images within resampling noise, in the same order and shapes."""
+    order = np.arange(len(images.paths))[::-1].copy()
+    pre = registry.resolve("mobilenet_v2").preprocessing
+    pil = list(stream(images.paths, order, 8, pre, True, "pil"))
+    twin = list(stream(images.paths, order, 8, pre, True, "torchvision"))
+    assert [i.tolist() for i, _ in pil] == [i.tolist() for i, _ in twin]
+    a, b = (torch.cat([x for _, x in run]).float() for run in (pil, twin))
+    assert a.shape == b.shape and (a - b).abs().mean() < 1.0, (a - b).abs().mean()  # other images: ~70

@@ -31,8 +31,8 @@ from featpipe.errors import UserError, first_line
 from featpipe.preprocess import Preprocessing
 
 __all__ = ["DRAFT_MARGIN", "DaliDecoder", "Decoder", "PilDecoder", "Probe", "TorchvisionDecoder", "crop_corner",
-           "decode_file", "decode_files", "default_decode_threads", "make_decoder", "pil_decode", "probe",
-           "probe_files", "resize_crop", "to_rgb"]
+           "decode_files", "default_decode_threads", "make_decoder", "pil_decode", "probe", "probe_files",
+           "read_probed", "resize_crop", "to_rgb"]
 PROBE_CHUNK = 4096  # files per Executor.map call: bounded futures at any list length
 
 
@@ -61,23 +61,28 @@ def decode_files(paths: Sequence[str | os.PathLike], decoder: PilDecoder) -> lis
     """Per path, in input order: (sha256 of its bytes, its (crop, crop, 3) uint8 image or why not: unreadable, not
     an image, too large, corrupt); never an exception. Read, probe and decode run on `decoder`'s thread pool.
     The sha256 ("" when the file could not be read) lets callers group identical files, as the cache's row key does."""
-    return list(decoder.pool.map(lambda p: decode_file(p, decoder), paths))
+    def one(path) -> tuple[str, np.ndarray | str]:
+        data, _, why = read_probed(path)
+        return ("", why) if data is None else (hashlib.sha256(data).hexdigest(), why or decoder.decode_one(data))
+
+    return list(decoder.pool.map(one, paths))
 
 
-def decode_file(path: str | os.PathLike, decoder: PilDecoder) -> tuple[str, np.ndarray | str]:
-    """decode_files for one path, on the caller's thread."""
+def read_probed(path: str | os.PathLike) -> tuple[bytes | None, Probe | None, str | None]:
+    """A file's bytes (None if unreadable) and header probe, and why it cannot be decoded (None: it may be)."""
     data, err = read_file(ImageFile(Path(path), ""))
     if err:
-        return "", err
-    return hashlib.sha256(data).hexdigest(), probe(data).skip_reason or decoder.decode_one(data)
+        return None, None, err
+    found = probe(data)
+    return data, found, found.skip_reason
 
 
 def probe_files(paths: Sequence[str | os.PathLike], threads: int | None = None) -> list[tuple[str, str | None]]:
     """Per path, in input order: (sha256 of its bytes, why it is no image or None), from its bytes and header
     alone: decode_files' checks without keeping pixels, for sets too large to hold decoded."""
     def one(path) -> tuple[str, str | None]:
-        data, err = read_file(ImageFile(Path(path), ""))
-        return ("", err) if err else (hashlib.sha256(data).hexdigest(), probe(data).skip_reason)
+        data, _, why = read_probed(path)
+        return ("" if data is None else hashlib.sha256(data).hexdigest()), why
 
     out: list[tuple[str, str | None]] = []
     with ThreadPoolExecutor(threads or default_decode_threads()) as pool:
