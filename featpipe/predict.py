@@ -8,6 +8,7 @@ the bundle records, its decoders and batching; an image embedded before costs a 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -125,9 +126,12 @@ def collect(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
+            before = len(files)
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 files += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
+            if len(files) == before and len(paths) > 1:  # alone it is the "no images found" error instead
+                print(f"featpipe: {p} holds no files", file=sys.stderr)
         elif p.exists():
             files.append(p)
         else:

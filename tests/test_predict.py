@@ -234,3 +234,11 @@ def test_a_finetuned_bundle_embeds_through_its_own_cache_rows(finetuned, sample,
     cached = np.array([[{t["class"]: t["probability"] for t in p["top"]}[c] for c in bundle.classes]
                        for p in first["predictions"]])
     assert [str(p) for p in ok] == [p["path"] for p in first["predictions"]] and np.abs(cached - direct).max() < 1e-3
+
+
+def test_an_empty_folder_among_the_paths_is_said(sample, tmp_path, capsys):
+    from featpipe.predict import collect
+
+    (tmp_path / "empty").mkdir()
+    assert collect([sample[0], tmp_path / "empty"]) == [sample[0]]
+    assert f"{tmp_path / 'empty'} holds no files" in capsys.readouterr().err
