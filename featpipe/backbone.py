@@ -97,7 +97,7 @@ def _from_file(spec: BackboneSpec, path: Path) -> Loaded:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"weights {path} do not fit {spec.arch}: {first_line(e)}") from None
+        raise UserError(f"weights {path} do not fit {spec.arch}: {state_mismatch(e)}") from None
     return Loaded(_split(model, spec), W.sha256_file(path))
 
 
@@ -116,8 +116,15 @@ def _from_bundle_state(spec: BackboneSpec, path: Path) -> Loaded:
     try:
         backbone.body.load_state_dict(body, strict=True)
     except RuntimeError as e:
-        raise UserError(f"weights {path} do not fit {spec.arch}: {first_line(e)}") from None
+        raise UserError(f"weights {path} do not fit {spec.arch}: {state_mismatch(e)}") from None
     return Loaded(backbone, W.sha256_file(path))
+
+
+def state_mismatch(e: RuntimeError) -> str:
+    """load_state_dict's complaint in one line: its first line says nothing, the next ones name keys and shapes."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = " ".join(lines[1:]) or first_line(e)
+    return detail if len(detail) <= 300 else detail[:300] + " …"
 
 
 def offline_error(spec: BackboneSpec, why: str, hint: str | None = None) -> UserError:

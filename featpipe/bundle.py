@@ -80,7 +80,16 @@ def output_dir(out: Path | None, name: str, data_dir: Path | None, force: bool) 
     out = Path(out) if out is not None else Path("models") / name
     if not force:
         check_overwrite(out, describe(data_dir))
+    if not can_write(out):  # before any work; the dir is made only with the bundle: a refused run leaves nothing
+        raise UserError(f"cannot write model bundle {out}: it, or the folder it would go in, is not a writable "
+                        f"directory")
     return out
+
+
+def can_write(path: Path) -> bool:
+    """`path`, or the nearest folder above it that exists, is a directory that takes new files."""
+    there = next(p for p in [Path(path), *Path(path).absolute().parents] if os.path.lexists(p))
+    return there.is_dir() and os.access(there, os.W_OK | os.X_OK)
 
 
 def check_overwrite(out: Path, data_dir: str) -> None:

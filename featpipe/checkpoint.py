@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from featpipe.errors import UserError
+from featpipe.errors import UserError, first_line
 
 NAME = "checkpoint.pt"
 
@@ -32,11 +32,13 @@ class Checkpoint:
             print(f"featpipe: replacing the checkpoint of an interrupted run in {self.path.parent} (--resume "
                   f"continues one)", file=sys.stderr)
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # weights_only: a checkpoint.pt found in an output dir must not run code when read
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a torn or foreign file: say which, never train on it
             raise UserError(f"cannot read checkpoint {self.path}: {type(e).__name__}; delete it to start over") \
                 from None
+        if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) or "epoch" not in state:
+            raise UserError(f"{self.path} is not a featpipe training checkpoint; delete it or pass another --out")
         changed = sorted(k for k in self.fingerprint.keys() | state["fingerprint"].keys()
                          if self.fingerprint.get(k) != state["fingerprint"].get(k))
         if changed:
@@ -51,8 +53,9 @@ class Checkpoint:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"fingerprint": self.fingerprint, **state}, tmp)
             os.replace(tmp, self.path)
-        except OSError as e:
-            raise UserError(f"cannot write checkpoint {self.path}: {e.strerror or e}") from None
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            raise UserError(f"cannot write checkpoint {self.path}: {getattr(e, 'strerror', None) or first_line(e)}") \
+                from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -229,11 +229,12 @@ def run_backbone(cfg: ExperimentConfig, spec, log) -> tuple[dict, list[tuple[dic
         t0 = time.perf_counter()
         extract = ExtractConfig(data_dir=cfg.data_dir, backbone=spec.name, cache_dir=cfg.cache_dir,
                                 device=cfg.device, labels=cfg.labels)
-        held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed)
+        held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed,
+                       val_needed=True)
         extract_seconds = time.perf_counter() - t0
         f = held.features
-        images = split_images(f.paths, f.y, f.classes, f.groups, spec.preprocessing, cfg.val_fraction, cfg.seed,
-                              given=(held.split, held.validation))
+        images = split_images(f.paths, f.y, f.classes, f.sha256, f.groups, spec.preprocessing, cfg.val_fraction,
+                              cfg.seed, given=(held.split, held.validation))
     else:
         images = scan_images(cfg.data_dir, spec.name, cfg.val_fraction, cfg.seed)
     classes, y, split = images.classes, images.y, images.split

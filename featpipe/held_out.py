@@ -4,6 +4,7 @@ used to choose anything. fit-head and finetune arrange their cached features her
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +24,12 @@ class Arranged:
     split: Split
     test: Features | None  # its y already indexes features.classes
     test_in_train: int  # test images byte-identical to images of DATA_DIR (said on stderr)
+    test_in_val: int  # test images byte-identical to validation images, which chose the model (said on stderr)
     validation: str  # what the report says was used
 
     def test_report(self, accuracy: float) -> dict:
-        return {"test_accuracy": round(accuracy, 4), "n_test": len(self.test.y), "test_in_train": self.test_in_train}
+        return {"test_accuracy": round(accuracy, 4), "n_test": len(self.test.y), "test_in_train": self.test_in_train,
+                "test_in_val": self.test_in_val}
 
 
 def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None) -> None:
@@ -36,6 +39,9 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
     for flag, d in (("--val-dir", val_dir), ("--test-dir", test_dir)):
         if d is not None and not Path(d).is_dir():
             raise UserError(f"{flag} {d} is not a directory")
+    for flag, d in (("DATA_DIR", extract.data_dir or shipped_dataset()), ("--val-dir", val_dir)):
+        if test_dir is not None and d is not None and os.path.realpath(test_dir) == os.path.realpath(d):
+            raise UserError(f"--test-dir is {flag}: a test set must be images that nothing was fitted or chosen on")
     if extract.labels is not None or shard_patterns(extract) is not None:
         return
     classes = set(class_folders(extract.data_dir or shipped_dataset()))
@@ -46,7 +52,9 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
 
 
 def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None, val_fraction: float,
-            seed: int, progress: bool = True) -> Arranged:
+            seed: int, progress: bool = True, val_needed: bool = False) -> Arranged:
+    """`val_needed`: the caller stops on validation accuracy (fine-tune, the experiment): --val-fraction 0 is no
+    way out of a class too small to hold out."""
     test, given = None, bool(f.result.splits)
     if given:
         if val_dir is not None or test_dir is not None:
@@ -59,14 +67,16 @@ def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir:
         f, split = with_held_out(f, features_of(extract, val_dir, progress), "--val-dir")
         how = f"--val-dir {val_dir}"
     elif not given:
-        split = val_split(f.y, f.classes, val_fraction, seed, groups=f.groups)
+        split = val_split(f.y, f.classes, val_fraction, seed, zero_ok=not val_needed, groups=f.groups)
         how = f"random {val_fraction:g} split"
     if test_dir is not None:
         test = features_of(extract, test_dir, progress)
     flag = "--test-dir" if test_dir else "the test split"
     if test is not None and not given:
         test = replace(test, y=labels_in(f, test, flag), classes=f.classes)
-    return Arranged(f, split, test, shared(f, own, test, flag) if test is not None else 0, how)
+    if test is None:
+        return Arranged(f, split, None, 0, 0, how)
+    return Arranged(f, split, test, shared(f, own, test, flag), shared(f, split.val, test, flag, "validation"), how)
 
 
 def features_of(extract: ExtractConfig, folder: Path, progress: bool) -> Features:
@@ -82,12 +92,12 @@ def labels_in(f: Features, other: Features, flag: str) -> np.ndarray:
     return np.array([index[other.classes[i]] for i in other.y], np.int64)
 
 
-def shared(f: Features, rows: np.ndarray, other: Features, flag: str) -> int:
-    """Images of `other` whose bytes are also in f's training `rows`: said on stderr (they inflate its score)."""
-    train = {f.sha256[i] for i in rows}
-    n = sum(digest in train for digest in other.sha256)
+def shared(f: Features, rows: np.ndarray, other: Features, flag: str, what: str = "training") -> int:
+    """Images of `other` whose bytes are also in f's `rows`: said on stderr (they inflate its score)."""
+    seen = {f.sha256[i] for i in rows}
+    n = sum(digest in seen for digest in other.sha256)
     if n:
-        print(f"warning: {n} image(s) of {flag} are byte-identical to training images: its score counts them",
+        print(f"warning: {n} image(s) of {flag} are byte-identical to {what} images: its score counts them",
               file=sys.stderr)
     return n
 

@@ -51,7 +51,11 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    batches = _cached_batches(bundle, files, cfg, progress)
+    if B.can_write(cfg.cache_dir):
+        batches = _cached_batches(bundle, files, cfg, progress)
+    else:  # a read-only place: predicting must still work, only caching needs the disk
+        print(f"featpipe: cache dir {cfg.cache_dir} is not writable: embedding without the cache", file=sys.stderr)
+        batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
     found = _listed(batches, bundle.classes, cfg.top_k) if cfg.out is None else _written(batches, bundle.classes,
                                                                                           cfg.out)
     return {"model": str(bundle.path), **found}
@@ -82,6 +86,7 @@ def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, pro
     """As probability_batches, with the embeddings from an extract run over exactly these files (skips included):
     a fine-tuned bundle's backbone keys its own cache rows (the sha256 of its backbone.safetensors)."""
     from featpipe.extract import ExtractConfig, extract
+    from featpipe.features import require_finite
 
     weights = weights_for(bundle, cfg.weights)  # checked before any image is embedded with other weights
     res = extract(ExtractConfig(files=files, backbone=bundle.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
@@ -89,7 +94,9 @@ def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, pro
     yield np.empty((0, len(bundle.classes))), [], res.skipped
     for start in range(0, len(res.members), CACHED_BATCH):
         part = res.members[start:start + CACHED_BATCH]
-        proba = bundle.head.predict_proba(res.cache.embeddings([m.sha256 for m in part]))
+        X = res.cache.embeddings([m.sha256 for m in part])
+        require_finite(X, [m.path for m in part])
+        proba = bundle.head.predict_proba(X)
         yield proba, [Path(m.path) for m in part], []
 
 
@@ -124,18 +131,20 @@ def probability_batches(bundle: B.Bundle, files: list[Path], device: str = "auto
 def collect(paths: list[Path]) -> list[Path]:
     """Files as given, folders recursively (sorted, hidden entries skipped); a path that does not exist is an error."""
     files: list[Path] = []
+    empty = []
     for p in map(Path, paths):
         if p.is_dir():
             before = len(files)
             for dirpath, dirnames, filenames in os.walk(p):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 files += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".")]
-            if len(files) == before and len(paths) > 1:  # alone it is the "no images found" error instead
-                print(f"featpipe: {p} holds no files", file=sys.stderr)
+            empty += [p] if len(files) == before else []
         elif p.exists():
             files.append(p)
         else:
             raise UserError(f"no such file or folder: {p}")
+    for p in empty if files else []:  # with no file at all, the caller's "no images found" says it
+        print(f"featpipe: {p} holds no files", file=sys.stderr)
     return files
 
 

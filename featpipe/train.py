@@ -6,7 +6,6 @@ epoch for --resume) and what they report.
 from __future__ import annotations
 
 import copy
-import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -133,6 +132,9 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
             state["epoch"] + 1
         best = next((h for h in history if h["epoch"] == best_epoch), best)
         torch.set_rng_state(state["rng"])
+        if state["epoch"] > cfg.epochs:
+            raise UserError(f"the checkpoint in {ckpt.path.parent} has {state['epoch']} epochs done, more than "
+                            f"--epochs {cfg.epochs}: pass --epochs {state['epoch']} or more")
         log(f"  resumed after epoch {state['epoch']} (best so far: epoch {best_epoch})")
         if state["epoch"] - best_epoch >= cfg.patience:  # it had stopped early; only its bundle was not written
             first = cfg.epochs + 1
@@ -148,7 +150,7 @@ def fit(model: Classifier, groups: list[dict], images: Images, cfg: TrainConfig,
         history.append({"epoch": epoch, "train_loss": round(loss, 4), "train_accuracy": round(acc, 4),
                         "val_accuracy": round(val_acc, 4), "seconds": round(elapsed, 2)})
         log(f"  epoch {epoch}: train loss {loss:.3f}, train acc {acc:.3f}, val acc {val_acc:.3f} ({elapsed:.1f} s)")
-        if val_acc > best["val_accuracy"]:
+        if history[-1]["val_accuracy"] > best["val_accuracy"]:  # both rounded alike: a tie keeps the earlier
             best, best_state, best_epoch = history[-1], copy.deepcopy(model.state_dict()), epoch
         ckpt.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                    "best_state": best_state, "best_epoch": best_epoch, "seconds": seconds, "history": history,
@@ -228,14 +230,14 @@ def _runtime(cfg: TrainConfig, seed_offset: int) -> tuple[torch.device, str]:
 
 
 def _fingerprint(cfg: TrainConfig, method: str, images: Images) -> dict:
-    """What a resumed run must share with the killed one: the files and labels, the method and its settings."""
+    """What a resumed run must share with the killed one: the files, their bytes and labels, the method and its
+    settings (plain values: checkpoints load with torch's weights_only)."""
     from featpipe.dataset import describe
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "cache_dir", "device", "epochs",
-                                                                  "patience", "out", "force", "resume")}
-    files = hashlib.sha256("\0".join(images.paths).encode("utf-8", "surrogateescape") + images.y.tobytes())
-    return {"method": method, "data": describe(cfg.data_dir), "classes": images.classes,
-            "files": files.hexdigest(), **settings}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                if k not in ("data_dir", "cache_dir", "device", "epochs", "patience", "out", "force", "resume")}
+    return {"method": method, "data": describe(cfg.data_dir), "classes": images.classes, "files": images.content,
+            **settings}
 
 
 def _save(model: Classifier, res: TrainResult, out: Path, weights_sha256: str, classes: list[str], data: dict,
@@ -252,7 +254,8 @@ def training_data(cfg: TrainConfig) -> Arranged:
 
     extract = cfg.extract_config()
     check_folders(extract, cfg.val_dir, cfg.test_dir)
-    held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed)
+    held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed,
+                   val_needed=True)
     if not len(held.split.val):
         raise UserError(f"fine-tuning stops early on validation accuracy, and the {held.validation} gives no "
                         f"validation image")
@@ -269,7 +272,7 @@ def finetune(cfg: TrainConfig, held: Arranged, log: Callable[[str], None] = lamb
     spec = registry.resolve(cfg.backbone)
     out = bundle_dir(cfg, "finetune")
     features = held.features
-    images = images or split_images(features.paths, features.y, features.classes, features.groups,
+    images = images or split_images(features.paths, features.y, features.classes, features.sha256, features.groups,
                                     spec.preprocessing, cfg.val_fraction, cfg.seed, given=(held.split, held.validation))
     device, precision = _runtime(cfg, 0)
     images.cuda = device.index if device.type == "cuda" else None  # batches decode where the model runs

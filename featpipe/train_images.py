@@ -8,6 +8,8 @@ featpipe.splits.val_split on the same path-sorted list: the same images."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import time
 from collections import deque
@@ -41,6 +43,7 @@ class Images:
     split: Split
     pre: Preprocessing
     prepare_seconds: float  # listing and checking the files (scratch), or 0 when the cache vouched for them
+    content: str  # sha256 over every (absolute path, label, content hash): what a resumed run must find again
     validation: str  # which images validate, as reports say it (held_out.Arranged.validation)
     decoder: str = "auto"  # decode.make_decoder's kind: Pillow on the CPU, nvJPEG when `cuda` names a GPU
     cuda: int | None = None  # the GPU training runs on (set by train once the device is known)
@@ -99,14 +102,18 @@ def stream(paths: list[str], idx: np.ndarray, batch_size: int, pre: Preprocessin
         reads.shutdown(wait=False, cancel_futures=True)
 
 
-def split_images(paths: list[str], y: np.ndarray, classes: list[str], groups: np.ndarray, pre: Preprocessing,
-                 val_fraction: float, seed: int, prepare_seconds: float = 0.0,
+def split_images(paths: list[str], y: np.ndarray, classes: list[str], digests: list[str], groups: np.ndarray,
+                 pre: Preprocessing, val_fraction: float, seed: int, prepare_seconds: float = 0.0,
                  given: tuple[Split, str] | None = None) -> Images:
     """The random stratified split (identical files on one side), or `given`: (a split, what it is)."""
     split, validation = given or (val_split(y, classes, val_fraction, seed, zero_ok=False, groups=groups),
                                   f"random {val_fraction:g} split")
-    return Images(paths=list(paths), y=np.asarray(y, dtype=np.int64), classes=classes, groups=groups, split=split,
-                  pre=pre, prepare_seconds=round(prepare_seconds, 4), validation=validation)
+    y = np.asarray(y, dtype=np.int64)
+    content = hashlib.sha256()
+    for path, label, digest in zip(paths, y.tolist(), digests):
+        content.update(f"{os.path.abspath(path)}\0{classes[label]}\0{digest}\n".encode("utf-8", "surrogateescape"))
+    return Images(paths=list(paths), y=y, classes=classes, groups=groups, split=split, pre=pre,
+                  prepare_seconds=round(prepare_seconds, 4), content=content.hexdigest(), validation=validation)
 
 
 def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed: int,
@@ -119,10 +126,9 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
 
     t0 = time.perf_counter()
     root, files, classes, splits = labelled_files(data_dir, labels)
-    files = sorted((f for f in files if splits.get(str(f.path)) != "test"), key=lambda f: str(f.path))
-    if any(v == "test" for v in splits.values()):
-        print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
-              file=sys.stderr)
+    if splits:
+        files, classes = _train_and_val(files, classes, splits, labels)
+    files = sorted(files, key=lambda f: str(f.path))
     checked = probe_files([f.path for f in files])
     for f, (_, why) in zip(files, checked):
         if why:
@@ -133,11 +139,25 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     paths = [str(files[i].path) for i in keep]
     names = [files[i].label for i in keep]
     require_every_class(root, classes, set(names))
-    groups = content_groups([checked[i][0] for i in keep])
+    digests = [checked[i][0] for i in keep]
+    groups = content_groups(digests)
     find_duplicates(paths, names, groups).report()
     y = np.array([classes.index(label) for label in names], dtype=np.int64)
-    return split_images(paths, y, classes, groups, registry.resolve(backbone).preprocessing, val_fraction, seed,
-                        time.perf_counter() - t0, given_split(paths, splits, labels) if splits else None)
+    return split_images(paths, y, classes, digests, groups, registry.resolve(backbone).preprocessing, val_fraction,
+                        seed, time.perf_counter() - t0, given_split(paths, splits, labels) if splits else None)
+
+
+def _train_and_val(files: list, classes: list[str], splits: dict[str, str], labels: Path) -> tuple[list, list[str]]:
+    """A split column's train and val rows; every class needs train rows (as fit-head and finetune require)."""
+    trained = {f.label for f in files if splits[str(f.path)] == "train"}
+    missing = [c for c in classes if c not in trained]
+    if missing:
+        raise UserError(f"the split column of {labels} puts no image of class {missing[0]!r} in train"
+                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if any(v == "test" for v in splits.values()):
+        print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
+              file=sys.stderr)
+    return [f for f in files if splits[str(f.path)] != "test"], classes
 
 
 def given_split(paths: list[str], splits: dict[str, str], labels: Path | None) -> tuple[Split, str]:

@@ -160,3 +160,14 @@ def test_finetune_takes_the_split_column(split_parquet, warm_cache, tmp_path):
     res = finetune(cfg, training_data(cfg), log=lambda s: None)
     assert (res.n_train, res.n_val, res.test["n_test"]) == (n["train"], n["val"], n["test"])
     assert res.validation == f"split column of {labels}" and res.test["test_accuracy"] > 0.8
+
+
+def test_scratch_refuses_a_split_column_without_train_images_of_a_class(tmp_path, flat):
+    from featpipe.train_images import scan_images
+
+    d, rows = flat
+    labels = write_csv(tmp_path / "l.csv", ["filename", "label", "split"],
+                       [(p, c, "test" if c == "animals" else "train" if i % 3 else "val")
+                        for i, (p, c) in enumerate(rows)])
+    with pytest.raises(UserError, match="puts no image of class 'animals' in train"):
+        scan_images(d, "mobilenet_v2", 0.2, 0, labels)

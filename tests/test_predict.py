@@ -242,3 +242,13 @@ def test_an_empty_folder_among_the_paths_is_said(sample, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert collect([sample[0], tmp_path / "empty"]) == [sample[0]]
     assert f"{tmp_path / 'empty'} holds no files" in capsys.readouterr().err
+
+
+def test_predict_embeds_without_the_cache_where_it_cannot_be_written(model, sample, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    cfg = PredictConfig(model=model, paths=sample[:2], top_k=1, cache_dir=tmp_path / "afile" / "cache")
+    r = predict(cfg)
+    assert r["predicted"] == 2 and "not writable: embedding without the cache" in capsys.readouterr().err
+    cached = predict(PredictConfig(model=model, paths=sample[:2], top_k=1, cache_dir=tmp_path / "c"))
+    assert [p["top"][0]["class"] for p in r["predictions"]] == [p["top"][0]["class"] for p in cached["predictions"]]
+    assert not (tmp_path / "afile").is_dir()

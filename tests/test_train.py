@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import held_out_folders, run_cli, run_json
+from conftest import held_out_folders, make_subset, run_cli, run_json
 from featpipe import registry
 from featpipe.backbone import load
 from featpipe.errors import UserError
@@ -222,3 +222,18 @@ def test_finetune_val_dir_validates_and_the_test_dir_chooses_nothing(shipped, tm
     assert all(np.array_equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "tested" / "bundle.json").read_text())["metrics"]
     assert meta["test_accuracy"] == tested["test_accuracy"]
+
+
+def test_a_tie_on_validation_keeps_the_earlier_epoch(shipped, tmp_path):
+    """15 validation images: accuracies such as 14/15 are rounded in the history; the best epoch is the first of
+    the highest, as rounded (a later epoch that only ties must not replace it)."""
+    data = make_subset(shipped, tmp_path / "train", 8)
+    val = tmp_path / "val"
+    for cls in sorted(p for p in shipped.iterdir() if p.is_dir()):
+        (val / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[8:11]:
+            shutil.copy(f, val / cls.name / f.name)
+    r = run_json("finetune", data, "--val-dir", val, "--epochs", "2", "--unfreeze-blocks", "1",
+                 "--cache-dir", tmp_path / "c", "--out", tmp_path / "ft")
+    top = max(h["val_accuracy"] for h in r["history"])
+    assert r["n_val"] == 15 and r["best_epoch"] == min(h["epoch"] for h in r["history"] if h["val_accuracy"] == top)

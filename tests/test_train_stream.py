@@ -92,3 +92,72 @@ def test_batches_decode_through_extracts_decoders_and_the_nvjpeg_path_has_a_cpu_
     assert [i.tolist() for i, _ in pil] == [i.tolist() for i, _ in twin]
     a, b = (torch.cat([x for _, x in run]).float() for run in (pil, twin))
     assert a.shape == b.shape and (a - b).abs().mean() < 1.0, (a - b).abs().mean()  # other images: ~70
+
+
+def test_a_checkpoint_is_read_without_running_code_and_must_be_featpipes(tmp_path):
+    """checkpoint.pt is a common name: one found in --out is loaded weights_only (a pickle that would run code is
+    refused), and a torch file that is not featpipe's checkpoint is one line."""
+    import pickle
+
+    fp = {"method": "scratch"}
+    torch.save({"a": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match="not a featpipe training checkpoint"):
+        Checkpoint(tmp_path, fp, resume=True).load()
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"fingerprint": fp, "epoch": 1, "x": Payload()}))
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        Checkpoint(tmp_path, fp, resume=True).load()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_resume_fingerprint_is_the_files_absolute_paths_labels_and_bytes(images, tmp_path, monkeypatch):
+    """`d8` and `/abs/d8` are the same run; the same paths with other bytes are not."""
+    from featpipe.train_images import split_images
+
+    args = (images.y, images.classes)
+    digests = ["a" * 64] * len(images.paths)
+    rel_root = images.paths[0].rsplit("/", 2)[0]
+    monkeypatch.chdir(rel_root)
+    relative = [p.removeprefix(rel_root + "/") for p in images.paths]
+    same = [split_images(paths, *args, digests, images.groups, images.pre, 0.2, 0).content
+            for paths in (images.paths, relative)]
+    other = split_images(images.paths, *args, ["b" * 64] + digests[1:], images.groups, images.pre, 0.2, 0).content
+    assert same[0] == same[1] != other
+
+
+def test_output_and_held_out_folders_are_checked_before_any_work(tmp_path, small_data):
+    from featpipe.bundle import can_write, output_dir
+    from featpipe.extract import ExtractConfig
+    from featpipe.held_out import check_folders
+
+    (tmp_path / "afile").write_text("x")
+    assert can_write(tmp_path / "new" / "deeper") and not can_write(tmp_path / "afile" / "sub")
+    with pytest.raises(UserError, match="not a writable directory"):
+        output_dir(tmp_path / "afile" / "sub", "m", None, force=False)
+    extract = ExtractConfig(data_dir=small_data)
+    for val, test, flag in ((small_data, small_data, "DATA_DIR"), (tmp_path, tmp_path, "--val-dir")):
+        with pytest.raises(UserError, match=f"--test-dir is {flag}"):
+            check_folders(extract, None if flag == "DATA_DIR" else val, test)
+
+
+def test_embeddings_that_are_not_finite_are_refused():
+    from featpipe.features import require_finite
+
+    require_finite(np.ones((3, 4), np.float32), ["a", "b", "c"])
+    X = np.ones((3, 4), np.float32)
+    X[1, 2] = np.nan
+    with pytest.raises(UserError, match="1 embedding.*not finite.*e.g. b"):
+        require_finite(X, ["a", "b", "c"])
+
+
+def test_weights_that_do_not_fit_name_the_keys():
+    from featpipe.backbone import state_mismatch
+
+    net = torch.nn.Linear(2, 3)
+    with pytest.raises(RuntimeError) as e:
+        net.load_state_dict({"weight": torch.zeros(3, 5), "bias": torch.zeros(3)})
+    assert "size mismatch for weight" in state_mismatch(e.value)

@@ -53,6 +53,8 @@ def _interrupted() -> None:
     """Ctrl-C: say so and leave at once. Interpreter shutdown would race the pipeline's daemon threads still inside
     torch (seen: 'terminate called without an active exception', SIGABRT). Nothing is lost by skipping it: the
     journal is flushed per batch and the kernel releases the cache lock, as after a kill."""
-    sys.stderr.write("featpipe: error: interrupted\n")
+    resumable = len(sys.argv) > 1 and sys.argv[1] in ("finetune", "scratch")
+    hint = " (the same command with --resume goes on after the last finished epoch)" if resumable else ""
+    sys.stderr.write(f"featpipe: error: interrupted{hint}\n")
     sys.stderr.flush()
     os._exit(130)

@@ -78,8 +78,9 @@ def predict(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write every prediction to this .csv or .parquet "
                                                 "(path, predicted, probability, p:<class> per class), batch by "
                                                 "batch, instead of listing them.")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="The embedding cache (a head-only bundle's images "
-                                            "are embedded through it, as extract does).")] = Path("cache"),
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="The embedding cache the images are embedded "
+                                            "through, as extract does (a fine-tuned bundle keys its own rows).")
+                         ] = Path("cache"),
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a model bundle; unreadable files are listed as skipped, never fatal."""
