@@ -62,6 +62,9 @@ def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir:
                             f"--val-dir and --test-dir do not apply")
         f, split, test = given_split(f)
         how = f"split column of {extract.labels}"
+        if not len(split.val) and not val_needed:  # fit-head goes on; the training commands refuse it themselves
+            print("featpipe: the --labels split column has no val rows: val_accuracy is not measured",
+                  file=sys.stderr)
     own = np.arange(len(f.y))  # DATA_DIR's rows, its validation share included; a --val-dir's come after them
     if not given and val_dir is not None:
         f, split = with_held_out(f, features_of(extract, val_dir, progress), "--val-dir")
@@ -122,8 +125,6 @@ def given_split(f: Features) -> tuple[Features, Split, Features | None]:
     if missing:
         raise UserError(f"the --labels split column puts no image of class {f.classes[missing[0]]!r} in train"
                         + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if not len(split.val):
-        print("featpipe: the --labels split column has no val rows: val_accuracy is not measured", file=sys.stderr)
     return rows_of(f, keep), split, (rows_of(f, test) if len(test) else None)
 
 
