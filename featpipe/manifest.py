@@ -47,7 +47,7 @@ def read(labels: Path, root: Path) -> Manifest:
     m, seen = Manifest([], []), {}
     splits = rows.get("split")
     for n, (p, label) in enumerate(zip(rows[path_col], rows["label"])):
-        path = Path(str(p)) if Path(str(p)).is_absolute() else root / str(p)
+        path = _path(str(p), root)
         label = "" if label is None else str(label).strip()
         split = "" if splits is None or splits[n] is None else str(splits[n]).strip().lower()
         reason = _unusable(path, label, split, splits is not None, seen)
@@ -61,6 +61,18 @@ def read(labels: Path, root: Path) -> Manifest:
     _report(labels, m, len(rows["label"]))
     m.classes = sorted({f.label for f in m.files})
     return m
+
+
+def _path(p: str, root: Path) -> Path:
+    """A row's file: relative to root unless absolute; a name featpipe wrote percent-encoded (dataset.as_text: not
+    UTF-8) is found by its bytes again."""
+    path = Path(p) if Path(p).is_absolute() else root / p
+    if "%" in p and not os.path.lexists(path):
+        from urllib.parse import unquote_to_bytes
+
+        raw = Path(os.fsdecode(unquote_to_bytes(p)))
+        path = raw if raw.is_absolute() else root / raw
+    return path
 
 
 def _unusable(path: Path, label: str, split: str, has_splits: bool, seen: dict[str, int]) -> str | None:
@@ -84,7 +96,8 @@ def _table(labels: Path) -> dict[str, list]:
             import pyarrow.parquet as pq
 
             return {k.lower(): v for k, v in pq.read_table(labels).to_pydict().items()}
-        with open(labels, newline="", encoding="utf-8-sig") as fh:
+        # surrogateescape: a file name in raw bytes that are not UTF-8 reads as Python holds such names
+        with open(labels, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             reader = csv.reader(fh)
             names = [k.strip().lower() for k in next(reader, [])]
             if len(set(names)) < len(names):

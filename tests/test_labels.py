@@ -4,6 +4,7 @@ run's rows and accuracy; unusable rows are listed and skipped; a file with none 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -171,3 +172,20 @@ def test_scratch_refuses_a_split_column_without_train_images_of_a_class(tmp_path
                         for i, (p, c) in enumerate(rows)])
     with pytest.raises(UserError, match="puts no image of class 'animals' in train"):
         scan_images(d, "mobilenet_v2", 0.2, 0, labels)
+
+
+def test_non_utf8_names_in_a_label_file_raw_or_as_featpipe_writes_them(tmp_path, shipped):
+    """Linux names may be any bytes: a CSV may hold them raw, or percent-encoded as featpipe's own outputs do."""
+    from featpipe.dataset import as_text
+
+    d = tmp_path / "images"
+    d.mkdir()
+    photos = sorted(shipped.glob("*/*.jpg"))[:2]
+    names = [os.fsdecode(b"caf\xe9-%d.jpg" % i) for i in range(2)]
+    for src, name in zip(photos, names):
+        shutil.copy(src, d / name)
+    raw = tmp_path / "raw.csv"
+    raw.write_bytes(b"filename,label\n" + b"".join(os.fsencode(n) + b",a\n" for n in names))
+    encoded = write_csv(tmp_path / "encoded.csv", ["filename", "label"], [(as_text(n), "a") for n in names])
+    for labels in (raw, encoded):
+        assert [f.path for f in read(labels, d).files] == [d / n for n in names]
