@@ -14,8 +14,8 @@ import numpy as np
 
 from featpipe.cache import RowsGone
 from featpipe.dataset import require_labels
-from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig, ExtractResult, shard_patterns
+from featpipe.rows import require_finite
 from featpipe.splits import content_groups
 
 
@@ -114,10 +114,3 @@ def from_result(result: ExtractResult) -> Features:
     require_finite(X, [m.path for m in members])
     return Features(X, y, classes, [m.path for m in members], result, content_groups(digests), digests)
 
-
-def require_finite(X: np.ndarray, paths: list) -> None:
-    """NaN or inf embeddings (broken weights) would train and predict nonsense without an error: refuse them."""
-    bad = np.flatnonzero(~np.isfinite(X).all(axis=1)) if len(X) else []
-    if len(bad):
-        raise UserError(f"{len(bad)} embedding(s) are not finite (NaN or inf), e.g. {paths[bad[0]]}: the backbone's "
-                        f"weights are broken")

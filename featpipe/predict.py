@@ -86,7 +86,7 @@ def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, pro
     """As probability_batches, with the embeddings from an extract run over exactly these files (skips included):
     a fine-tuned bundle's backbone keys its own cache rows (the sha256 of its backbone.safetensors)."""
     from featpipe.extract import ExtractConfig, extract
-    from featpipe.features import require_finite
+    from featpipe.rows import require_finite
 
     weights = weights_for(bundle, cfg.weights)  # checked before any image is embedded with other weights
     res = extract(ExtractConfig(files=files, backbone=bundle.backbone, cache_dir=cfg.cache_dir, device=cfg.device,

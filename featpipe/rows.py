@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featpipe.errors import UserError
+
 
 @dataclass
 class Rows:
@@ -39,3 +41,11 @@ class Rows:
         """The first row of each hash (readers list shards before journals, so a published row wins)."""
         _, first = np.unique(np.array(self.sha256, "S64"), return_index=True)
         return self if len(first) == len(self) else self.take(np.sort(first))
+
+
+def require_finite(X: np.ndarray, paths: list) -> None:
+    """NaN or inf embeddings (broken weights) would train and predict nonsense without an error: refuse them."""
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1)) if len(X) else []
+    if len(bad):
+        raise UserError(f"{len(bad)} embedding(s) are not finite (NaN or inf), e.g. {paths[bad[0]]}: the backbone's "
+                        f"weights are broken")

@@ -145,7 +145,7 @@ def test_output_and_held_out_folders_are_checked_before_any_work(tmp_path, small
 
 
 def test_embeddings_that_are_not_finite_are_refused():
-    from featpipe.features import require_finite
+    from featpipe.rows import require_finite
 
     require_finite(np.ones((3, 4), np.float32), ["a", "b", "c"])
     X = np.ones((3, 4), np.float32)
