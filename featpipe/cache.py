@@ -14,7 +14,6 @@ row twice. embeddings and sha256 carry fletcher32 checksums: garbage in a shard 
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
@@ -29,7 +28,8 @@ from featpipe import format1, journal
 from featpipe.errors import UserError, first_line
 from featpipe.hashes import Hashes
 from featpipe.rows import Rows
-from featpipe.shards import SHARD_ROWS, CacheKey, check_attrs, read_manifest, rows_of, write_shard, write_table
+from featpipe.shards import (SHARD_ROWS, CacheKey, check_attrs, read_manifest, rows_of, writable_dir, write_shard,
+                             write_table)
 
 
 class _Broken(Exception):
@@ -58,10 +58,11 @@ class Cache:
         self._journal_rows = 0
         self._lock_depth = 0  # the publish lock is re-entrant within this object (flock is not, across fds)
 
-    def open(self) -> "Cache":
+    def open(self, seen: list[str] | None = None) -> "Cache":
         """Find out whether this process may write; if so, convert a format-1 file and publish dead writers'
-        journals. Remembers the live shards: append() is for rows none of them holds."""
-        self.writable = _writable_dir(self.root)
+        journals. Remembers the live shards (or `seen`: those another process read the known hashes from, for a
+        Ray worker): append() is for rows none of them holds; publish() drops the rows of any shard since."""
+        self.writable = writable_dir(self.root)
         if self.writable:
             try:
                 self.dir.mkdir(exist_ok=True)
@@ -77,13 +78,18 @@ class Cache:
                 if legacy.exists():
                     format1.convert(legacy, self.key, lambda r: self._publish_rows(r, self._held(self.shards())))
                 self.adopt_journals()
-        self._seen = set(self.shards())
+        self._seen = set(self.shards() if seen is None else seen)
         return self
 
     def close(self) -> None:
         if self._journal_fh is not None:
             self._journal_fh.close()  # releases its flock: an unpublished journal is adopted by the next writer
             self._journal_fh = None
+
+    @property
+    def journal(self) -> Path | None:
+        """This writer's journal, once it has appended (a new one after each publish)."""
+        return self._journal
 
     def __enter__(self) -> "Cache":
         return self.open()
@@ -330,21 +336,3 @@ class Cache:
     def _held(self, shards: list[str]) -> Hashes:
         return Hashes(np.concatenate([self.shard_sha256(n) for n in shards] or [np.empty(0, "S64")]))
 
-
-def _writable_dir(d: Path) -> bool:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create cache dir {d}: {e.strerror}") from None
-    return os.access(d, os.W_OK) and not (os.geteuid() == 0 and _readonly_mount_or_mode(d))
-
-
-def _readonly_mount_or_mode(d: Path) -> bool:
-    """root ignores mode bits, but a user who made the folder read-only means it; so does a read-only mount."""
-    st = os.stat(d)
-    if not st.st_mode & 0o222:
-        return True
-    try:
-        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
-    except OSError as e:
-        return e.errno == errno.EROFS

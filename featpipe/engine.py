@@ -2,10 +2,10 @@
 
 Stages overlap: the reader reads each file once, on a few threads (hash and decode share the bytes; a file the
 index in fileindex.py knows unchanged and cached is not read at all), and queues the images the cache lacks; the
-compute stage (pipeline.Compute: compute.LocalCompute, or ray_engine.RayCompute) turns them into embeddings; a
-writer thread journals rows so disk writes never stall compute. Only images whose content hash is missing are
-decoded at all. Queues are bounded, so memory holds a few batches whatever the dataset size. WebDataset shards
-come through the same stages: tar_reader.py reads their samples instead of files.
+compute stage (pipeline.Compute: compute.LocalCompute) turns them into embeddings; a writer thread journals rows so
+disk writes never stall compute. Only images whose content hash is missing are decoded at all. Queues are bounded,
+so memory holds a few batches whatever the dataset size. WebDataset shards come through the same stages:
+tar_reader.py reads their samples instead of files. `--engine ray` runs ray_data.py instead of this class.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class Engine:
         self.errors: list[BaseException] = []
         self.members: list[Member] = []
         self.inputs = 0  # files (or shard samples, and a shard's damaged tail) the reader went through
+
+    def described(self) -> tuple[str, str, str]:
+        return self.compute.described()
 
     def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
         """Journal a row for every image `known` lacks; returns (hashes computed, skipped). `files` may be
@@ -164,19 +167,15 @@ class Engine:
 
     def _read_hash(self, f: ImageFile, known: Hashes) -> tuple[ImageFile, bytes | None, str | None, str | None]:
         with self.timer("stat"):
-            st = fileindex.stat(f.path)
-            digest = self.index.unchanged(f.path, st) if st else None
+            st, digest, failed = self.index.lookup(f.path)
         if digest in known:
             return f, None, digest, None
-        if digest is not None and (reason := self.index.failure(f.path)):
-            return f, None, None, reason  # failed to decode last time, and unchanged: not read again
+        if failed:
+            return f, None, None, failed  # failed to decode last time, and unchanged: not read again
         read_at_ns = time.time_ns()
-        with self.timer("read"):
-            data, err = read_file(f, st)
+        data, digest, err = read_hashed(f, st, self.timer)
         if data is None:
             return f, None, None, err
-        with self.timer("hash"):
-            digest = hashlib.sha256(data).hexdigest()
         if st:
             self.index.record(f.path, st, digest, read_at_ns)
         return f, data, digest, None
@@ -200,6 +199,16 @@ class Engine:
             with self.timer("write"), user_error_if_disk_fails(cache.dir):
                 cache.append(rows)
             out.update(rows.sha256)
+
+
+def read_hashed(f: ImageFile, st, timer: StageTimer) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, sha256, None) of a file read once, or (None, None, why it cannot be read); `st`: its stat, if taken."""
+    with timer("read"):
+        data, err = read_file(f, st)
+    if data is None:
+        return None, None, err
+    with timer("hash"):
+        return data, hashlib.sha256(data).hexdigest(), None
 
 
 @contextmanager

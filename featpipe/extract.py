@@ -1,6 +1,6 @@
 """`featpipe extract`: scan the data dir (or list WebDataset shards: tar_input.py), open the cache for the backbone's
-key, let the engine (engine.py, with compute.py or ray_engine.py as its compute stage) journal the rows the cache
-lacks, publish them as a shard, and say what the data dir holds now."""
+key, let the engine (engine.py with compute.py, or ray_data.py on Ray Data) journal the rows the cache lacks,
+publish them as a shard, and say what the data dir holds now."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
 from featpipe.manifest import Manifest, read as read_manifest
-from featpipe.pipeline import Compute, StageTimer
+from featpipe.pipeline import StageTimer
 from featpipe.tar_input import expand, is_shard
 
 DEFAULT_CACHE_DIR = Path("cache")
@@ -61,6 +61,8 @@ class ExtractConfig:
             raise UserError("--ray-address and --workers need --engine ray")
         if self.labels is not None and shard_patterns(self):
             raise UserError("--labels lists a data dir's files: shards carry their labels in cls or json members")
+        if self.engine == "ray" and shard_patterns(self):
+            raise UserError("--engine ray takes a folder, a label file or files; WebDataset shards need --engine local")
         if self.device == "cuda" and self.engine == "local":  # now, not only once an image needs the model
             from featpipe.embed import resolve_device
 
@@ -140,7 +142,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     with cache:
         shards = isinstance(files, Shards)  # their members' records are looked up per shard, not under root
         index = FileIndex(cfg.cache_dir, None if shards else root, decoders_version(cfg.decoder), cache.writable)
-        engine = Engine(_compute(cfg, spec, timer), timer, index)
+        engine = _engine(cfg, spec, key, timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
         skipped = sorted(skipped + [{"path": s["path"], "reason": f"--labels row {s['row']}: {s['reason']}"}
@@ -158,7 +160,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
         raise UserError(f"no valid image in {root}; {len(skipped)} {'sample' if shards else 'file'}(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
     seconds = time.perf_counter() - t0
-    decoder, device, precision = engine.compute.described()
+    decoder, device, precision = engine.described()
     return ExtractResult(
         images=engine.inputs, computed=len(computed), reused=engine.reused_files, skipped=skipped,
         seconds=round(seconds, 4),
@@ -194,12 +196,13 @@ def _inputs(cfg: ExtractConfig) -> tuple[Path, list | Shards, list[str], Manifes
     return root, listed.files, listed.classes, listed
 
 
-def _compute(cfg: ExtractConfig, spec, timer: StageTimer) -> Compute:
-    """The compute stage: its module (and Ray) load only when asked for."""
+def _engine(cfg: ExtractConfig, spec, key: CacheKey, timer: StageTimer, index: FileIndex):
+    """engine.Engine with the local compute stage, or Ray Data's engine: its modules (and Ray) load only when asked
+    for."""
     if cfg.engine == "ray":
-        from featpipe.ray_engine import RayCompute
+        from featpipe.ray_data import RayDataEngine
 
-        return RayCompute(cfg, spec, timer)
+        return RayDataEngine(cfg, spec, key, timer, index)
     from featpipe.compute import LocalCompute
 
-    return LocalCompute(cfg, spec, timer)
+    return Engine(LocalCompute(cfg, spec, timer), timer, index)

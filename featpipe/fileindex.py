@@ -26,6 +26,7 @@ import sys
 import threading
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,7 +41,16 @@ _TAR_SCHEMA = ("CREATE TABLE IF NOT EXISTS tar_shards (path BLOB PRIMARY KEY, si
 _COLUMNS = "size, ino, mtime, ctime, sha256, reason, decoders"
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+class Stamp(NamedTuple):
+    """The fields of a stat that judge a file unchanged: what a driver ships with a file record and gets back."""
+
+    st_size: int
+    st_ino: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+def _stamp(st: os.stat_result | Stamp) -> tuple[int, int, int, int]:
     ino = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino  # SQLite integers are signed 64-bit
     return st.st_size, ino, st.st_mtime_ns, st.st_ctime_ns
 
@@ -111,6 +121,13 @@ class FileIndex:
             self.reasons[key] = row[5]
         return row[4]
 
+    def lookup(self, path: Path) -> tuple[os.stat_result | None, str | None, str | None]:
+        """Stat only, no read: (stat or None, the recorded sha256 if the file is unchanged, why it failed to decode
+        last time if it is unchanged and did fail)."""
+        st = stat(path)
+        digest = self.unchanged(path, st) if st else None
+        return st, digest, self.failure(path) if digest is not None else None
+
     def failure(self, path: Path) -> str | None:
         """Why this file failed last time, if unchanged() just found it unchanged and it did fail."""
         return self.reasons.get(_key(path))
@@ -119,8 +136,9 @@ class FileIndex:
         """Keep why a recorded file could not be decoded (content-deterministic: same bytes, same decoders)."""
         self._queue(self._failures, (reason, self.decoders, _key(path)))
 
-    def record(self, path: Path, st: os.stat_result, sha256: str, read_at_ns: int) -> None:
-        """Remember a file hashed now; `st` was taken before reading it at `read_at_ns` (time.time_ns())."""
+    def record(self, path: Path, st: os.stat_result | Stamp, sha256: str, read_at_ns: int) -> None:
+        """Remember a file hashed now; `st` was taken before reading it, and `read_at_ns` (time.time_ns()) is no
+        later than the read."""
         key = _key(path)
         self.seen.add(key)
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
@@ -188,7 +206,6 @@ class FileIndex:
             except sqlite3.DatabaseError as e:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
         (self.path.parent / FORMAT1_NAME).unlink(missing_ok=True)
-
 
 
 def indexed_hashes(cache_dir: Path) -> np.ndarray | None:

@@ -16,6 +16,13 @@ class Hashes:
         self.sorted = v[np.concatenate([[True], v[1:] != v[:-1]])] if len(v) else v
         self.added: set[str] = set()  # hashes a run queued after opening (identical files embed once)
 
+    @classmethod
+    def from_sorted(cls, raw: np.ndarray) -> "Hashes":
+        """Another Hashes' `sorted` array (shipped to a Ray actor, say), taken as it is: no sorting again."""
+        h = cls(np.empty(0, "S64"))
+        h.sorted = raw
+        return h
+
     def __contains__(self, digest) -> bool:
         if digest is None:
             return False

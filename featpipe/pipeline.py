@@ -1,5 +1,5 @@
-"""What extraction's stages pass each other: typed queue messages, the `Compute` protocol that the local and the
-Ray compute stages implement, and the per-stage timer they all report to."""
+"""What extraction's stages pass each other: typed queue messages, the `Compute` protocol that the local compute
+stage implements, and the per-stage timer every stage (and the Ray workers) reports to."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ class Computed:
 
 
 class Compute(Protocol):
-    """Decode + forward (compute.LocalCompute, ray_engine.RayCompute): takes `Encoded` messages from `encoded`
-    until DONE and yields one `Computed` per message, in any order. The model is built on the first message that
-    has items, so a fully cached run loads nothing."""
+    """Decode + forward (compute.LocalCompute): takes `Encoded` messages from `encoded` until DONE and yields one
+    `Computed` per message, in any order. The model is built on the first message that has items, so a fully cached
+    run loads nothing."""
 
     batch_size: int  # images per Encoded message the reader should send (read again before each one)
 

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from featpipe import __version__
+from featpipe.errors import UserError
 from featpipe.preprocess import Preprocessing
 from featpipe.rows import Rows
 
@@ -163,3 +164,23 @@ def os_bytes(names: list[str]) -> np.ndarray:
 def os_strings(values) -> list[str]:
     """Inverse of os_bytes: the same str the scan produced."""
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in values]
+
+
+def writable_dir(d: Path) -> bool:
+    """Whether featpipe may write the cache dir `d` (created if missing)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create cache dir {d}: {e.strerror}") from None
+    return os.access(d, os.W_OK) and not (os.geteuid() == 0 and _readonly_mount_or_mode(d))
+
+
+def _readonly_mount_or_mode(d: Path) -> bool:
+    """root ignores mode bits, but a user who made the folder read-only means it; so does a read-only mount."""
+    st = os.stat(d)
+    if not st.st_mode & 0o222:
+        return True
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        return e.errno == errno.EROFS

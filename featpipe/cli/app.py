@@ -49,8 +49,8 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf
                                            "has bf16 units: AMX/AVX512-BF16 CPUs, recent GPUs).")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local checkpoint (state dict) for the "
                                                     "backbone, instead of the packaged/hub weights.")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="local | ray (decode + forward on Ray actors; needs the "
-                                        "ray extra).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local | ray (Ray Data: actors read, embed and write "
+                                        "the cache; data and cache on a shared path; needs the ray extra).")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: join this Ray cluster "
                                                       "(e.g. HEAD:6379 or auto) instead of starting a local Ray.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="--engine ray: embedding actors (default: one "

@@ -1,0 +1,235 @@
+"""`featpipe extract --engine ray` on Ray Data: the driver lists, the workers read, hash, decode, embed and write.
+
+The driver stats every file and asks the file index (fileindex.FileIndex.lookup) which ones are unchanged and
+cached, or known not to decode: those are settled without reading a byte. The rest go, as small records (path,
+label, stat), into a Parquet listing in the cache dir, which `read_parquet` streams to `map_batches` over a pool
+of actors (ray_worker.EmbedBatches: model, decoder, cache writer and known hashes built once per actor). Each actor
+reads its files from the shared filesystem, embeds the new ones and journals their rows straight into the shared
+cache (one journal per actor); the driver gets the records back (sha256, skip reason, status) and updates the
+file index and the report. Once the dataset is done, each actor publishes its journal as it exits, and the
+driver publishes what a dead actor left (Cache.adopt_journals).
+
+Why a Parquet listing rather than `from_items`: from_items puts every record in the object store before the first
+batch runs; read_parquet streams the listing a block at a time, so driver and object store hold a few blocks of
+records whatever the dataset size. Ray Data retries the batches of an actor that died (max_restarts and
+max_task_retries); rows it journalled before dying are published once (a publish drops hashes already held).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from featpipe import fileindex
+from featpipe.cache import Cache
+from featpipe.dataset import ImageFile
+from featpipe.engine import Member, Shards
+from featpipe.errors import UserError, first_line
+from featpipe.hashes import Hashes
+from featpipe.journal import try_lock
+from featpipe.pipeline import StageTimer
+from featpipe.ray_session import DIE_ONCE_ENV, RaySession
+from featpipe.ray_worker import CACHED, EmbedBatches
+
+PART_ROWS = 16384  # records per listing file: one read task's block, split into batches as Ray Data reads it
+BATCH = {False: 32, True: 256}  # images per actor call without / with a GPU (embed.default_batch_size's for CUDA)
+RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working on
+ACTOR_START_S = 600  # for the pool's actors to start (model loaded): then a clear error, not a wait forever
+JOURNAL_WAIT_S = 120  # after the dataset: how long the actors get to publish their journals as they exit
+PROGRESS_EVERY = 256  # listed files between progress updates
+
+
+class RayDataEngine:
+    """engine.Engine's interface for extract.py: run() -> (hashes computed, skipped); members, reused_files,
+    inputs, first_copy; described()."""
+
+    def __init__(self, cfg, spec, key, timer: StageTimer, index: fileindex.FileIndex):
+        self.cfg, self.spec, self.key, self.timer, self.index = cfg, spec, key, timer, index
+        self.session = RaySession(cfg)  # imports Ray and checks --workers before any file is listed
+        self.skipped: list[dict] = []
+        self.reused_files = 0
+        self.first_copy: set[str] = set()  # hashes this run embedded (first copy of each)
+        self.inputs = 0
+        self.placed: list[tuple[int, Member]] = []  # (scan position, member): records come back in any order
+        self.nodes: dict[str, int] = {}  # node id -> images its actors took
+        self.journals: set[str] = set()  # the actors' journals: published (or left by a dead actor) before we end
+        self._described: dict[str, set] = {"decoder": set(), "device": set(), "precision": set()}
+        self.done = 0
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for _, m in sorted(self.placed, key=lambda pm: pm[0])]
+
+    def described(self) -> tuple[str, str, str]:
+        return tuple(",".join(sorted(v)) or "none" for v in self._described.values())
+
+    def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
+        if isinstance(files, Shards):  # refused in ExtractConfig already; here for direct callers
+            raise UserError("--engine ray takes a folder, a label file or files; WebDataset shards need --engine local")
+        listing = cache.root.resolve() / f".ray-listing-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            listed_at_ns = time.time_ns()  # before any stat: no later than any worker's read
+            rows = self._list(files, known, listing, progress, len(files))
+            if rows:
+                self._embed_on_ray(listing, rows, known, cache, progress, len(files), listed_at_ns)
+        finally:
+            shutil.rmtree(listing, ignore_errors=True)
+        self.skipped.sort(key=lambda s: s["path"])
+        return set(self.first_copy), self.skipped
+
+    def _list(self, files: list[ImageFile], known: Hashes, listing: Path, progress, total: int) -> int:
+        """Settle what the index knows without reading; write the rest to the listing. Returns its records."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        listing.mkdir()
+        part: list[tuple] = []
+        rows = 0
+        for pos, f in enumerate(files):
+            self.inputs += 1
+            with self.timer("stat"):
+                st, digest, failed = self.index.lookup(f.path)
+            if digest in known:
+                self.placed.append((pos, Member(str(f.path), f.label, digest)))
+                self.reused_files += 1
+                self.done += 1
+            elif failed:
+                self.skipped.append({"path": str(f.path), "reason": failed})
+                self.done += 1
+            else:
+                part.append((pos, os.fsencode(str(f.path)), f.label.encode("utf-8", "surrogateescape"),
+                             *(fileindex.Stamp(st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) if st
+                               else (-1, 0, 0, 0))))
+            if len(part) == PART_ROWS or (pos + 1 == total and part):
+                cols = list(zip(*part))
+                pq.write_table(pa.table({name: pa.array(c, t) for name, c, t in zip(_COLUMNS, cols, _types(pa))}),
+                               listing / f"part-{rows // PART_ROWS:06d}.parquet")
+                rows, part = rows + len(part), []
+            if progress and (pos % PROGRESS_EVERY == 0 or pos + 1 == total):
+                progress(self.done, total)
+        return rows
+
+    def _embed_on_ray(self, listing: Path, rows: int, known: Hashes, cache: Cache, progress, total: int,
+                      listed_at_ns: int) -> None:
+        """Ray's raylet prints events ("worker died, retrying") to stdout, which `--json` reserves for its one
+        object: they go to stderr until Ray is shut down."""
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                gpu, workers = self.session.start(self.timer)
+                for batch in self._dataset(listing, rows, known, cache, gpu, workers):
+                    self._settle(batch, listed_at_ns)
+                    if progress:
+                        progress(self.done, total)
+                self._wait_for_journals()
+                print(f"featpipe: ray: {rows} files read on {len(self.nodes)} node(s): "
+                      + ", ".join(f"node {node[:12]} {n}" for node, n in sorted(self.nodes.items())), file=sys.stderr)
+            except self.session.ray.exceptions.RayError as e:
+                raise UserError(f"Ray workers failed: {_worker_error(e)}") from None
+            finally:
+                self.session.close()
+        with self.timer("commit"), cache.locked():
+            cache.adopt_journals()  # what actors that died (or were killed by ray.shutdown) had journalled
+
+    def _dataset(self, listing: Path, rows: int, known: Hashes, cache: Cache, gpu: bool, workers: int):
+        """The records' batches as they finish, in any order."""
+        ray = self.session.ray
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # featpipe's own progress is on stderr; Ray Data's would interleave with it
+        ctx.print_on_execution_start = False
+        ctx.wait_for_min_actors_s = ACTOR_START_S  # every actor up before the first batch: the first does not take all
+        for h in logging.getLogger("ray.data").handlers:  # its session log file keeps everything
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.CRITICAL)  # its lines on stderr would drown featpipe's (errors: one line)
+        # The v2 Parquet reader lists files in a task that wants a whole CPU, which a pool of one actor per CPU
+        # never frees; v1 reads with num_cpus=0 and splits each file into batch-sized blocks.
+        ctx.use_datasource_v2 = False
+        batch = self.cfg.batch_size or BATCH[gpu]
+        # Workers run elsewhere, in another directory: every path they get is absolute (data paths: via cwd).
+        cfg = replace(self.cfg, batch_size=batch, cache_dir=Path(self.cfg.cache_dir).resolve(),
+                      weights=self.cfg.weights and Path(self.cfg.weights).resolve())
+        kwargs = {"cfg": cfg, "spec": self.spec, "key": self.key, "seen": cache.shards(),
+                  "known": ray.put(known.sorted), "cwd": os.getcwd(), "die_once_marker": os.environ.get(DIE_ONCE_ENV)}
+        ds = ray.data.read_parquet(str(listing), num_cpus=0, override_num_blocks=max(1, math.ceil(rows / batch)))
+        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 yet
+            warnings.simplefilter("ignore")
+            ds = ds.map_batches(EmbedBatches, batch_size=batch, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=int(gpu),
+                                fn_constructor_kwargs=kwargs, max_restarts=RETRIES, max_task_retries=RETRIES)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+    def _settle(self, batch: dict, listed_at_ns: int) -> None:
+        """One batch of records back from a worker: the file index, the report and the members."""
+        for meta in batch["meta"]:
+            if meta:
+                self._add_meta(json.loads(meta))
+        for rec in zip(*(batch[c] for c in (*_COLUMNS, "sha256", "reason", "status"))):
+            pos, path_b, label_b, size, ino, mtime, ctime, sha, reason, status = rec
+            path, label = os.fsdecode(path_b), label_b.decode("utf-8", "surrogateescape")
+            self.done += 1
+            if sha and size >= 0:
+                self.index.record(Path(path), fileindex.Stamp(int(size), int(ino), int(mtime), int(ctime)), sha,
+                                  listed_at_ns)
+            if reason:
+                self.skipped.append({"path": path, "reason": reason})
+                if sha:
+                    self.index.record_failure(Path(path), reason)
+                continue
+            self.placed.append((int(pos), Member(path, label, sha)))
+            if status == CACHED or sha in self.first_copy:  # cached before, or a copy of a file embedded now
+                self.reused_files += 1
+            else:
+                self.first_copy.add(sha)
+
+    def _add_meta(self, meta: dict) -> None:
+        self.nodes[meta["node"]] = self.nodes.get(meta["node"], 0) + meta["images"]
+        if meta["journal"]:
+            self.journals.add(meta["journal"])
+        for k in self._described:
+            self._described[k].add(meta[k])
+        for stage, s in meta["seconds"].items():
+            self.timer.add(stage, s)
+
+    def _wait_for_journals(self) -> None:
+        """Each actor publishes its journal as Ray Data lets it go; wait (bounded) until every journal is gone or
+        its writer dead, so that the driver publishes, not the next run."""
+        deadline = time.monotonic() + JOURNAL_WAIT_S
+        pending = {Path(j) for j in self.journals}
+        while pending and time.monotonic() < deadline:
+            pending = {p for p in pending if p.exists() and not _released(p)}
+            if pending:
+                time.sleep(0.1)
+
+
+_COLUMNS = ("pos", "path", "label", "size", "ino", "mtime", "ctime")
+
+
+def _types(pa) -> list:
+    return [pa.int64(), pa.binary(), pa.binary(), pa.int64(), pa.uint64(), pa.int64(), pa.int64()]
+
+
+def _released(journal: Path) -> bool:
+    """Whether a journal's writer is gone (its flock is free)."""
+    fd = try_lock(journal)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _worker_error(e: BaseException) -> str:
+    """The worker's own error: the first exception line of the traceback text that Ray's wrappers carry (the
+    exception itself comes back only as text)."""
+    found = [line for line in str(e).splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    return found[0] if found else first_line(e)
