@@ -21,17 +21,8 @@ from featpipe.features import load_features
 from featpipe.heads import HeadConfig, cross_validate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from warm_start import make_images  # noqa: E402  (a sibling script, not a package)
-
-
-def overlapping(n: int, seed: int, classes: int = 5, dim: int = 1280) -> tuple[np.ndarray, np.ndarray]:
-    """tests/test_heads.py's probe that is neither trivial nor hopeless."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((16, dim)).astype(np.float32) / 4
-    centres = rng.standard_normal((classes, 16)).astype(np.float32) * 0.5
-    y = rng.integers(0, classes, n)
-    latent = centres[y] + rng.standard_normal((n, 16), dtype=np.float32)
-    return np.maximum(latent @ mix + 0.5 * rng.standard_normal((n, dim), dtype=np.float32), 0), y
+from heads import overlapping  # noqa: E402  (sibling scripts, not a package)
+from warm_start import make_images  # noqa: E402
 
 
 def sets(workdir: Path) -> dict:
@@ -43,7 +34,7 @@ def sets(workdir: Path) -> dict:
         f = load_features(ExtractConfig(data_dir=data, cache_dir=workdir / "cache"), progress=False)
         out[name] = (f.X, f.y, f.classes, f.groups)
     for seed in (0, 1):
-        X, y = overlapping(1500, seed)
+        X, y = overlapping(1500, seed, dim=1280)
         out[f"overlapping-{seed}"] = (X, y, [str(c) for c in range(5)], np.arange(len(y)))
     return out
 

@@ -17,6 +17,7 @@ from featpipe.extract import ExtractConfig
 from featpipe.features import Features, from_result, load_features
 from featpipe.heads import Head, HeadConfig, accuracy, fit_head, unit_norm
 from featpipe.splits import check_folds, kfold, val_split
+from bench.heads import overlapping
 from tests.conftest import run_cli, run_json
 
 KEYS = {"head", "backbone", "train_accuracy", "val_accuracy", "cv_accuracy_mean", "cv_accuracy_std", "fit_seconds",
@@ -281,20 +282,10 @@ def test_a_head_without_unit_norm_round_trips(feats):
     np.testing.assert_allclose(head.predict_proba(feats.X[:8]), want, atol=1e-5)
 
 
-def _overlapping(n: int, seed: int = 0, classes: int = 5, dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Post-ReLU features of overlapping classes (a logistic head is right on ~75 % of fresh rows, not 100 %)."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((16, dim)).astype(np.float32) / 4
-    centres = rng.standard_normal((classes, 16)).astype(np.float32) * 0.5
-    y = rng.integers(0, classes, n)
-    latent = centres[y] + rng.standard_normal((n, 16), dtype=np.float32)
-    return np.maximum(latent @ mix + 0.5 * rng.standard_normal((n, dim), dtype=np.float32), 0), y
-
-
 def test_c_search_switches_to_a_holdout_above_holdout_rows():
     """Up to holdout_rows training rows: every C on inner folds; above: a hold-out and a handful of fits, with an
     accuracy as good on fresh rows."""
-    X, y = _overlapping(6000)
+    X, y = overlapping(6000)
     train, test = np.arange(4000), np.arange(4000, 6000)
     small = fit_head(X, y, 5, HeadConfig(), rows=train)
     large = fit_head(X, y, 5, HeadConfig(holdout_rows=3999), rows=train)
@@ -345,7 +336,7 @@ def test_float16_features_fit_like_float32(feats):
 
 def test_mlp_minibatches_match_full_batch_accuracy():
     """On more rows than one batch, the minibatch MLP scores as the full-batch one did, in far fewer epochs."""
-    X, y = _overlapping(4000, seed=1)
+    X, y = overlapping(4000, seed=1)
     train, test = np.arange(3000), np.arange(3000, 4000)
     mini = fit_head(X, y, 5, HeadConfig("mlp"), rows=train)
     full = fit_head(X, y, 5, HeadConfig("mlp", batch_size=10**9), rows=train)
