@@ -47,7 +47,7 @@ def main() -> None:
     X, y, copies, flipped = planted(a.rows, a.classes, a.dim, a.planted)
     paths = [f"/synthetic/{i:08d}.jpg" for i in range(a.rows)]
     f = Features(X=X, y=y, classes=[f"c{c}" for c in range(a.classes)], paths=paths, result=None,
-                 groups=np.arange(a.rows))
+                 groups=np.arange(a.rows), sha256=[f"{i:064x}" for i in range(a.rows)])
     t0 = time.perf_counter()
     found = examine(f, None, AuditConfig(extract=ExtractConfig()))
     total = time.perf_counter() - t0
