@@ -15,7 +15,7 @@ from featpipe.dataset import class_folders, shipped_dataset
 from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig, shard_patterns
 from featpipe.features import Features, load_features
-from featpipe.splits import Split, val_split
+from featpipe.splits import Split, split_column, val_split
 
 
 @dataclass
@@ -119,12 +119,8 @@ def with_held_out(f: Features, val: Features, flag: str) -> tuple[Features, Spli
 def given_split(f: Features) -> tuple[Features, Split, Features | None]:
     """--labels' split column: (the train and val rows, their split, the test rows or None)."""
     which = np.array([f.result.splits.get(p, "") for p in f.paths])
-    keep, test = np.flatnonzero(which != "test"), np.flatnonzero(which == "test")
-    split = Split(np.flatnonzero(which[keep] == "train"), np.flatnonzero(which[keep] == "val"))
-    missing = sorted(set(range(len(f.classes))) - set(f.y[keep][split.train].tolist()))
-    if missing:
-        raise UserError(f"the --labels split column puts no image of class {f.classes[missing[0]]!r} in train"
-                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    keep, split = split_column(which, f.y, f.classes)
+    test = np.flatnonzero(which == "test")
     return rows_of(f, keep), split, (rows_of(f, test) if len(test) else None)
 
 

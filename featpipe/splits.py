@@ -60,6 +60,18 @@ def val_split(y: np.ndarray, classes: list[str], fraction: float, seed: int, zer
     return Split(np.flatnonzero(~held), np.flatnonzero(held))
 
 
+def split_column(which: np.ndarray, y: np.ndarray, classes: list[str]) -> tuple[np.ndarray, Split]:
+    """A --labels split column (per row "train", "val" or "test") as (the train and val rows, their split); a class
+    without training rows is refused, as it would silently vanish from the model."""
+    keep = np.flatnonzero(which != "test")
+    split = Split(np.flatnonzero(which[keep] == "train"), np.flatnonzero(which[keep] == "val"))
+    missing = sorted(set(range(len(classes))) - set(y[keep][split.train].tolist()))
+    if missing:
+        raise UserError(f"the --labels split column puts no image of class {classes[missing[0]]!r} in train"
+                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return keep, split
+
+
 @dataclass(frozen=True)
 class Groups:
     """Rows -> content groups, numbered in order of each group's first row."""

@@ -26,7 +26,7 @@ from featpipe.decode import default_decode_threads, make_decoder, probe_files, r
 from featpipe.errors import UserError
 from featpipe.features import find_duplicates
 from featpipe.preprocess import Preprocessing
-from featpipe.splits import Split, content_groups, val_split
+from featpipe.splits import Split, content_groups, split_column, val_split
 
 PREFETCH = 2  # batches decoding ahead of the one in use: hides decoding behind a step, memory stays bounded
 
@@ -126,9 +126,12 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
 
     t0 = time.perf_counter()
     root, files, classes, splits = labelled_files(data_dir, labels)
-    if splits:
-        files, classes = _train_and_val(files, classes, splits, labels)
-    files = sorted(files, key=lambda f: str(f.path))
+    if any(v == "test" for v in splits.values()):
+        print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
+              file=sys.stderr)
+    files = sorted((f for f in files if splits.get(str(f.path)) != "test"), key=lambda f: str(f.path))
+    if not files:
+        raise UserError(f"the split column of {labels} has only test rows: nothing to train on")
     checked = probe_files([f.path for f in files])
     for f, (_, why) in zip(files, checked):
         if why:
@@ -138,32 +141,20 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
         raise UserError("no decodable image to train on")
     paths = [str(files[i].path) for i in keep]
     names = [files[i].label for i in keep]
+    y = np.array([classes.index(label) for label in names], dtype=np.int64)
+    given = _given(paths, y, classes, splits, labels) if splits else None  # before: its message names the class
     require_every_class(root, classes, set(names))
     digests = [checked[i][0] for i in keep]
     groups = content_groups(digests)
     find_duplicates(paths, names, groups).report()
-    y = np.array([classes.index(label) for label in names], dtype=np.int64)
     return split_images(paths, y, classes, digests, groups, registry.resolve(backbone).preprocessing, val_fraction,
-                        seed, time.perf_counter() - t0, given_split(paths, splits, labels) if splits else None)
+                        seed, time.perf_counter() - t0, given)
 
 
-def _train_and_val(files: list, classes: list[str], splits: dict[str, str], labels: Path) -> tuple[list, list[str]]:
-    """A split column's train and val rows; every class needs train rows (as fit-head and finetune require)."""
-    trained = {f.label for f in files if splits[str(f.path)] == "train"}
-    missing = [c for c in classes if c not in trained]
-    if missing:
-        raise UserError(f"the split column of {labels} puts no image of class {missing[0]!r} in train"
-                        + (f" (nor of {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if any(v == "test" for v in splits.values()):
-        print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
-              file=sys.stderr)
-    return [f for f in files if splits[str(f.path)] != "test"], classes
-
-
-def given_split(paths: list[str], splits: dict[str, str], labels: Path | None) -> tuple[Split, str]:
-    which = np.array([splits[p] for p in paths])
-    split = Split(np.flatnonzero(which == "train"), np.flatnonzero(which == "val"))
-    if not len(split.val) or not len(split.train):
-        raise UserError(f"training needs train and val rows, and the split column of {labels} gives "
-                        f"{len(split.train)} train and {len(split.val)} val")
+def _given(paths: list[str], y: np.ndarray, classes: list[str], splits: dict[str, str],
+           labels: Path) -> tuple[Split, str]:
+    _, split = split_column(np.array([splits[p] for p in paths]), y, classes)
+    if not len(split.val):
+        raise UserError(f"training stops early on validation accuracy, and the split column of {labels} gives no "
+                        f"val row")
     return split, f"split column of {labels}"
