@@ -39,6 +39,8 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
     for flag, d in (("--val-dir", val_dir), ("--test-dir", test_dir)):
         if d is not None and not Path(d).is_dir():
             raise UserError(f"{flag} {d} is not a directory")
+        if d is not None and not class_folders(Path(d)):
+            raise UserError(f"{flag} {d} has no class folders: a held-out set is {d}/<class>/<image>")
     for flag, d in (("DATA_DIR", extract.data_dir or shipped_dataset()), ("--val-dir", val_dir)):
         if test_dir is not None and d is not None and os.path.realpath(test_dir) == os.path.realpath(d):
             raise UserError(f"--test-dir is {flag}: a test set must be images that nothing was fitted or chosen on")

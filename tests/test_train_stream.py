@@ -139,6 +139,11 @@ def test_output_and_held_out_folders_are_checked_before_any_work(tmp_path, small
     with pytest.raises(UserError, match="not a writable directory"):
         output_dir(tmp_path / "afile" / "sub", "m", None, force=False)
     extract = ExtractConfig(data_dir=small_data)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "one.jpg").write_bytes(next((small_data / "tools").iterdir()).read_bytes())
+    with pytest.raises(UserError, match=f"--val-dir {flat} has no class folders"):
+        check_folders(extract, flat, None)
     for val, test, flag in ((small_data, small_data, "DATA_DIR"), (tmp_path, tmp_path, "--val-dir")):
         with pytest.raises(UserError, match=f"--test-dir is {flag}"):
             check_folders(extract, None if flag == "DATA_DIR" else val, test)
