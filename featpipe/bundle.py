@@ -44,12 +44,6 @@ class Bundle:
     finetuned: bool = False
     path: Path | None = None  # where it was loaded from
 
-    def backbone_state(self) -> dict:
-        """The fine-tuned backbone's state dict (torch tensors); only for finetuned bundles."""
-        from safetensors.torch import load_file
-
-        return load_file(str(self.path / BACKBONE_FILE))
-
 
 def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
     """Write the array files, then bundle.json (atomically, last): a bundle.json present means a whole bundle."""
