@@ -202,7 +202,8 @@ def _result(method: str, model: Classifier, images: Images, device: torch.device
     test = {}
     if held is not None and held.test is not None:  # once, with the chosen epoch's weights
         t = held.test
-        got = _scored(model, stream(t.paths, np.arange(len(t.y)), 64, images.pre, strict=True), device, precision)
+        crops = stream(t.paths, np.arange(len(t.y)), 64, images.pre, True, images.decoder, images.cuda)
+        got = _scored(model, crops, device, precision)
         test = held.test_report(float((got[1] == t.y).mean()))
     params = list(model.parameters())
     return TrainResult(
