@@ -72,9 +72,7 @@ def _inner_cv(rows, y, Cs, folds, seed, groups, threads) -> Search:
             return tuple(np.mean([s for _, s in out], axis=0))
 
         scores = search_path(score, len(Cs))
-    tried = sorted(scores)
-    acc, loss = (np.array([scores[i][j] for i in tried]) for j in (0, 1))
-    best = tried[_best(acc, loss)]
+    tried, acc, loss, best = _ranked(scores)
     return Search(Cs[best], float(scores[best][0]), _tried("inner-cv", [Cs[i] for i in tried], acc, loss)
                   | {"folds": folds})
 
@@ -93,9 +91,7 @@ def _holdout(rows, y, Cs, seed, groups, fraction, threads) -> Search:
         return models[i].evaluate(held, y[split.val])
 
     scores = search_path(score, len(Cs))
-    tried = sorted(scores)
-    acc, loss = (np.array([scores[i][j] for i in tried]) for j in (0, 1))
-    best = tried[_best(acc, loss)]
+    tried, acc, loss, best = _ranked(scores)
     report = _tried("holdout", [Cs[i] for i in tried], acc, loss) | {"holdout_rows": int(len(split.val)),
                                                                      "steps": steps}
     return Search(Cs[best], float(scores[best][0]), report, init=models[best])
@@ -112,13 +108,19 @@ def search_path(score: Callable[[int, int | None], tuple[float, float]],
         scores[i] = score(i, i - 2 if i else None)
         if i and scores[i][0] < max(a for a, _ in scores.values()) and scores[i][1] > scores[i - 2][1]:
             break
-    coarse = sorted(scores)
-    top = coarse[_best(*(np.array([scores[i][j] for i in coarse]) for j in (0, 1)))]
+    top = _ranked(scores)[3]
     side = [i for i in (top - 2, top + 2) if i in scores]  # the optimum lies towards the better neighbour
     toward = max(side, key=lambda i: (scores[i][0], -scores[i][1])) if side else top
     if toward != top:
         scores[(top + toward) // 2] = score((top + toward) // 2, top)
     return scores
+
+
+def _ranked(scores: dict[int, tuple[float, float]]) -> tuple[list[int], np.ndarray, np.ndarray, int]:
+    """(grid positions tried, their accuracy, their log-loss, the best position)."""
+    tried = sorted(scores)
+    acc, loss = (np.array([scores[i][j] for i in tried]) for j in (0, 1))
+    return tried, acc, loss, tried[_best(acc, loss)]
 
 
 def _best(acc: np.ndarray, loss: np.ndarray) -> int:
