@@ -55,8 +55,8 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
 
 def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir: Path | None, val_fraction: float,
             seed: int, progress: bool = True, val_needed: bool = False) -> Arranged:
-    """`val_needed`: the caller stops on validation accuracy (fine-tune, the experiment): --val-fraction 0 is no
-    way out of a class too small to hold out."""
+    """`val_needed`: the caller stops on validation accuracy (fine-tune, the experiment): it needs validation images,
+    and --val-fraction 0 is no way out of a class too small to hold out."""
     test, given = None, bool(f.result.splits)
     if given:
         if val_dir is not None or test_dir is not None:
@@ -74,6 +74,8 @@ def arrange(f: Features, extract: ExtractConfig, val_dir: Path | None, test_dir:
     elif not given:
         split = val_split(f.y, f.classes, val_fraction, seed, zero_ok=not val_needed, groups=f.groups)
         how = f"random {val_fraction:g} split"
+    if val_needed and not len(split.val):
+        raise UserError(f"training stops early on validation accuracy, and the {how} gives no validation image")
     if test_dir is not None:
         test = features_of(extract, test_dir, progress)
     flag = "--test-dir" if test_dir else "the test split"

@@ -255,12 +255,8 @@ def training_data(cfg: TrainConfig) -> Arranged:
 
     extract = cfg.extract_config()
     check_folders(extract, cfg.val_dir, cfg.test_dir)
-    held = arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed,
+    return arrange(load_features(extract), extract, cfg.val_dir, cfg.test_dir, cfg.val_fraction, cfg.seed,
                    val_needed=True)
-    if not len(held.split.val):
-        raise UserError(f"fine-tuning stops early on validation accuracy, and the {held.validation} gives no "
-                        f"validation image")
-    return held
 
 
 def finetune(cfg: TrainConfig, held: Arranged, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),

@@ -156,5 +156,5 @@ def _given(paths: list[str], y: np.ndarray, classes: list[str], splits: dict[str
     _, split = split_column(np.array([splits[p] for p in paths]), y, classes)
     if not len(split.val):
         raise UserError(f"training stops early on validation accuracy, and the split column of {labels} gives no "
-                        f"val row")
+                        f"validation image")
     return split, f"split column of {labels}"
