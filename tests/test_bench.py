@@ -93,3 +93,23 @@ def test_audit_bench_finds_what_it_planted(tmp_path):
     assert set(r["seconds"]) == {"duplicates", "label_issues", "cv", "files"} and all(
         v > 0 for v in r["seconds"].values())
     assert r["planted_copies_found"] == "40/40" and r["label_issues"] > 0
+
+
+def test_extract_scale_bench_copies_are_distinct_files_with_the_same_pixels(tmp_path):
+    """bench/extract_scale.py at a toy size: its copies carry their own hash (all computed, none reused) and decode
+    to their source's pixels, so scale comes from files, not from other images; every run and sample reported."""
+    from PIL import Image
+
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "extract_scale.py"), "--images", "40", "--distinct",
+                           "10", "--sizes", "small", "--device", "cpu", "--repeats", "1", "--gil-intervals",
+                           "0.001,0.005", "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [x["gil_interval"] for x in r["runs"]] == [0.001, 0.005] and set(r["img_s_median"]) == {"0.001", "0.005"}
+    assert r["runs"][-1]["samples"] and all("read" in x["stages"] and x["computed"] == 40 for x in r["runs"])
+    copies = sorted((tmp_path / "w" / "images-40-10-small").rglob("*.jpg"))
+    first, again = copies[0], copies[0].with_name(f"{int(copies[0].stem) + 10:07d}.jpg")  # same source, i % 10
+    assert len(copies) == 40 and first.read_bytes() != again.read_bytes()
+    assert Image.open(first).tobytes() == Image.open(again).tobytes()

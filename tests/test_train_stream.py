@@ -166,3 +166,16 @@ def test_weights_that_do_not_fit_name_the_keys():
     with pytest.raises(RuntimeError) as e:
         net.load_state_dict({"weight": torch.zeros(3, 5), "bias": torch.zeros(3)})
     assert "size mismatch for weight" in state_mismatch(e.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_training_batches_on_a_gpu_are_nvjpeg_crops_that_match_the_cpu_twin(images):
+    """What finetune streams on a GPU (decoder auto, cuda 0): crops already on the card, the same images as the
+    CPU twin within resampling noise, in the same order."""
+    order = np.arange(len(images.paths))
+    pre = registry.resolve("mobilenet_v2").preprocessing
+    gpu = list(stream(images.paths, order, 8, pre, True, "auto", 0))
+    twin = list(stream(images.paths, order, 8, pre, True, "torchvision"))
+    assert all(x.is_cuda for _, x in gpu) and [i.tolist() for i, _ in gpu] == [i.tolist() for i, _ in twin]
+    a, b = (torch.cat([x.cpu() for _, x in run]).float() for run in (gpu, twin))
+    assert a.shape == b.shape and (a - b).abs().mean() < 1.0, (a - b).abs().mean()
