@@ -49,6 +49,7 @@ RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working
 ACTOR_START_S = 600  # for the pool's actors to start (model loaded): then a clear error, not a wait forever
 JOURNAL_WAIT_S = 120  # after the dataset: how long the actors get to publish their journals as they exit
 PROGRESS_EVERY = 256  # listed files between progress updates
+LISTING = ".ray-listing"  # <cache dir>/.ray-listing-<host>-<driver pid>-<random>: one driver's file records
 
 
 class RayDataEngine:
@@ -78,7 +79,8 @@ class RayDataEngine:
     def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
         if isinstance(files, Shards):  # refused in ExtractConfig already; here for direct callers
             raise UserError("--engine ray takes a folder, a label file or files; WebDataset shards need --engine local")
-        listing = cache.root.resolve() / f".ray-listing-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        remove_dead_listings(cache.root.resolve())
+        listing = cache.root.resolve() / f"{LISTING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             listed_at_ns = time.time_ns()  # before any stat: no later than any worker's read
             rows = self._list(files, known, listing, progress, len(files))
@@ -233,3 +235,14 @@ def _worker_error(e: BaseException) -> str:
     exception itself comes back only as text)."""
     found = [line for line in str(e).splitlines() if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", line)]
     return found[0] if found else first_line(e)
+
+
+def remove_dead_listings(root: Path) -> None:
+    """Listings that drivers on this host left when they were killed (their pid is gone); other hosts' are theirs
+    to judge."""
+    import psutil  # featpipe[ray] installs it with Ray
+
+    for d in root.glob(f"{LISTING}-{socket.gethostname()}-*"):
+        pid = d.name[len(f"{LISTING}-{socket.gethostname()}-"):].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)

@@ -149,6 +149,38 @@ def test_local_ray_leaves_no_process_behind(ray_run):
     assert ray_run[3] == []
 
 
+def test_a_killed_driver_loses_only_what_was_in_flight(shipped):
+    """SIGKILL the driver once its actors have journalled rows: its local Ray goes too (the raylet and GCS at once,
+    PR_SET_PDEATHSIG on the thread that started them; their agents a minute later), and the next run publishes the
+    dead actors' journals, computes only the rest, removes the dead driver's file listing and ends with every
+    image exactly once."""
+    cache = Path(tempfile.mkdtemp(prefix="fp-", dir="/tmp"))  # short: Ray's session dir is <cache>/.ray
+    run_id = uuid.uuid4().hex
+    args = ["extract", shipped, "--engine", "ray", "--workers", "2", "--cache-dir", cache, *SAME[:4],
+            "--batch-size", "4"]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "featpipe", *map(str, args)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "FEATPIPE_TEST_RUN": run_id})
+        deadline = time.monotonic() + 300
+        while not any(p.stat().st_size for p in cache.rglob("journal-*.fpj")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before the test could kill it"
+            time.sleep(0.05)
+        assert proc.poll() is None, "no actor journalled a row in time"
+        proc.kill()
+        proc.wait()
+        assert list(cache.glob(".ray-listing-*")), "the killed driver's listing should be there to clean up"
+        # Ray's agents outlive their raylet by ~61 s: they publish its death to a GCS that died with it, and
+        # ray/_private/utils.py's publish_error_to_driver gives that a fixed 60 s timeout
+        assert processes_left(cache / ".ray", f"FEATPIPE_TEST_RUN={run_id}", wait=90) == []
+        again = run_json(*args)
+        total = len({p.read_bytes() for p in shipped.rglob("*.jpg")})
+        info = run_json("cache", "info", "--cache-dir", cache)["caches"][0]
+        assert 0 < again["computed"] < total and info["rows"] == total, (again["computed"], info["rows"], total)
+        assert not list(cache.glob(".ray-listing-*"))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_more_workers_than_cpus_is_a_user_error(small_data, tmp_path):
     """A local Ray used to be given as many CPUs as --workers asked for; now: one line, before Ray starts."""
     n = len(os.sched_getaffinity(0)) + 6
