@@ -265,6 +265,31 @@ def test_two_node_cluster_runs_actors_on_both_nodes(cluster, small_data, tmp_pat
     assert all(int(n) > 0 for n in re.findall(r"node \w+ (\d+)", per_node))
 
 
+def test_on_a_gpu_cluster_each_actor_takes_a_gpu(small_data, tmp_path):
+    """The GPU path's scheduling, on a node that declares one GPU (Ray counts it; torch still runs on the CPU
+    here): one actor per GPU, so `--workers 2` is refused in one line naming both limits, and the default runs
+    everything on one actor."""
+    from ray.cluster_utils import Cluster
+
+    temp = Path(tempfile.mkdtemp(prefix="fpgpu-", dir="/tmp"))
+    (temp / "ray").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", str(temp))
+        c = Cluster()
+        try:
+            c.add_node(num_cpus=2, num_gpus=1, include_dashboard=False, temp_dir=str(temp))
+            c.wait_for_nodes()
+            flags = ("--engine", "ray", "--ray-address", c.address, "--cache-dir", tmp_path / "c", *SAME)
+            refused = one_line(run_cli("extract", small_data, *flags, "--workers", "2"))
+            assert "it has 2 CPUs and 1 GPUs, and each worker needs one CPU and one GPU" in refused
+            res = run_cli("extract", small_data, *flags, "--json", check=True)
+        finally:
+            c.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+    assert json.loads(res.stdout)["computed"] == 20
+    assert re.search(r"node \w+ 20\b", NODES.search(res.stderr).group(3)), res.stderr[-2000:]
+
+
 RCHAR_CHILD = """
 import json, sys
 from pathlib import Path
