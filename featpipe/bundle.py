@@ -1,7 +1,9 @@
 """Model bundle: a directory you can copy anywhere and `featpipe predict` with. No pickle anywhere.
 
     bundle.json          what produced it (backbone, weights sha256, preprocessing, classes, head, metrics,
-                         featpipe version) and the sha256 of every array file
+                         featpipe version) and the sha256 of every array file; `more_backbones` (same three
+                         fields each, and `tta`) when the head reads several backbones' embeddings side by
+                         side; `tta: "flip"` when a backbone's embeddings average each image with its mirror
     head.safetensors     the head's arrays (featpipe.heads.Head.arrays)
     backbone.safetensors optional: a fine-tuned backbone's full state dict (`"finetuned": true` in bundle.json);
                          predict loads it instead of the pretrained weights
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,17 @@ class Bundle:
     data: dict = field(default_factory=dict)  # {"dir", "class_counts"}: what it was trained on
     finetuned: bool = False
     path: Path | None = None  # where it was loaded from
+    # further backbones whose embeddings sit beside the first one's (feature_sets.py): backbone, weights_sha256,
+    # preprocessing each; the head reads their rows side by side, in this order
+    more: list[dict] = field(default_factory=list)
+    tta: str = "none"  # "flip": the first backbone's embeddings are averaged with the mirror image's (extract --tta)
+
+    def split(self) -> list["Bundle"]:
+        """One single-backbone bundle per backbone, in column order: what predict embeds each part's rows with
+        (each keeps the whole head: use it for embeddings, not for the head)."""
+        return [self, *(replace(self, backbone=p["backbone"], weights_sha256=p["weights_sha256"],
+                                preprocessing=p["preprocessing"], tta=p.get("tta", "none"), more=[])
+                        for p in self.more)]
 
 
 def save(bundle: Bundle, out: Path, backbone_state: dict | None = None) -> Path:
@@ -101,7 +114,9 @@ def _manifest(b: Bundle, files: dict[str, str], finetuned: bool) -> dict:
             "backbone": b.backbone, "weights_sha256": b.weights_sha256,
             "preprocessing": json.loads(b.preprocessing.to_json()), "classes": b.classes,
             "head": {"kind": b.head.kind, "params": b.head.params}, "metrics": b.metrics, "data": b.data,
-            "finetuned": finetuned, "files": files}
+            "finetuned": finetuned, "files": files, **({} if b.tta == "none" else {"tta": b.tta}),
+            **({"more_backbones": [p | {"preprocessing": json.loads(p["preprocessing"].to_json())} for p in b.more]}
+               if b.more else {})}
 
 
 def load(path: Path) -> Bundle:
@@ -123,14 +138,25 @@ def load(path: Path) -> Bundle:
             raise UserError(f"model bundle {root}: classes must be a list of at least 2 distinct names")
         head = Head(m["head"]["kind"], _read_arrays(root / HEAD_FILE), m["head"].get("params", {}))
         pre = Preprocessing.from_json(json.dumps(m["preprocessing"]))
+        more = [{"backbone": str(p["backbone"]), "weights_sha256": str(p["weights_sha256"]),
+                 "preprocessing": Preprocessing.from_json(json.dumps(p["preprocessing"])),
+                 "tta": _tta(p.get("tta", "none"), root)} for p in m.get("more_backbones", [])]
         bundle = Bundle(m["backbone"], m["weights_sha256"], pre, classes, head, m.get("metrics", {}),
-                        m.get("data", {}), m.get("finetuned") is True, root)
+                        m.get("data", {}), m.get("finetuned") is True, root, more, _tta(m.get("tta", "none"), root))
+        if more and bundle.finetuned:
+            raise UserError(f"model bundle {root}: a fine-tuned backbone with more_backbones is not readable")
     except KeyError as e:
         raise UserError(f"model bundle {root}: bundle.json lacks {e}") from None
     except (TypeError, AttributeError, ValueError) as e:
         raise UserError(f"model bundle {root}: bundle.json has a malformed field ({e})") from None
     _check_head(bundle)
     return bundle
+
+
+def _tta(value, root: Path) -> str:
+    if value not in ("none", "flip"):
+        raise UserError(f"model bundle {root}: tta {value!r} is not one this featpipe knows (none, flip)")
+    return value
 
 
 def _read_manifest(root: Path) -> dict:

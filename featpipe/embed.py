@@ -71,6 +71,7 @@ class Embedder:
     model: Backbone
     device: torch.device
     precision: str
+    flip: bool = False  # test-time augmentation: the embedding of each image and of its mirror image, averaged
 
     def __post_init__(self) -> None:
         self.model = self.model.to(self.device).eval().to(memory_format=torch.channels_last)
@@ -97,6 +98,8 @@ class Embedder:
         x = x.to(self.device, non_blocking=True) if x.device != self.device else x
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(x).float()
+            if self.flip:  # x is NHWC: dim 2 is the width
+                out = (out + self.model(x.flip(2)).float()) / 2
         if self.device.type != "cuda":
             return out.numpy()
         host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)

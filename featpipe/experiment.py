@@ -273,7 +273,7 @@ def run_head(cfg: ExperimentConfig, held) -> tuple[dict, np.ndarray]:
     f, split = held.features, held.split
     hc = HeadConfig(kind=cfg.head, seed=cfg.seed)
     k = min(cfg.cv, int(Groups.of(f.y, f.groups).per_class(len(f.classes)).min()))
-    head, s = fit_and_score(f, split, hc, k if k >= 2 else None)
+    head, s, _ = fit_and_score(f, split, hc, k if k >= 2 else None)
     pred = head.predict_proba(f.X[split.val]).argmax(1)
     r = {"method": "head", "backbone": f.result.backbone, "train_accuracy": s["train_accuracy"],
          "val_accuracy": s["val_accuracy"], "train_seconds": round(s["fit_seconds"], 3),

@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DECODERS = ("auto", "dali", "torchvision", "pil")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("local", "ray")
+TTA = ("none", "flip")
 
 
 @dataclass
@@ -47,10 +48,12 @@ class ExtractConfig:
     files: list[Path] | None = None  # these files, unlabelled, instead of a data dir (predict); none may decode
     shards: list[str] | None = None  # WebDataset .tar shards (paths, brace patterns, globs) instead of a data dir
     labelled: bool = False  # shards for training: a sample without a label is refused (folders are checked before)
+    tta: str = "none"  # "flip": each embedding averaged with its mirror image's, cached under its own key
 
     def __post_init__(self) -> None:
         for flag, value, allowed in (("--device", self.device, DEVICES), ("--decoder", self.decoder, DECODERS),
-                                     ("--precision", self.precision, PRECISIONS), ("--engine", self.engine, ENGINES)):
+                                     ("--precision", self.precision, PRECISIONS), ("--engine", self.engine, ENGINES),
+                                     ("--tta", self.tta, TTA)):
             if value not in allowed:
                 raise UserError(f"{flag} must be one of {', '.join(allowed)} (got {value!r})")
         if self.batch_size is not None and self.batch_size < 1:
@@ -136,7 +139,8 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     spec = registry.resolve(cfg.backbone)
     root, files, classes, listed = _inputs(cfg)
     cfg = replace(cfg, precision=key_precision(cfg))
-    key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim, cfg.precision)
+    key = CacheKey(spec.name, _weights_sha256(spec, cfg.weights), spec.preprocessing, spec.dim, cfg.precision,
+                   cfg.tta)
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:

@@ -7,11 +7,12 @@ from the data dir keeps its cache row yet never reaches a head, and a moved imag
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 
+from featpipe import feature_sets
 from featpipe.cache import RowsGone
 from featpipe.dataset import require_labels
 from featpipe.extract import ExtractConfig, ExtractResult, shard_patterns
@@ -28,6 +29,22 @@ class Features:
     result: ExtractResult  # the extract run that guaranteed the rows (backbone, weights sha, preprocessing)
     groups: np.ndarray  # int64 (N,): equal for files with identical bytes (every split keeps them together)
     sha256: list[str]  # each row's content hash: its cache key
+    more: list[ExtractResult] = field(default_factory=list)  # further backbones' runs: X holds them side by side
+
+    @property
+    def results(self) -> list[ExtractResult]:
+        return [self.result, *self.more]
+
+    def narrowed(self, parts: tuple[str, ...]) -> "Features":
+        """The same images with only these parts' columns (feature_sets.py), in this order."""
+        blocks, run = self.blocks(), {feature_sets.part_of(r.cache.key): r for r in self.results}
+        return replace(self, X=feature_sets.side_by_side([blocks[p] for p in parts]), result=run[parts[0]],
+                       more=[run[p] for p in parts[1:]])
+
+    def blocks(self) -> dict[str, np.ndarray]:
+        """Part name (feature_sets.part_of) -> its columns of X (views, no copy)."""
+        ends = np.cumsum([r.dim for r in self.results])
+        return {feature_sets.part_of(r.cache.key): self.X[:, e - r.dim:e] for r, e in zip(self.results, ends)}
 
     def data(self) -> dict:
         """What bundle.json and every training summary record about the training data."""
@@ -75,21 +92,27 @@ def find_duplicates(paths: list[str], labels: list[str], groups: np.ndarray) -> 
 def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = True) -> Features:
     """Make sure the cache is complete (extracting what is missing), then read the current images' rows. Rows gone
     since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more.
-    labelled=False also takes a flat folder of images (label "")."""
+    labelled=False also takes a flat folder of images (label ""). A backbone of several names (`a,b`, `auto`:
+    feature_sets.py) gives their rows side by side, each at unit length."""
+    each = [dict(zip(("backbone", "tta"), feature_sets.backbone_and_tta(p, cfg.tta)))
+            for p in feature_sets.parts(cfg.backbone)]
+    if len(each) == 1:
+        features = _load(replace(cfg, **each[0]), progress, labelled)
+    else:
+        features = _side_by_side([_load(replace(cfg, **e), progress, labelled) for e in each])
+    features.duplicates.report()
+    return features
+
+
+def _load(cfg: ExtractConfig, progress: bool, labelled: bool) -> Features:
     if labelled and shard_patterns(cfg) is not None:  # their labels are known only once they are read
         cfg = replace(cfg, labelled=True)
     elif labelled and cfg.labels is None:
         require_labels(cfg.data_dir)
-    for attempt in range(2):
-        result = _extract(cfg, progress)
-        try:
-            features = from_result(result)
-            break
-        except RowsGone:
-            if attempt:
-                raise
-    features.duplicates.report()
-    return features
+    try:
+        return from_result(_extract(cfg, progress))
+    except RowsGone:  # read once more, after extracting again what went missing
+        return from_result(_extract(cfg, progress))
 
 
 def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
@@ -114,3 +137,17 @@ def from_result(result: ExtractResult) -> Features:
     require_finite(X, [m.path for m in members])
     return Features(X, y, classes, [m.path for m in members], result, content_groups(digests), digests)
 
+
+def _side_by_side(each: list[Features]) -> Features:
+    """One Features of several backbones' rows of the same images (a file one backbone's run skipped is left out
+    of all)."""
+    common = set.intersection(*(set(f.paths) for f in each))
+    each = [f if len(f.paths) == len(common) else _only(f, common) for f in each]
+    first = each[0]
+    return replace(first, X=feature_sets.side_by_side([f.X for f in each]), more=[f.result for f in each[1:]])
+
+
+def _only(f: Features, paths: set[str]) -> Features:
+    keep = np.array([p in paths for p in f.paths])
+    return replace(f, X=f.X[keep], y=f.y[keep], paths=[p for p, k in zip(f.paths, keep) if k],
+                   groups=f.groups[keep], sha256=[h for h, k in zip(f.sha256, keep) if k])

@@ -13,6 +13,7 @@ import torch
 
 from featpipe import bundle as B
 from featpipe.errors import UserError
+from featpipe.feature_sets import FLIP
 from featpipe.predict import backbone_for
 
 OPSET = 18
@@ -24,6 +25,10 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
     except ImportError:
         raise UserError("featpipe export --format onnx needs onnx: pip install 'featpipe[onnx]'") from None
     bundle = B.load(model)
+    if bundle.more or bundle.tta != "none":  # one graph, one crop size, no mirror pass: not these yet
+        parts = "+".join(b.backbone + (FLIP if b.tta == "flip" else "") for b in bundle.split())
+        raise UserError(f"model bundle {bundle.path} reads {parts}; ONNX export takes one backbone without "
+                        f"--tta for now (featpipe predict runs it)")
     out = Path(out) if out is not None else Path(bundle.path) / "model.onnx"
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out {out}: " + ("is a folder" if out.is_dir() else f"folder {out.parent} does not exist"))

@@ -20,6 +20,8 @@ from featpipe import table_out
 from featpipe.dataset import as_text
 from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError
+from featpipe.feature_sets import side_by_side
+from featpipe.rows import require_finite
 
 BATCH = 32
 CACHED_BATCH = 8192  # rows read from the cache per head call
@@ -45,6 +47,9 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     if cfg.out is not None:
         table_out.check(cfg.out)
     bundle = B.load(cfg.model)
+    if bundle.more and cfg.weights is not None:
+        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it reads "
+                        f"{len(bundle.more) + 1} backbones' embeddings, each with its own pretrained weights")
     if bundle.finetuned and cfg.weights is not None:  # it would be ignored: backbone.safetensors holds every weight
         raise UserError(f"--weights does not apply to model bundle {bundle.path}: it is fine-tuned and carries its "
                         f"own backbone ({B.BACKBONE_FILE}); drop --weights")
@@ -86,18 +91,19 @@ def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, pro
     """As probability_batches, with the embeddings from an extract run over exactly these files (skips included):
     a fine-tuned bundle's backbone keys its own cache rows (the sha256 of its backbone.safetensors)."""
     from featpipe.extract import ExtractConfig, extract
-    from featpipe.rows import require_finite
 
-    weights = weights_for(bundle, cfg.weights)  # checked before any image is embedded with other weights
-    res = extract(ExtractConfig(files=files, backbone=bundle.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
-                                weights=weights), progress)
+    parts = bundle.split()
+    weights = [weights_for(b, cfg.weights) for b in parts]  # checked before any image is embedded with others
+    runs = [extract(ExtractConfig(files=files, backbone=b.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
+                                  weights=w, tta=b.tta), progress) for b, w in zip(parts, weights)]
+    res = runs[0]
     yield np.empty((0, len(bundle.classes))), [], res.skipped
+    rows = [{m.path: m.sha256 for m in r.members} for r in runs]  # every run decoded the same files
     for start in range(0, len(res.members), CACHED_BATCH):
-        part = res.members[start:start + CACHED_BATCH]
-        X = res.cache.embeddings([m.sha256 for m in part])
-        require_finite(X, [m.path for m in part])
-        proba = bundle.head.predict_proba(X)
-        yield proba, [Path(m.path) for m in part], []
+        part = [m.path for m in res.members[start:start + CACHED_BATCH]]
+        X = side_by_side([r.cache.embeddings([sha[p] for p in part]) for r, sha in zip(runs, rows)])
+        require_finite(X, part)
+        yield bundle.head.predict_proba(X), [Path(p) for p in part], []
 
 
 def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,
@@ -118,12 +124,17 @@ def probability_batches(bundle: B.Bundle, files: list[Path], device: str = "auto
     """Per batch of BATCH files: (probabilities of those that decode, those files, the skipped ones with reasons);
     progress(done, total) before the first batch and after each."""
     progress = progress or (lambda done, total: None)
-    embedder = _embedder(bundle, device, weights, precision)
-    decoder = PilDecoder(bundle.preprocessing)
+    parts = bundle.split()
+    embedders = [_embedder(b, device, weights, precision) for b in parts]
+    decoders = [PilDecoder(b.preprocessing) for b in parts]
     progress(0, len(files))
     for start in range(0, len(files), BATCH):
-        pixels, good, reasons = _decode(files[start:start + BATCH], decoder)
-        proba = bundle.head.predict_proba(embedder(pixels)) if good else np.empty((0, len(bundle.classes)))
+        decoded = [_decode(files[start:start + BATCH], d) for d in decoders]  # each backbone's own crop size
+        _, good, reasons = decoded[0]
+        X = side_by_side([e(pixels) for e, (pixels, _, _) in zip(embedders, decoded)]) if good else None
+        if good:
+            require_finite(X, [str(f) for f in good])
+        proba = bundle.head.predict_proba(X) if good else np.empty((0, len(bundle.classes)))
         progress(min(start + BATCH, len(files)), len(files))
         yield proba, good, [{"path": str(f), "reason": r} for f, r in reasons]
 
@@ -153,7 +164,7 @@ def _embedder(bundle: B.Bundle, device: str, weights: Path | None, precision: st
     from featpipe.runtime import prepare
 
     dev, precision = prepare(device, precision)
-    return Embedder(backbone_for(bundle, weights), dev, precision)
+    return Embedder(backbone_for(bundle, weights), dev, precision, flip=bundle.tta == "flip")
 
 
 def backbone_for(bundle: B.Bundle, weights: Path | None = None):

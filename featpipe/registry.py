@@ -113,6 +113,11 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+def offline_specs() -> list[BackboneSpec]:
+    """The registry's backbones whose weights load without a network here, in registry order."""
+    return [s for s in REGISTRY.values() if s.weights_available()]
+
+
 def resolve(name: str) -> BackboneSpec:
     """A registry entry, or a spec derived from torchvision's / timm's own metadata for any other model name."""
     if name in REGISTRY:

@@ -28,7 +28,7 @@ def start_embedding(cfg, spec, timer: StageTimer, model_waiting: threading.Event
 
     device, precision = prepare(cfg.device, cfg.precision)
     with timer("load_model"):
-        embedder = Embedder(load(spec, cfg.weights).model, device, precision)
+        embedder = Embedder(load(spec, cfg.weights).model, device, precision, flip=cfg.tta == "flip")
     cuda = (device.index or 0) if device.type == "cuda" else None
     decoder = make_decoder(cfg.decoder, spec.preprocessing, batch_size_for(cfg, device), cuda,
                            model_waiting if cuda is None else None)

@@ -41,16 +41,19 @@ class CacheKey:
     preprocessing: Preprocessing
     dim: int
     precision: str = "fp32"  # bf16 rows are other numbers than fp32 rows: never the same table
+    tta: str = "none"  # "flip": rows averaged with the mirror image's (extract --tta): their own table
 
     def name(self) -> str:
-        return f"{self.backbone}-{self.weights_sha256[:12]}-{self.preprocessing.digest()[:8]}-{self.precision}"
+        tta = "" if self.tta == "none" else f"-{self.tta}"  # caches made before --tta keep their names
+        return f"{self.backbone}-{self.weights_sha256[:12]}-{self.preprocessing.digest()[:8]}-{self.precision}{tta}"
 
     def format1_name(self) -> str:
         return f"{self.backbone}-{self.weights_sha256[:12]}-{self.preprocessing.digest()[:8]}.h5"
 
     def attrs(self) -> dict:
         return {"backbone": self.backbone, "weights_sha256": self.weights_sha256,
-                "preprocessing": self.preprocessing.to_json(), "dim": self.dim, "precision": self.precision}
+                "preprocessing": self.preprocessing.to_json(), "dim": self.dim, "precision": self.precision,
+                **({} if self.tta == "none" else {"tta": self.tta})}
 
 
 def write_shard(folder: Path, key: CacheKey, rows: Rows) -> tuple[str, int, np.ndarray]:
@@ -124,7 +127,8 @@ def tables(cache_dir: Path) -> Iterator[tuple[Path, CacheKey | None]]:
             with h5py.File(p, "r") as f:
                 a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             key = CacheKey(a["backbone"], a["weights_sha256"], Preprocessing.from_json(a["preprocessing"]),
-                           int(a["dim"]), a["precision"]) if a.get("format_version") == FORMAT_VERSION else None
+                           int(a["dim"]), a["precision"], a.get("tta", "none")) \
+                if a.get("format_version") == FORMAT_VERSION else None
         except (OSError, KeyError, ValueError):
             key = None
         yield p, key

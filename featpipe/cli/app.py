@@ -40,6 +40,13 @@ DataDir = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry name (`featpipe backbones`) or any "
                                           "torchvision/timm model name.")]
+FeatureBackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry name (`featpipe backbones`), "
+                                                 "any torchvision/timm model name, names joined by commas (their "
+                                                 "embeddings side by side, each at unit length), or auto: every "
+                                                 "offline backbone extracted, the best single one or pair (or its "
+                                                 "flip-averaged version) chosen by the head's inner CV.")]
+TtaOpt = Annotated[str, typer.Option("--tta", help="none | flip: each embedding averaged with its mirror image's "
+                                     "(twice the forward passes; cached under its own key).")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda when available).")]
 DecoderOpt = Annotated[str, typer.Option("--decoder", help="auto | dali | torchvision | pil (auto: nvJPEG on a GPU, "

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DecoderOpt, DeviceOpt, EngineOpt, JsonOpt,
-                              LabelsOpt, PrecisionOpt, RayAddressOpt, WeightsOpt, WorkersOpt, app, data_or_shipped,
-                              emit)
+                              LabelsOpt, PrecisionOpt, RayAddressOpt, TtaOpt, WeightsOpt, WorkersOpt, app,
+                              data_or_shipped, emit)
 from featpipe.neighbours import NEAR_COSINE
 
 
@@ -35,6 +35,7 @@ def extract(
     ray_address: RayAddressOpt = None,
     workers: WorkersOpt = None,
     labels: LabelsOpt = None,
+    tta: TtaOpt = "none",
     as_json: JsonOpt = False,
 ) -> None:
     """Embed every image once with a frozen pretrained backbone; cache in HDF5 (re-runs compute only new images)."""
@@ -46,7 +47,7 @@ def extract(
     folder = None if shards else data_or_shipped(data_dir[0] if data_dir else None)
     cfg = ExtractConfig(data_dir=folder, shards=shards, backbone=backbone, cache_dir=cache_dir, device=device,
                         decoder=decoder, precision=precision, batch_size=batch_size, weights=weights, engine=engine,
-                        ray_address=ray_address, workers=workers, labels=labels)
+                        ray_address=ray_address, workers=workers, labels=labels, tta=tta)
 
     res = run_extract(cfg)
     emit(res.to_json(), as_json, f"cache: {res.cache_file}")

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, ForceOpt, JsonOpt, LabelsOpt, WeightsOpt,
-                              app, classes_line, data_or_shipped, emit)
+from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, FeatureBackboneOpt, ForceOpt, JsonOpt,
+                              LabelsOpt, TtaOpt, WeightsOpt, app, classes_line, data_or_shipped, emit)
 from featpipe.errors import UserError
 from featpipe.neighbours import NEAR_COSINE
 
@@ -22,7 +22,7 @@ TestDirOpt = Annotated[Optional[Path], typer.Option("--test-dir", help="A labell
 @app.command("fit-head")
 def fit_head(
     data_dir: DataDir = None,
-    backbone: BackboneOpt = "mobilenet_v2",
+    backbone: FeatureBackboneOpt = "mobilenet_v2",
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
     head: Annotated[str, typer.Option("--head", help="logistic (scaled logistic regression; C by inner CV, or on a "
@@ -47,6 +47,7 @@ def fit_head(
                                                    "the split and in one CV fold, as identical files always are.")
                                 ] = False,
     labels: LabelsOpt = None,
+    tta: TtaOpt = "none",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a light head on cached embeddings (extracting what is missing first); save a model bundle."""
@@ -55,7 +56,7 @@ def fit_head(
     from featpipe.heads import HeadConfig
 
     extract = ExtractConfig(data_dir=data_or_shipped(data_dir), backbone=backbone, cache_dir=cache_dir, device=device,
-                            weights=weights, labels=labels)
+                            weights=weights, labels=labels, tta=tta)
     r = fit_and_save(FitConfig(extract=extract, head=HeadConfig(kind=head, seed=seed), cv=cv, val_fraction=val_fraction,
                                out=out, force=force, features_dtype=features_dtype, val_dir=val_dir,
                                test_dir=test_dir, group_duplicates=group_duplicates))

@@ -1,0 +1,124 @@
+"""Feature sets: one backbone's cached embeddings, or several side by side, and the choice among them that
+`--backbone auto` makes with the head's own inner CV (no backbone wins on every data set: bench/README.md).
+
+A set is a tuple of parts: backbone names, or "name:flip" for that backbone's flip-averaged rows (--tta flip). Side
+by side, each part's rows are scaled to unit length first, so none outweighs another by the scale or width of its
+embeddings. The choice fits the logistic head on the training rows of each single backbone, then of the best two
+side by side, then of the best so far on flip-averaged rows, and keeps the best by the accuracy its C search
+measured on inner folds (the same folds for every candidate; ties: the candidate tried first, the cheaper one).
+Nothing here sees rows outside `rows`: an outer CV around choose() is nested.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from featpipe.errors import UserError
+from featpipe.heads import Head, HeadConfig, accuracy, fit_head
+from featpipe.splits import check_folds, kfold
+
+AUTO = "auto"
+FLIP = ":flip"  # a part "mobilenet_v2:flip": that backbone's embeddings averaged with the mirror image's (--tta)
+
+
+def parts(backbone: str) -> tuple[str, ...]:
+    """`--backbone a,b` -> ("a", "b") (their columns in that order); one name -> (name,); `auto` -> every registry
+    backbone whose weights are on this machine, plain and flip-averaged (a one-line notice for each one left
+    out)."""
+    if backbone == AUTO:
+        from featpipe import registry
+
+        found = registry.offline_specs()
+        for s in registry.REGISTRY.values():
+            if s not in found:
+                print(f"featpipe: --backbone auto leaves out {s.name}: its weights are not on this machine "
+                      f"({s.install_hint})", file=sys.stderr)
+        return tuple(s.name for s in found) + tuple(s.name + FLIP for s in found)
+    names = tuple(n.strip() for n in backbone.split(","))
+    if not all(names) or len(set(names)) < len(names):
+        raise UserError(f"--backbone {backbone!r}: give one name, `auto`, or distinct names joined by commas")
+    return names
+
+
+def name(parts: tuple[str, ...]) -> str:
+    return "+".join(parts)
+
+
+def backbone_and_tta(part: str, tta: str = "none") -> tuple[str, str]:
+    """"x:flip" -> ("x", "flip"); "x" -> ("x", tta): a plain name keeps the run's --tta."""
+    return (part[:-len(FLIP)], "flip") if part.endswith(FLIP) else (part, tta)
+
+
+def part_of(key) -> str:
+    """The part name of a cache key (shards.CacheKey): its backbone, and ":flip" for flip-averaged rows."""
+    return key.backbone + (FLIP if key.tta == "flip" else "")
+
+
+def side_by_side(blocks: list[np.ndarray]) -> np.ndarray:
+    """float32 (N, sum of widths): each block's rows at unit length, then concatenated."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.hstack([b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) for b in blocks]
+                     ).astype(np.float32)
+
+
+@dataclass
+class Choice:
+    parts: tuple[str, ...]
+    head: Head
+    tried: list[dict]  # per candidate: its set, inner-CV accuracy and log-loss at its C
+
+
+def choose(blocks: dict[str, np.ndarray], y: np.ndarray, n_classes: int, cfg: HeadConfig,
+           groups: np.ndarray | None, rows: np.ndarray) -> Choice:
+    """The best feature set for a logistic head on `rows` (see the module doc); blocks: backbone -> (N, dim)."""
+    def fit(parts: tuple[str, ...]) -> tuple[tuple[str, ...], Head]:
+        return parts, fit_head(matrix(blocks, parts), y, n_classes, cfg, groups, rows)
+
+    fitted = [fit((b,)) for b in blocks if not b.endswith(FLIP)]
+    singles = sorted(fitted, key=lambda ph: _rank(ph[1]))
+    if len(singles) > 1:
+        fitted.append(fit(singles[0][0] + singles[1][0]))
+    best = min(fitted, key=lambda ph: _rank(ph[1]))  # min keeps the first of equals: the cheaper set
+    flipped = tuple(p + FLIP for p in best[0])
+    if all(p in blocks for p in flipped):  # the winner once more on flip-averaged rows (twice the forward cost)
+        fitted.append(fit(flipped))
+        best = min(fitted, key=lambda ph: _rank(ph[1]))
+    tried = [{"features": name(p), "inner_cv_accuracy": _score(h)[0], "inner_cv_log_loss": _score(h)[1]}
+             for p, h in fitted]
+    return Choice(best[0], best[1], tried)
+
+
+def matrix(blocks: dict[str, np.ndarray], parts: tuple[str, ...]) -> np.ndarray:
+    return side_by_side([blocks[p] for p in parts])
+
+
+def nested_cv(blocks: dict[str, np.ndarray], y: np.ndarray, classes: list[str], k: int, cfg: HeadConfig,
+              groups: np.ndarray | None = None) -> tuple[float, float, list[str]]:
+    """Mean and std of held-out accuracy over K stratified folds, the whole choice made again on each fold's
+    training rows; and the set each fold chose."""
+    check_folds(y, classes, k, groups=groups)
+    g = np.arange(len(y)) if groups is None else groups
+    accs, picks = [], []
+    for tr, te in kfold(y, k, cfg.seed, g):
+        c = choose(blocks, y, len(classes), cfg, g, tr)
+        accs.append(accuracy(c.head, matrix(blocks, c.parts), y, te))
+        picks.append(name(c.parts))
+    return float(np.mean(accs)), float(np.std(accs)), picks
+
+
+def _score(head: Head) -> tuple[float | None, float | None]:
+    """(accuracy, log-loss) the C search measured at the chosen C; (None, None) when C was fixed, unscored."""
+    s = head.report.get("c_search", {})
+    if "values" not in s:
+        return None, None
+    i = int(np.argmin(np.abs(np.log(s["values"]) - np.log(s["chosen"]))))
+    return s["accuracy"][i], s["log_loss"][i]
+
+
+def _rank(head: Head) -> tuple[float, float]:
+    acc, loss = _score(head)
+    return (0.0, 0.0) if acc is None else (-acc, loss)
