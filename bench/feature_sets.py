@@ -10,6 +10,8 @@ The sets, built from what installs here (a set whose source is missing is skippe
 - icons: Oxygen's 128 px icons (`apt-get install oxygen-icon-theme`), drawn on white, one class per icon
   category (actions, apps, devices, mimetypes, places, status), at most 60 each: flat drawings, not photos.
 - digits: scikit-learn's 8 x 8 grey-scale handwritten digits, 50 per class, upscaled to 64 px: tiny grey images.
+- glyphs: the letters a b d e g h k q r y, each in every installed DejaVu and URW font (`apt-get install
+  fonts-urw-base35`), twice at a seeded size, offset and tilt: printed type, grey on white.
 Embeddings come from featpipe's own cache (extract per backbone, its seconds reported), heads from featpipe's
 logistic head with its C search; every procedure sees the same outer folds, identical files kept in one fold.
 """
@@ -32,6 +34,8 @@ from featpipe.features import load_features
 from featpipe.heads import HeadConfig, cross_validate
 
 ICONS = Path("/usr/share/icons/oxygen/base/128x128")
+FONTS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/opentype/urw-base35"))
+LETTERS = "abdeghkqry"
 ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "places", "status")
 
 
@@ -60,13 +64,34 @@ def build_digits(dst: Path) -> Path:
     return dst
 
 
+def build_glyphs(dst: Path) -> Path | None:
+    from PIL import ImageDraw, ImageFont
+
+    fonts = sorted(f for d in FONTS if d.is_dir() for f in d.iterdir() if f.suffix in (".ttf", ".otf")
+                   and "Math" not in f.name and "Symbol" not in f.name and "D050000L" not in f.name)
+    if len(fonts) < 20:
+        print("glyphs skipped: too few fonts (apt-get install fonts-urw-base35)", file=sys.stderr)
+        return None
+    rng = np.random.default_rng(0)
+    for c in LETTERS:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        for f in fonts:
+            for k in range(2):
+                im = Image.new("L", (96, 96), 255)
+                font = ImageFont.truetype(str(f), int(rng.integers(40, 70)))
+                ImageDraw.Draw(im).text((48 + rng.integers(-10, 11), 48 + rng.integers(-10, 11)), c, fill=0,
+                                        font=font, anchor="mm")
+                im.rotate(float(rng.uniform(-15, 15)), fillcolor=255).save(dst / c / f"{f.stem}-{k}.png")
+    return dst
+
+
 def build(name: str, work: Path) -> Path | None:
     dst = work / "sets" / name
     if name == "photos":
         return shipped_dataset()
     if (dst / ".complete").exists():
         return dst
-    out = build_icons(dst) if name == "icons" else build_digits(dst)
+    out = {"icons": build_icons, "digits": build_digits, "glyphs": build_glyphs}[name](dst)
     if out:
         (dst / ".complete").touch()
     return out
@@ -105,7 +130,7 @@ def run_set(name: str, data: Path, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", default="photos,icons,digits")
+    p.add_argument("--sets", default="photos,icons,digits,glyphs")
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/featpipe-feature-sets"))

@@ -3,14 +3,17 @@
 
 A set is a tuple of parts: backbone names, or "name:flip" for that backbone's flip-averaged rows (--tta flip). Side
 by side, each part's rows are scaled to unit length first, so none outweighs another by the scale or width of its
-embeddings. The choice fits the logistic head on the training rows of each single backbone, then of the best two
-side by side, then of the best so far on flip-averaged rows, and keeps the best by the accuracy its C search
-measured on inner folds (the same folds for every candidate; ties: the candidate tried first, the cheaper one).
-Nothing here sees rows outside `rows`: an outer CV around choose() is nested.
+embeddings. The choice fits the logistic head on the training rows of every candidate (each part alone, each pair
+of backbones, plain and flip-averaged) and keeps the one with the lowest log-loss its C search measured on inner
+folds at its C (the same folds for every candidate; ties: higher accuracy, then the cheaper candidate). Log-loss,
+not accuracy: on a few hundred images the inner folds' accuracy ties and jumps by single images, and picking the
+best of 20 such noisy scores chose worse sets (bench/README.md "Feature sets" compares the rules). Nothing here
+sees rows outside `rows`: an outer CV around choose() is nested.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -74,22 +77,23 @@ class Choice:
 
 def choose(blocks: dict[str, np.ndarray], y: np.ndarray, n_classes: int, cfg: HeadConfig,
            groups: np.ndarray | None, rows: np.ndarray) -> Choice:
-    """The best feature set for a logistic head on `rows` (see the module doc); blocks: backbone -> (N, dim)."""
+    """The best feature set for a logistic head on `rows` (see the module doc); blocks: part -> (N, dim)."""
     def fit(parts: tuple[str, ...]) -> tuple[tuple[str, ...], Head]:
         return parts, fit_head(matrix(blocks, parts), y, n_classes, cfg, groups, rows)
 
-    fitted = [fit((b,)) for b in blocks if not b.endswith(FLIP)]
-    singles = sorted(fitted, key=lambda ph: _rank(ph[1]))
-    if len(singles) > 1:
-        fitted.append(fit(singles[0][0] + singles[1][0]))
+    fitted = [fit(c) for c in candidates(list(blocks))]
     best = min(fitted, key=lambda ph: _rank(ph[1]))  # min keeps the first of equals: the cheaper set
-    flipped = tuple(p + FLIP for p in best[0])
-    if all(p in blocks for p in flipped):  # the winner once more on flip-averaged rows (twice the forward cost)
-        fitted.append(fit(flipped))
-        best = min(fitted, key=lambda ph: _rank(ph[1]))
     tried = [{"features": name(p), "inner_cv_accuracy": _score(h)[0], "inner_cv_log_loss": _score(h)[1]}
              for p, h in fitted]
     return Choice(best[0], best[1], tried)
+
+
+def candidates(parts: list[str]) -> list[tuple[str, ...]]:
+    """Every part alone, then every pair of plain backbones and the same pair flip-averaged: cheapest first."""
+    plain = [p for p in parts if not p.endswith(FLIP)]
+    pairs = list(itertools.combinations(plain, 2))
+    flipped = [tuple(p + FLIP for p in pair) for pair in pairs if all(p + FLIP in parts for p in pair)]
+    return [(p,) for p in parts] + pairs + flipped
 
 
 def matrix(blocks: dict[str, np.ndarray], parts: tuple[str, ...]) -> np.ndarray:
@@ -121,4 +125,4 @@ def _score(head: Head) -> tuple[float | None, float | None]:
 
 def _rank(head: Head) -> tuple[float, float]:
     acc, loss = _score(head)
-    return (0.0, 0.0) if acc is None else (-acc, loss)
+    return (0.0, 0.0) if acc is None else (loss, -acc)

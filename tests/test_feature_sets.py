@@ -43,9 +43,9 @@ def test_the_choice_never_sees_the_outer_folds_test_rows(monkeypatch):
     cfg = HeadConfig(seed=3)
     mean, _std, picks = feature_sets.nested_cv(blocks, y, ["0", "1", "2"], 3, cfg)
     folds = kfold(y, 3, cfg.seed, np.arange(60))
-    assert len(seen) == 3 * 4 and len(picks) == 3  # per fold: three singles, then the best two side by side
+    assert len(seen) == 3 * 6 and len(picks) == 3  # per fold: three singles and three pairs
     for i, (tr, te) in enumerate(folds):
-        for rows in seen[4 * i:4 * i + 4]:
+        for rows in seen[6 * i:6 * i + 6]:
             assert set(rows.tolist()) == set(tr.tolist()) and not set(rows.tolist()) & set(te.tolist())
     assert mean > 0.9 and all("a" in p.split("+") for p in picks)  # the informative block is always in the pick
 
@@ -109,11 +109,12 @@ def test_auto_reports_what_it_tried_and_its_bundle_holds_the_choice(small_data, 
                    "--out", tmp_path / "m")
     tried = res["feature_sets"]["tried"]
     singles = [t["features"] for t in tried if "+" not in t["features"] and ":flip" not in t["features"]]
-    assert singles == [s.name for s in registry.offline_specs()] and len(tried) == len(singles) + 2
-    assert tried[-1]["features"].endswith(":flip")  # the best of the rest, flip-averaged
-    best = max(tried, key=lambda t: t["inner_cv_accuracy"])["inner_cv_accuracy"]
+    n = len(singles)
+    assert singles == [s.name for s in registry.offline_specs()] and len(tried) == 2 * n + n * (n - 1)
+    assert [t["features"] for t in tried[n:2 * n]] == [s + ":flip" for s in singles]  # then pairs, plain and flipped
     chosen = res["feature_sets"]["chosen"]
-    assert res["backbone"] == chosen and next(t for t in tried if t["features"] == chosen)["inner_cv_accuracy"] == best
+    lowest = min(tried, key=lambda t: (t["inner_cv_log_loss"], -t["inner_cv_accuracy"]))["features"]
+    assert res["backbone"] == chosen == lowest
     manifest = json.loads((tmp_path / "m" / "bundle.json").read_text())
     parts = [manifest, *manifest.get("more_backbones", [])]
     assert "+".join(p["backbone"] + (":flip" if p.get("tta") == "flip" else "") for p in parts) == chosen

@@ -43,8 +43,8 @@ BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry nam
 FeatureBackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Registry name (`featpipe backbones`), "
                                                  "any torchvision/timm model name, names joined by commas (their "
                                                  "embeddings side by side, each at unit length), or auto: every "
-                                                 "offline backbone extracted, the best single one or pair (or its "
-                                                 "flip-averaged version) chosen by the head's inner CV.")]
+                                                 "offline backbone extracted, plain and flip-averaged; the single "
+                                                 "one or pair with the lowest inner-CV log-loss of the head wins.")]
 TtaOpt = Annotated[str, typer.Option("--tta", help="none | flip: each embedding averaged with its mirror image's "
                                      "(twice the forward passes; cached under its own key).")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where the HDF5 embedding caches live.")]
