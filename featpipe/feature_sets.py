@@ -83,7 +83,7 @@ def choose(blocks: dict[str, np.ndarray], y: np.ndarray, n_classes: int, cfg: He
 
     fitted = [fit(c) for c in candidates(list(blocks))]
     best = min(fitted, key=lambda ph: _rank(ph[1]))  # min keeps the first of equals: the cheaper set
-    tried = [{"features": name(p), "inner_cv_accuracy": _score(h)[0], "inner_cv_log_loss": _score(h)[1]}
+    tried = [dict(zip(("features", "inner_cv_accuracy", "inner_cv_log_loss"), (name(p), *inner_scores(h))))
              for p, h in fitted]
     return Choice(best[0], best[1], tried)
 
@@ -114,7 +114,7 @@ def nested_cv(blocks: dict[str, np.ndarray], y: np.ndarray, classes: list[str], 
     return float(np.mean(accs)), float(np.std(accs)), picks
 
 
-def _score(head: Head) -> tuple[float | None, float | None]:
+def inner_scores(head: Head) -> tuple[float | None, float | None]:
     """(accuracy, log-loss) the C search measured at the chosen C; (None, None) when C was fixed, unscored."""
     s = head.report.get("c_search", {})
     if "values" not in s:
@@ -124,5 +124,5 @@ def _score(head: Head) -> tuple[float | None, float | None]:
 
 
 def _rank(head: Head) -> tuple[float, float]:
-    acc, loss = _score(head)
+    acc, loss = inner_scores(head)
     return (0.0, 0.0) if acc is None else (loss, -acc)
