@@ -36,10 +36,14 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
     """Before any image is embedded: a held-out folder that is not one, or has a class the training data lacks, is
     refused in one line (with --labels or shards the classes are known only once they are read: labels_in refuses
     them then)."""
+    held: dict[str, list[str]] = {}  # flag -> its class folders, listed once
     for flag, d in (("--val-dir", val_dir), ("--test-dir", test_dir)):
-        if d is not None and not Path(d).is_dir():
+        if d is None:
+            continue
+        if not Path(d).is_dir():
             raise UserError(f"{flag} {d} is not a directory")
-        if d is not None and not class_folders(Path(d)):
+        held[flag] = class_folders(Path(d))
+        if not held[flag]:
             raise UserError(f"{flag} {d} has no class folders: a held-out set is {d}/<class>/<image>")
     for flag, d in (("DATA_DIR", extract.data_dir or shipped_dataset()), ("--val-dir", val_dir)):
         if test_dir is not None and d is not None and os.path.realpath(test_dir) == os.path.realpath(d):
@@ -47,8 +51,8 @@ def check_folders(extract: ExtractConfig, val_dir: Path | None, test_dir: Path |
     if extract.labels is not None or shard_patterns(extract) is not None:
         return
     classes = set(class_folders(extract.data_dir or shipped_dataset()))
-    for flag, folder in (("--val-dir", val_dir), ("--test-dir", test_dir)):
-        unknown = sorted(set(class_folders(Path(folder))) - classes) if folder is not None else []
+    for flag, found in held.items():
+        unknown = sorted(set(found) - classes)
         if unknown:
             raise UserError(f"{flag} has class folder(s) the training data lacks: {', '.join(unknown[:5])}")
 
