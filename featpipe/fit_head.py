@@ -38,6 +38,9 @@ class FitConfig:
         if self.extract.backbone == feature_sets.AUTO and self.head.kind != "logistic":
             raise UserError("--backbone auto chooses with the logistic head's inner CV: use --head logistic, or "
                             "name the backbones (--backbone a,b)")
+        if self.extract.backbone == feature_sets.AUTO and self.extract.tta != "none":
+            raise UserError("--backbone auto already tries every backbone flip-averaged: drop --tta, or name the "
+                            "parts (--backbone a:flip,b)")
         if self.features_dtype not in ("float32", "float16"):
             raise UserError(f"--features-dtype must be float32 or float16 (got {self.features_dtype!r})")
         check_fraction(self.val_fraction)

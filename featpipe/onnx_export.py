@@ -1,7 +1,9 @@
 """`featpipe export MODEL --format onnx`: a model bundle as one ONNX graph that onnxruntime runs without featpipe
 or torch. Input `images`: uint8 (N, crop, crop, 3) RGB, already resized (shorter side to `resize`) and centre-
 cropped as the bundle's preprocessing says; normalisation, backbone, head and softmax are inside; output
-`probabilities` (N, classes). The class names and the preprocessing are in the model's metadata."""
+`probabilities` (N, classes). The class names and the preprocessing are in the model's metadata. A bundle of several
+backbones (feature_sets.py) takes one input per backbone, `images_0`, `images_1`, ..., each cropped as that
+backbone's preprocessing says (`featpipe_parts` in the metadata); flip averaging runs inside the graph."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import torch
 
 from featpipe import bundle as B
 from featpipe.errors import UserError
-from featpipe.feature_sets import FLIP
 from featpipe.predict import backbone_for
 
 OPSET = 18
@@ -25,42 +26,52 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
     except ImportError:
         raise UserError("featpipe export --format onnx needs onnx: pip install 'featpipe[onnx]'") from None
     bundle = B.load(model)
-    if bundle.more or bundle.tta != "none":  # one graph, one crop size, no mirror pass: not these yet
-        parts = "+".join(b.backbone + (FLIP if b.tta == "flip" else "") for b in bundle.split())
-        raise UserError(f"model bundle {bundle.path} reads {parts}; ONNX export takes one backbone without "
-                        f"--tta for now (featpipe predict runs it)")
     out = Path(out) if out is not None else Path(bundle.path) / "model.onnx"
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out {out}: " + ("is a folder" if out.is_dir() else f"folder {out.parent} does not exist"))
-    net = Probabilities(backbone_for(bundle, weights), bundle.head.as_torch_module()).eval()
-    crop = bundle.preprocessing.crop
-    example = torch.zeros((2, crop, crop, 3), dtype=torch.uint8)
+    parts = bundle.split()
+    net = Probabilities([backbone_for(b, weights if i == 0 else None) for i, b in enumerate(parts)],
+                        [b.tta == "flip" for b in parts],
+                        bundle.head.as_torch_module()).eval()
+    names = ["images"] if len(parts) == 1 else [f"images_{i}" for i in range(len(parts))]
+    examples = tuple(torch.zeros((2, b.preprocessing.crop, b.preprocessing.crop, 3), dtype=torch.uint8)
+                     for b in parts)
     tmp = out.with_name(f".{out.name}.tmp")
+    batch = torch.export.Dim("batch")  # one batch size for every input (forward's *images)
     try:
-        torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["probabilities"],
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, opset_version=OPSET,
+        torch.onnx.export(net, examples, str(tmp), input_names=names, output_names=["probabilities"],
+                          dynamic_shapes={"images": tuple({0: batch} for _ in parts)}, opset_version=OPSET,
                           dynamo=True, verbose=False, external_data=False)
         graph = onnx.load(str(tmp))
+        described = [{"input": n, "backbone": b.backbone, "tta": b.tta,
+                      "preprocessing": json.loads(b.preprocessing.to_json())} for n, b in zip(names, parts)]
         onnx.helper.set_model_props(graph, {"featpipe_classes": json.dumps(bundle.classes),
                                             "featpipe_preprocessing": bundle.preprocessing.to_json(),
-                                            "featpipe_backbone": bundle.backbone})
+                                            "featpipe_backbone": bundle.backbone,
+                                            "featpipe_parts": json.dumps(described)})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    inputs = [{"name": n, "dtype": "uint8", "shape": ["batch", b.preprocessing.crop, b.preprocessing.crop, 3]}
+              for n, b in zip(names, parts)]
     return {"model": str(bundle.path), "format": "onnx", "file": str(out), "classes": bundle.classes,
-            "input": {"name": "images", "dtype": "uint8", "shape": ["batch", crop, crop, 3]},
-            "output": {"name": "probabilities", "shape": ["batch", len(bundle.classes)]}, "opset": OPSET,
-            "bytes": out.stat().st_size}
+            "input": inputs[0], "inputs": inputs, "output": {"name": "probabilities",
+                                                             "shape": ["batch", len(bundle.classes)]},
+            "opset": OPSET, "bytes": out.stat().st_size}
 
 
 class Probabilities(torch.nn.Module):
-    """uint8 NHWC -> softmax(head(backbone(x))): what `featpipe predict` computes, as one module."""
+    """uint8 NHWC per backbone -> softmax(head(embeddings)): what `featpipe predict` computes, as one module
+    (several backbones: each one's rows at unit length, side by side, as feature_sets.side_by_side)."""
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+    def __init__(self, backbones: list[torch.nn.Module], flips: list[bool], head: torch.nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbones, self.flips, self.head = torch.nn.ModuleList(backbones), flips, head
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.backbone(images)), dim=1)
+    def forward(self, *images: torch.Tensor) -> torch.Tensor:
+        z = [(b(x) + b(x.flip(2))) / 2 if flip else b(x) for b, flip, x in zip(self.backbones, self.flips, images)]
+        if len(z) > 1:
+            z = [e / e.norm(dim=1, keepdim=True).clamp_min(1e-12) for e in z]
+        return torch.softmax(self.head(torch.cat(z, dim=1)), dim=1)

@@ -122,6 +122,8 @@ def test_auto_reports_what_it_tried_and_its_bundle_holds_the_choice(small_data, 
     assert res["cv_accuracy_mean"] is not None
     assert "auto chooses with the logistic head" in one_line(
         run_cli("fit-head", small_data, "--backbone", "auto", "--head", "mlp", "--cache-dir", tmp_path / "c"))
+    assert "auto already tries every backbone flip-averaged" in one_line(
+        run_cli("fit-head", small_data, "--backbone", "auto", "--tta", "flip", "--cache-dir", tmp_path / "c"))
 
 
 def test_flip_averages_each_image_with_its_mirror(shipped):
@@ -139,9 +141,26 @@ def test_flip_averages_each_image_with_its_mirror(shipped):
     assert np.allclose(flip(x), want, atol=1e-4) and not np.allclose(flip(x), plain(x), atol=1e-2)
 
 
-def test_onnx_export_refuses_a_bundle_of_two_backbones_in_one_line(pair_fit):
-    proc = run_cli("export", pair_fit[0]["model_path"], "--out", pair_fit[2].parent / "m.onnx")
-    assert "reads mobilenet_v2:flip+efficientnet_lite0; ONNX export takes one backbone" in one_line(proc)
+def test_a_bundle_of_two_backbones_exports_one_graph_that_predicts_the_same(pair_fit):
+    """One input per backbone at its own crop, flip averaging inside: onnxruntime gives predict's probabilities."""
+    import onnx
+    import onnxruntime as ort
+
+    from featpipe.decode import PilDecoder, decode_files
+    from featpipe.onnx_export import export_onnx
+
+    report, _, data = pair_fit
+    bundle = load(report["model_path"])
+    r = export_onnx(bundle.path, data.parent / "pair.onnx")
+    assert [(i["name"], i["shape"][1]) for i in r["inputs"]] == [("images_0", 224), ("images_1", 224)]
+    files = sorted(data.rglob("*.jpg"))
+    want, ok, _ = probabilities(bundle, files, "cpu", precision="fp32")
+    feeds = {i["name"]: np.stack([x for _, x in decode_files(ok, PilDecoder(b.preprocessing))])
+             for i, b in zip(r["inputs"], bundle.split())}
+    got = ort.InferenceSession(r["file"], providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == want.shape == (20, 5) and np.abs(got - want).max() <= 1e-3
+    parts = json.loads({p.key: p.value for p in onnx.load(r["file"]).metadata_props}["featpipe_parts"])
+    assert [(p["backbone"], p["tta"]) for p in parts] == [("mobilenet_v2", "flip"), ("efficientnet_lite0", "none")]
 
 
 def test_one_backbone_reports_and_saves_as_before(warm_cache, tmp_path):
