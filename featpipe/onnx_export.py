@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,9 +40,11 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
     tmp = out.with_name(f".{out.name}.tmp")
     batch = torch.export.Dim("batch")  # one batch size for every input (forward's *images)
     try:
-        torch.onnx.export(net, examples, str(tmp), input_names=names, output_names=["probabilities"],
-                          dynamic_shapes={"images": tuple({0: batch} for _ in parts)}, opset_version=OPSET,
-                          dynamo=True, verbose=False, external_data=False)
+        with warnings.catch_warnings():  # "axis name batch will not be used": several inputs share it, as meant
+            warnings.filterwarnings("ignore", "The axis name: batch will not be used")
+            torch.onnx.export(net, examples, str(tmp), input_names=names, output_names=["probabilities"],
+                              dynamic_shapes={"images": tuple({0: batch} for _ in parts)}, opset_version=OPSET,
+                              dynamo=True, verbose=False, external_data=False)
         graph = onnx.load(str(tmp))
         described = [{"input": n, "backbone": b.backbone, "tta": b.tta,
                       "preprocessing": json.loads(b.preprocessing.to_json())} for n, b in zip(names, parts)]
