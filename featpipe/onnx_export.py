@@ -41,7 +41,7 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
     batch = torch.export.Dim("batch")  # one batch size for every input (forward's *images)
     try:
         with warnings.catch_warnings():  # "axis name batch will not be used": several inputs share it, as meant
-            warnings.filterwarnings("ignore", "The axis name: batch will not be used")
+            warnings.filterwarnings("ignore", ".*The axis name: batch will not be used")
             torch.onnx.export(net, examples, str(tmp), input_names=names, output_names=["probabilities"],
                               dynamic_shapes={"images": tuple({0: batch} for _ in parts)}, opset_version=OPSET,
                               dynamo=True, verbose=False, external_data=False)
