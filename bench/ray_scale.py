@@ -1,6 +1,6 @@
 """Local vs Ray engine on the same images, and how much the Ray driver reads.
 
-    python bench/ray_scale.py [--images 1000] [--workers 2] [--workdir DIR] [--json OUT.json]
+    python bench/ray_scale.py [--images 1000] [--workers 2] [--shards N] [--workdir DIR] [--json OUT.json]
 
 Builds the bench image set (throughput.build_images: the shipped photos re-encoded at camera sizes), then runs
 `featpipe extract` as a user would, each in its own process and with a new cache: the local engine, then
@@ -9,17 +9,20 @@ Builds the bench image set (throughput.build_images: the shipped photos re-encod
 driver). Each run's driver process reports its rchar (bytes it read: files and sockets, imports and the weights
 file's hash included) from /proc/<pid>/io, polled until it exits; on the cluster the Ray extract also runs on the
 first 20 images alone: what the driver reads whatever the number of images. (For a local Ray, the kernel adds the
-reads of the Ray processes the driver reaps to its own: that figure is not the driver's alone.)
+reads of the Ray processes the driver reaps to its own: that figure is not the driver's alone.) `--shards N`: the
+same images as N WebDataset shards too (cls labels), extracted by the local engine and on the cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=0, help="also as this many WebDataset shards")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -68,17 +72,24 @@ def main() -> None:
     out["local"] = run([str(data), "--cache-dir", str(_fresh(work / "c-local"))])
     out["ray_local"] = run([str(data), "--cache-dir", str(_fresh(work / "c-ray")), "--engine", "ray",
                             "--workers", str(a.workers)])
-    out["ray_cluster"] = on_cluster(data, work, a.workers)
+    out["ray_cluster"] = on_cluster(str(data), work, a.workers, _first(data, work / "images-20", 20))
     for k in ("local", "ray_local", "ray_cluster"):
         out[k]["rchar_share_of_images"] = round(out[k]["rchar_driver"] / total, 4)
+    if a.shards:
+        pattern = as_shards(data, work / f"shards-{a.images}-{a.shards}", a.shards)
+        out["shards"] = {"count": a.shards, "local": run([pattern, "--cache-dir", str(_fresh(work / "s-local"))]),
+                         "ray_cluster": on_cluster(pattern, work, a.workers, None)}
+        for k in ("local", "ray_cluster"):
+            out["shards"][k]["rchar_share_of_images"] = round(out["shards"][k]["rchar_driver"] / total, 4)
     print(json.dumps(out, indent=1))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 
 
-def on_cluster(data: Path, work: Path, workers: int) -> dict:
+def on_cluster(data: str, work: Path, workers: int, few: Path | None) -> dict:
     """The Ray extract joining a one-node cluster started here (ray.cluster_utils.Cluster, like `ray start --head`;
-    stopped by its own process ids, never `ray stop`, which would stop every Ray on the machine)."""
+    stopped by its own process ids, never `ray stop`, which would stop every Ray on the machine); first on `few`
+    images, when given."""
     from ray.cluster_utils import Cluster
 
     tmp = Path(tempfile.mkdtemp(prefix="fp-rh-", dir="/tmp"))
@@ -88,11 +99,13 @@ def on_cluster(data: Path, work: Path, workers: int) -> dict:
                                                             "temp_dir": str(tmp),
                                                             "object_store_memory": 200 * 2**20})
     try:
-        few = _first(data, work / "images-20", 20)
-        small = run([str(few), "--cache-dir", str(_fresh(work / "c-cluster-20")), "--engine", "ray",
-                     "--ray-address", cluster.address, "--workers", str(workers)])
-        return {**run([str(data), "--cache-dir", str(_fresh(work / "c-cluster")), "--engine", "ray", "--ray-address",
-                       cluster.address, "--workers", str(workers)]), "rchar_driver_20_images": small["rchar_driver"]}
+        out = {}
+        if few is not None:
+            out["rchar_driver_20_images"] = run([str(few), "--cache-dir", str(_fresh(work / "c-cluster-20")),
+                                                 "--engine", "ray", "--ray-address", cluster.address, "--workers",
+                                                 str(workers)])["rchar_driver"]
+        return {**run([data, "--cache-dir", str(_fresh(work / "c-cluster")), "--engine", "ray", "--ray-address",
+                       cluster.address, "--workers", str(workers)]), **out}
     finally:
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +118,22 @@ def _first(data: Path, dst: Path, n: int) -> Path:
         (dst / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dst / p.parent.name / p.name)
     return dst
+
+
+def as_shards(data: Path, dst: Path, n: int) -> str:
+    """The set's images as n .tar shards (sorted order, a cls member each); returns their brace pattern."""
+    files = sorted(data.rglob("*.jpg"))
+    _fresh(dst).mkdir(parents=True)
+    per = -(-len(files) // n)
+    for k in range(n):
+        with tarfile.open(dst / f"s-{k:06d}.tar", "w") as tar:
+            for i, f in enumerate(files[k * per:(k + 1) * per], k * per):
+                tar.add(f, arcname=f"{i:07d}.jpg")
+                label = f.parent.name.encode()
+                info = tarfile.TarInfo(f"{i:07d}.cls")
+                info.size = len(label)
+                tar.addfile(info, io.BytesIO(label))
+    return str(dst / f"s-{{{0:06d}..{n - 1:06d}}}.tar")
 
 
 def _fresh(d: Path) -> Path:

@@ -64,8 +64,6 @@ class ExtractConfig:
             raise UserError("--ray-address and --workers need --engine ray")
         if self.labels is not None and shard_patterns(self):
             raise UserError("--labels lists a data dir's files: shards carry their labels in cls or json members")
-        if self.engine == "ray" and shard_patterns(self):
-            raise UserError("--engine ray takes a folder, a label file or files; WebDataset shards need --engine local")
         if self.device == "cuda" and self.engine == "local":  # now, not only once an image needs the model
             from featpipe.embed import resolve_device
 

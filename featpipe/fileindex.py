@@ -49,6 +49,10 @@ class Stamp(NamedTuple):
     st_mtime_ns: int
     st_ctime_ns: int
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Stamp":
+        return cls(st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
 
 def _stamp(st: os.stat_result | Stamp) -> tuple[int, int, int, int]:
     ino = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino  # SQLite integers are signed 64-bit

@@ -9,6 +9,10 @@ cache (one journal per actor); the driver gets the records back (sha256, skip re
 file index and the report. Once the dataset is done, each actor publishes its journal as it exits, and the
 driver publishes what a dead actor left (Cache.adopt_journals).
 
+WebDataset shards: the driver settles a shard the index lists unchanged without opening it (tar_reader.listed);
+each other shard is one listing record, streamed whole by one actor (ray_worker.EmbedShards), whose sample records
+come back like file records; the driver then records the shard's listing in the file index.
+
 Why a Parquet listing rather than `from_items`: from_items puts every record in the object store before the first
 batch runs; read_parquet streams the listing a block at a time, so driver and object store hold a few blocks of
 records whatever the dataset size. Ray Data retries the batches of an actor that died (max_restarts and
@@ -41,7 +45,8 @@ from featpipe.hashes import Hashes
 from featpipe.journal import try_lock
 from featpipe.pipeline import StageTimer
 from featpipe.ray_session import DIE_ONCE_ENV, RaySession
-from featpipe.ray_worker import CACHED, EmbedBatches
+from featpipe.ray_worker import CACHED, SAMPLE_COLUMNS, EmbedBatches, EmbedShards
+from featpipe.tar_reader import listed
 
 PART_ROWS = 16384  # records per listing file: one read task's block, split into batches as Ray Data reads it
 BATCH = {False: 32, True: 256}  # images per actor call without / with a GPU (embed.default_batch_size's for CUDA)
@@ -63,9 +68,12 @@ class RayDataEngine:
         self.reused_files = 0
         self.first_copy: set[str] = set()  # hashes this run embedded (first copy of each)
         self.inputs = 0
-        self.placed: list[tuple[int, Member]] = []  # (scan position, member): records come back in any order
+        self.placed: list[tuple] = []  # (place, member), place: a file's position, or (shard's, sample's) in it
         self.nodes: dict[str, int] = {}  # node id -> images its actors took
         self.journals: set[str] = set()  # the actors' journals: published (or left by a dead actor) before we end
+        self.shard_at: dict[int, tuple[Path, fileindex.Stamp | None]] = {}  # shards sent to actors: path, stat
+        self.samples: dict[int, list] = {}  # shard position -> (place, [member, label, tar's reason]) per sample
+        self.unlisted: set[int] = set()  # shards an actor saw with another stat: not listed in the file index
         self._described: dict[str, set] = {"decoder": set(), "device": set(), "precision": set()}
         self.done = 0
 
@@ -77,15 +85,16 @@ class RayDataEngine:
         return tuple(",".join(sorted(v)) or "none" for v in self._described.values())
 
     def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
-        if isinstance(files, Shards):  # refused in ExtractConfig already; here for direct callers
-            raise UserError("--engine ray takes a folder, a label file or files; WebDataset shards need --engine local")
         remove_dead_listings(cache.root.resolve())
         listing = cache.root.resolve() / f"{LISTING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        shards = isinstance(files, Shards)
         try:
             listed_at_ns = time.time_ns()  # before any stat: no later than any worker's read
-            rows = self._list(files, known, listing, progress, len(files))
+            rows = self._list_shards(files.paths, known, listing, progress) if shards else \
+                self._list(files, known, listing, progress, len(files))
             if rows:
-                self._embed_on_ray(listing, rows, known, cache, progress, len(files), listed_at_ns)
+                self._embed_on_ray(listing, rows, known, cache, progress, None if shards else len(files),
+                                   listed_at_ns, shards)
         finally:
             shutil.rmtree(listing, ignore_errors=True)
         self.skipped.sort(key=lambda s: s["path"])
@@ -93,9 +102,6 @@ class RayDataEngine:
 
     def _list(self, files: list[ImageFile], known: Hashes, listing: Path, progress, total: int) -> int:
         """Settle what the index knows without reading; write the rest to the listing. Returns its records."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         listing.mkdir()
         part: list[tuple] = []
         rows = 0
@@ -112,31 +118,50 @@ class RayDataEngine:
                 self.done += 1
             else:
                 part.append((pos, os.fsencode(str(f.path)), f.label.encode("utf-8", "surrogateescape"),
-                             *(fileindex.Stamp(st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) if st
-                               else (-1, 0, 0, 0))))
+                             *(fileindex.Stamp.of(st) if st else (-1, 0, 0, 0))))
             if len(part) == PART_ROWS or (pos + 1 == total and part):
-                cols = list(zip(*part))
-                pq.write_table(pa.table({name: pa.array(c, t) for name, c, t in zip(_COLUMNS, cols, _types(pa))}),
-                               listing / f"part-{rows // PART_ROWS:06d}.parquet")
-                rows, part = rows + len(part), []
+                rows, part = rows + _write_part(listing, rows, part), []
             if progress and (pos % PROGRESS_EVERY == 0 or pos + 1 == total):
                 progress(self.done, total)
         return rows
 
-    def _embed_on_ray(self, listing: Path, rows: int, known: Hashes, cache: Cache, progress, total: int,
-                      listed_at_ns: int) -> None:
+    def _list_shards(self, shards: list[Path], known: Hashes, listing: Path, progress) -> int:
+        """A shard the index lists unchanged and settled (tar_reader.listed) is settled here without opening it;
+        the others go to the listing, one record per shard (an actor streams the whole shard). Returns them."""
+        listing.mkdir()
+        part = []
+        for pos, shard in enumerate(shards):
+            with self.timer("stat"):
+                st = fileindex.stat(shard)
+                found = listed(shard, st, known, self.index) if st else None
+            for k, (f, _, digest, reason) in enumerate(found or ()):
+                self.inputs, self.done = self.inputs + 1, self.done + 1
+                self._place((pos, k), str(f.path), f.label, digest or "", reason or "", CACHED, None, 0)
+            if found is None:
+                if st:
+                    self.index.forget_members(shard)  # recorded again, as its actor reads it
+                self.shard_at[pos] = shard, st and fileindex.Stamp.of(st)
+                part.append((pos, os.fsencode(str(shard)), b"", *(self.shard_at[pos][1] or (-1, 0, 0, 0))))
+        if progress:
+            progress(self.done, None)
+        return _write_part(listing, 0, part) if part else 0
+
+    def _embed_on_ray(self, listing: Path, rows: int, known: Hashes, cache: Cache, progress, total: int | None,
+                      listed_at_ns: int, shards: bool) -> None:
         """Ray's raylet prints events ("worker died, retrying") to stdout, which `--json` reserves for its one
         object: they go to stderr until Ray is shut down."""
         with contextlib.redirect_stdout(sys.stderr):
             try:
                 gpu, workers = self.session.start(self.timer)
-                for batch in self._dataset(listing, rows, known, cache, gpu, workers):
-                    self._settle(batch, listed_at_ns)
+                for batch in self._dataset(listing, rows, known, cache, gpu, workers, shards):
+                    (self._settle_samples if shards else self._settle)(batch, listed_at_ns)
                     if progress:
                         progress(self.done, total)
                 self._wait_for_journals()
-                print(f"featpipe: ray: {rows} files read on {len(self.nodes)} node(s): "
-                      + ", ".join(f"node {node[:12]} {n}" for node, n in sorted(self.nodes.items())), file=sys.stderr)
+                self._record_listings(listed_at_ns)
+                print(f"featpipe: ray: {rows} {'shards' if shards else 'files'} read on {len(self.nodes)} node(s): "
+                      + ", ".join(f"node {node[:12]} {n}" + (" samples" if shards else "")
+                                  for node, n in sorted(self.nodes.items())), file=sys.stderr)
             except self.session.ray.exceptions.RayError as e:
                 raise UserError(f"Ray workers failed: {_worker_error(e)}") from None
             finally:
@@ -144,8 +169,9 @@ class RayDataEngine:
         with self.timer("commit"), cache.locked():
             cache.adopt_journals()  # what actors that died (or were killed by ray.shutdown) had journalled
 
-    def _dataset(self, listing: Path, rows: int, known: Hashes, cache: Cache, gpu: bool, workers: int):
-        """The records' batches as they finish, in any order."""
+    def _dataset(self, listing: Path, rows: int, known: Hashes, cache: Cache, gpu: bool, workers: int,
+                 shards: bool):
+        """The records' batches as they finish, in any order (shards: one shard per call, its samples' records)."""
         ray = self.session.ray
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # featpipe's own progress is on stderr; Ray Data's would interleave with it
@@ -163,36 +189,67 @@ class RayDataEngine:
                       weights=self.cfg.weights and Path(self.cfg.weights).resolve())
         kwargs = {"cfg": cfg, "spec": self.spec, "key": self.key, "seen": cache.shards(),
                   "known": ray.put(known.sorted), "cwd": os.getcwd(), "die_once_marker": os.environ.get(DIE_ONCE_ENV)}
-        ds = ray.data.read_parquet(str(listing), num_cpus=0, override_num_blocks=max(1, math.ceil(rows / batch)))
+        fn, per_call = (EmbedShards, 1) if shards else (EmbedBatches, batch)
+        calls = max(1, math.ceil(rows / per_call))  # no more actors than calls: each loads a model
+        ds = ray.data.read_parquet(str(listing), num_cpus=0, override_num_blocks=calls)
         with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 yet
             warnings.simplefilter("ignore")
-            ds = ds.map_batches(EmbedBatches, batch_size=batch, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=int(gpu),
+            ds = ds.map_batches(fn, batch_size=per_call, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=min(workers, calls)), num_cpus=1,
+                                num_gpus=int(gpu),
                                 fn_constructor_kwargs=kwargs, max_restarts=RETRIES, max_task_retries=RETRIES)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _settle(self, batch: dict, listed_at_ns: int) -> None:
-        """One batch of records back from a worker: the file index, the report and the members."""
+        """One batch of file records back from a worker: the file index, the report and the members."""
+        self._add_metas(batch)
+        for rec in zip(*(batch[c] for c in (*_COLUMNS, "sha256", "reason", "status"))):
+            pos, path_b, label_b, size, ino, mtime, ctime, sha, reason, status = rec
+            self.done += 1
+            stamp = fileindex.Stamp(int(size), int(ino), int(mtime), int(ctime)) if size >= 0 else None
+            self._place(int(pos), os.fsdecode(path_b), label_b.decode("utf-8", "surrogateescape"), sha, reason,
+                        status, stamp, listed_at_ns)
+
+    def _settle_samples(self, batch: dict, listed_at_ns: int) -> None:
+        """One shard's sample records: as files, under the shard's stat; and what the tar said of each sample, for
+        the shard's listing in the file index (an unchanged shard is then listed without being opened)."""
+        self._add_metas(batch)
+        for pos, k, path_b, label, member, listed_reason, sha, reason, status, same_stat in zip(
+                *(batch[c] for c in SAMPLE_COLUMNS)):
+            self.inputs, self.done = self.inputs + 1, self.done + 1
+            self.samples.setdefault(int(pos), []).append((int(k), [member or None, label, listed_reason]))
+            if not same_stat:  # the actor's node did not see the shard the driver stat'ed: record nothing of it
+                self.unlisted.add(int(pos))
+            self._place((int(pos), int(k)), os.fsdecode(path_b), label, sha, reason, status,
+                        self.shard_at[int(pos)][1] if same_stat else None, listed_at_ns)
+
+    def _place(self, where, path: str, label: str, sha: str, reason: str, status: str, stamp, read_at_ns: int):
+        """One input settled: recorded in the file index (under `stamp`, when taken), skipped, or a member."""
+        if sha and stamp is not None:
+            self.index.record(Path(path), stamp, sha, read_at_ns)
+        if reason:
+            self.skipped.append({"path": path, "reason": reason})
+            if sha:
+                self.index.record_failure(Path(path), reason)
+            return
+        self.placed.append((where, Member(path, label, sha)))
+        if status == CACHED or sha in self.first_copy:  # cached before, or a copy of a file embedded now
+            self.reused_files += 1
+        else:
+            self.first_copy.add(sha)
+
+    def _record_listings(self, read_at_ns: int) -> None:
+        """Every shard read (the dataset is done: each one's call returned; a shard without samples returned no
+        row), unless an actor saw it with another stat than the driver."""
+        for pos, (shard, stamp) in self.shard_at.items():
+            if stamp is not None and pos not in self.unlisted:
+                entries = sorted(self.samples.get(pos, []), key=lambda ke: ke[0])
+                self.index.record_listing(shard, stamp, [e for _, e in entries], read_at_ns)
+
+    def _add_metas(self, batch: dict) -> None:
         for meta in batch["meta"]:
             if meta:
                 self._add_meta(json.loads(meta))
-        for rec in zip(*(batch[c] for c in (*_COLUMNS, "sha256", "reason", "status"))):
-            pos, path_b, label_b, size, ino, mtime, ctime, sha, reason, status = rec
-            path, label = os.fsdecode(path_b), label_b.decode("utf-8", "surrogateescape")
-            self.done += 1
-            if sha and size >= 0:
-                self.index.record(Path(path), fileindex.Stamp(int(size), int(ino), int(mtime), int(ctime)), sha,
-                                  listed_at_ns)
-            if reason:
-                self.skipped.append({"path": path, "reason": reason})
-                if sha:
-                    self.index.record_failure(Path(path), reason)
-                continue
-            self.placed.append((int(pos), Member(path, label, sha)))
-            if status == CACHED or sha in self.first_copy:  # cached before, or a copy of a file embedded now
-                self.reused_files += 1
-            else:
-                self.first_copy.add(sha)
 
     def _add_meta(self, meta: dict) -> None:
         self.nodes[meta["node"]] = self.nodes.get(meta["node"], 0) + meta["images"]
@@ -215,6 +272,17 @@ class RayDataEngine:
 
 
 _COLUMNS = ("pos", "path", "label", "size", "ino", "mtime", "ctime")
+
+
+def _write_part(listing: Path, rows: int, part: list[tuple]) -> int:
+    """Records (_COLUMNS) as the listing's next Parquet file; returns how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = list(zip(*part))
+    pq.write_table(pa.table({name: pa.array(c, t) for name, c, t in zip(_COLUMNS, cols, _types(pa))}),
+                   listing / f"part-{rows // PART_ROWS:06d}.parquet")
+    return len(part)
 
 
 def _types(pa) -> list:

@@ -10,6 +10,8 @@ Image bytes and embeddings never leave the actor.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featpipe import fileindex
 from featpipe.cache import Cache
 from featpipe.dataset import ImageFile
 from featpipe.decode import default_decode_threads, probe
@@ -26,6 +29,7 @@ from featpipe.pipeline import StageTimer
 from featpipe.ray_session import die_once
 from featpipe.rows import Rows
 from featpipe.runtime import embed_decoded, start_embedding
+from featpipe.tar_input import member_path, samples
 
 CACHED, NEW = "cached", "new"  # a record's status: a row the cache held at listing, or one journalled this run
 
@@ -48,6 +52,7 @@ class EmbedBatches:
         self.node, self.cwd, self.die_once_marker = ctx.get_node_id(), cwd, die_once_marker
         self.done: set[str] = set()  # hashes this actor journalled: a later copy is not embedded again
         self.failed: dict[str, str] = {}  # hash -> why it did not decode: a later copy is skipped alike
+        self.batch_size = cfg.batch_size  # images per forward (EmbedShards' sub-batches of a shard)
         self.readers = ThreadPoolExecutor(default_decode_threads())  # reads wait on disk or network, not CPU
         self.described = {"decoder": self.decoder.name, "device": str(self.embedder.device),
                           "precision": self.embedder.precision}
@@ -57,11 +62,20 @@ class EmbedBatches:
         names = [os.fsdecode(p) for p in batch["path"]]  # as the driver listed them: rows keep the local engine's
         files = [ImageFile(Path(name), label.decode("utf-8", "surrogateescape"))
                  for name, label in zip(names, batch["label"])]
+        where = [ImageFile(Path(self.cwd, name), "") for name in names]  # the driver's cwd: a relative data dir
+        sha, reason, status = self._settle(files, self.readers.map(lambda f: read_hashed(f, None, timer), where), timer)
+        die_once(self.die_once_marker)  # after journalling, before returning: the retried batch journals them again
+        n = len(files)
+        return {**batch, "sha256": np.array(sha, object), "reason": np.array(reason, object),
+                "status": np.array(status, object), "meta": self._meta_column(n, timer)}
+
+    def _settle(self, files: list[ImageFile], read, timer: StageTimer) -> tuple[list[str], list[str], list[str]]:
+        """(sha256, skip reason, status) per file, given what reading each gave ((bytes, sha256, unreadable reason),
+        in order): cached, a copy of one settled in this actor, or probed, decoded, embedded and journalled."""
         n = len(files)
         sha, reason, status = [""] * n, [""] * n, [""] * n
         todo, copies, queued = [], [], set()
-        where = [ImageFile(Path(self.cwd, name), "") for name in names]  # the driver's cwd: a relative data dir
-        for i, (data, digest, err) in enumerate(self.readers.map(lambda f: read_hashed(f, None, timer), where)):
+        for i, (data, digest, err) in enumerate(read):
             sha[i], reason[i] = digest or "", err or ""
             if err:
                 continue
@@ -81,9 +95,7 @@ class EmbedBatches:
         for i in copies:
             reason[i] = self.failed.get(sha[i], "")
             status[i] = "" if reason[i] else NEW
-        die_once(self.die_once_marker)  # after journalling, before returning: the retried batch journals them again
-        return {**batch, "sha256": np.array(sha, object), "reason": np.array(reason, object),
-                "status": np.array(status, object), "meta": np.array([self._meta(n, timer)] + [""] * (n - 1), object)}
+        return sha, reason, status
 
     def _embed(self, todo: list, files: list[ImageFile], sha: list[str], reason: list[str], status: list[str],
                timer: StageTimer) -> None:
@@ -115,6 +127,9 @@ class EmbedBatches:
         return json.dumps({"node": self.node, "images": n, "journal": str(self.cache.journal or ""),
                            "seconds": seconds, **self.described})
 
+    def _meta_column(self, n: int, timer: StageTimer) -> np.ndarray:
+        return np.array([self._meta(n, timer)] + [""] * (n - 1), object)
+
     def __del__(self) -> None:
         """Ray Data drops its actors once the dataset is done: the journal becomes a shard here, in parallel on every
         worker; an actor that never gets here leaves it to the driver (ray_data.py adopts dead writers' journals)."""
@@ -122,3 +137,48 @@ class EmbedBatches:
         if cache is not None:
             cache.publish()
             cache.close()
+
+
+class EmbedShards(EmbedBatches):
+    """The same for WebDataset shards: a call takes shard records (path, the driver's stat), streams each shard once
+    (tar_input.samples), settles its samples a batch at a time as EmbedBatches settles files, and returns one record
+    per sample: the shard's position, the sample's place in it, its path (SHARD#MEMBER) and label, what the tar
+    itself said of it (the shard's listing for the file index), what became of it, and whether this node saw the
+    shard with the driver's stat (if not, nothing of it may be recorded under that stat)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        timer = StageTimer()
+        out: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
+        for pos, path, *stamp in zip(*(batch[c] for c in ("pos", "path", "size", "ino", "mtime", "ctime"))):
+            shard = Path(os.fsdecode(path))
+            st = fileindex.stat(Path(self.cwd, shard))
+            same = st is not None and fileindex.Stamp.of(st) == tuple(int(v) for v in stamp)
+            stream, k = samples(Path(self.cwd, shard)), 0
+            while chunk := self._next_chunk(stream, timer):
+                files = [ImageFile(Path(member_path(shard, s.member)), s.label) for s in chunk]
+                sha, reason, status = self._settle(files, [self._hashed(s, timer) for s in chunk], timer)
+                for s, f, *settled in zip(chunk, files, sha, reason, status):
+                    row = (int(pos), k, os.fsencode(str(f.path)), f.label, s.member or "", s.reason or "", *settled,
+                           same)
+                    for c, v in zip(SAMPLE_COLUMNS, row):
+                        out[c].append(v)
+                    k += 1
+        die_once(self.die_once_marker)
+        n = len(out["pos"])
+        return {**{c: np.array(v, {"pos": np.int64, "k": np.int64, "same_stat": bool}.get(c, object))
+                   for c, v in out.items()},
+                "meta": self._meta_column(n, timer) if n else np.array([], object)}
+
+    def _next_chunk(self, stream, timer: StageTimer) -> list:
+        with timer("read"):
+            return list(itertools.islice(stream, self.batch_size))
+
+    @staticmethod
+    def _hashed(s, timer: StageTimer) -> tuple[bytes | None, str | None, str | None]:
+        if s.data is None:
+            return None, None, s.reason
+        with timer("hash"):
+            return s.data, hashlib.sha256(s.data).hexdigest(), None
+
+
+SAMPLE_COLUMNS = ("pos", "k", "path", "label", "member", "listed_reason", "sha256", "reason", "status", "same_stat")

@@ -25,11 +25,11 @@ def read_shards(shards: list[Path], known: Hashes, index: fileindex.FileIndex, t
     for shard in shards:
         with timer("stat"):
             st = fileindex.stat(shard)
-            listed = _listed(shard, st, known, index) if st else None
-        yield from listed if listed is not None else _streamed(shard, st, index, timer)
+            found = listed(shard, st, known, index) if st else None
+        yield from found if found is not None else _streamed(shard, st, index, timer)
 
 
-def _listed(shard: Path, st, known: Hashes, index: fileindex.FileIndex) -> list[Read] | None:
+def listed(shard: Path, st, known: Hashes, index: fileindex.FileIndex) -> list[Read] | None:
     """The shard's samples from the index, or None when it must be read: changed, never listed whole, or holding
     an image neither cached nor known to fail (a new backbone's cache, say)."""
     entries = index.listing(shard, st)

@@ -26,6 +26,7 @@ from PIL import Image
 from featpipe.dataset import scan
 from featpipe.ray_session import DIE_ONCE_ENV, RAY_SOCKET_SUFFIX, ray_temp_dir
 from tests.conftest import make_subset, one_line, run_cli, run_json
+from tests.test_webdataset import sample, wait_until_indexable, write_tar
 
 pytest.importorskip("ray")
 
@@ -226,9 +227,45 @@ def test_ray_temp_dir_stays_within_the_unix_socket_limit(tmp_path):
     assert deep.is_dir() and len(str(deep)) < 40
 
 
-def test_shards_are_refused_in_one_line(tmp_path):
-    proc = run_cli("extract", tmp_path / "train-000000.tar", "--engine", "ray", "--cache-dir", tmp_path / "c")
-    assert "WebDataset shards need --engine local" in one_line(proc)
+def test_shards_on_ray_give_the_local_engines_rows_and_skips_and_are_not_opened_again(data, tmp_path):
+    """WebDataset shards with --engine ray: an actor streams each shard; the rows, skips (a garbage sample, a
+    truncated JPEG, a damaged shard's tail, copies of samples of another shard) and members are the local engine's;
+    a second run lists every shard (an empty one too) from the file index: no shard opened, no Ray started."""
+    files = [f for f in sorted(data.rglob("*.jpg"))]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    items = [m for i, f in enumerate(files) for m in sample(f"{i:06d}", f.read_bytes(), f.parent.name)]
+    write_tar(shards / "s-000000.tar", items[:40])
+    write_tar(shards / "s-000001.tar", items[40:])
+    whole = (shards / "s-000000.tar").read_bytes()
+    (shards / "s-000002.tar").write_bytes(whole[:len(whole) * 6 // 10])  # cut mid-member: the tail is damaged
+    write_tar(shards / "s-000003.tar", [])  # no sample: its actor returns no row, yet it is listed as read
+    pattern = str(shards / "s-{000000..000003}.tar")
+    local = run_json("extract", pattern, "--cache-dir", tmp_path / "local", *SAME)
+    wait_until_indexable(*shards.iterdir())
+    proc = run_cli("extract", pattern, "--engine", "ray", "--workers", "2", "--cache-dir", tmp_path / "ray", *SAME,
+                   "--json", check=True)
+    res = json.loads(proc.stdout)
+    assert re.search(r"featpipe: ray: 4 shards read on 1 node\(s\): node \w+ \d+ samples", proc.stderr)
+    assert (res["images"], res["computed"], res["reused"], res["skipped"]) == (
+        local["images"], local["computed"], local["reused"], local["skipped"])
+    assert local["computed"] == 40 and any(s["path"] == str(shards / "s-000002.tar") and
+                                           s["reason"].startswith("damaged or truncated tar") for s in res["skipped"])
+    want, got = rows(local["cache_file"]), rows(res["cache_file"])
+    assert set(got) == set(want)
+    assert all(float(e @ want[h] / (np.linalg.norm(e) * np.linalg.norm(want[h]))) >= 0.999 for h, e in got.items())
+    again = run_cli("extract", pattern, "--engine", "ray", "--cache-dir", tmp_path / "ray", *SAME, "--json",
+                    check=True)
+    second = json.loads(again.stdout)
+    assert (second["computed"], second["reused"], second["skipped"]) == (0, res["reused"] + res["computed"],
+                                                                         res["skipped"])
+    assert "featpipe: ray:" not in again.stderr and "read" not in second["stage_seconds"]
+    from featpipe.extract import ExtractConfig
+    from featpipe.features import load_features
+
+    members = [load_features(ExtractConfig(shards=[pattern], cache_dir=tmp_path / c, decoder="pil",
+                                           precision="fp32", device="cpu"), progress=False) for c in ("local", "ray")]
+    assert members[0].paths == members[1].paths and (members[0].y == members[1].y).all()
 
 
 @pytest.fixture(scope="module")
