@@ -16,7 +16,7 @@ from featpipe import bundle as B
 from featpipe.dataset import describe
 from featpipe.errors import UserError
 from featpipe.manifest import labelled_files
-from featpipe.predict import probabilities
+from featpipe.predict import check_weights_apply, probabilities
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
     if cfg.worst < 0:
         raise UserError(f"--worst must be at least 0 (got {cfg.worst})")
     bundle = B.load(cfg.model)
+    check_weights_apply(bundle, cfg.weights)
     root, files, classes = _labelled(cfg)
     unknown = sorted(set(classes) - set(bundle.classes))
     if unknown:

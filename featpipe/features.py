@@ -15,7 +15,9 @@ import numpy as np
 from featpipe import feature_sets
 from featpipe.cache import RowsGone
 from featpipe.dataset import require_labels
+from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig, ExtractResult, shard_patterns
+from featpipe.hardware import available_memory
 from featpipe.rows import require_finite
 from featpipe.splits import content_groups
 
@@ -45,6 +47,10 @@ class Features:
         """Part name (feature_sets.part_of) -> its columns of X (views, no copy)."""
         ends = np.cumsum([r.dim for r in self.results])
         return {feature_sets.part_of(r.cache.key): self.X[:, e - r.dim:e] for r, e in zip(self.results, ends)}
+
+    def extract_seconds(self) -> dict[str, float]:
+        """Part name -> what its extract run took (its scan alone, once cached): auto's and a,b's added cost."""
+        return {feature_sets.part_of(r.cache.key): round(r.seconds, 2) for r in self.results}
 
     def data(self) -> dict:
         """What bundle.json and every training summary record about the training data."""
@@ -94,23 +100,28 @@ def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = Tr
     since (a shard that failed its checksums while read, set aside; a concurrent compact): extracted once more.
     labelled=False also takes a flat folder of images (label ""). A backbone of several names (`a,b`, `auto`:
     feature_sets.py) gives their rows side by side, each at unit length."""
-    each = [dict(zip(("backbone", "tta"), feature_sets.backbone_and_tta(p, cfg.tta)))
+    each = [replace(cfg, **dict(zip(("backbone", "tta"), feature_sets.backbone_and_tta(p, cfg.tta))))
             for p in feature_sets.parts(cfg.backbone)]
     if len(each) == 1:
-        features = _load(replace(cfg, **each[0]), progress, labelled)
+        cfg = _checked(each[0], labelled)
+        features = _read(cfg, _extract(cfg, progress), progress)
     else:
-        features = _side_by_side([_load(replace(cfg, **e), progress, labelled) for e in each])
+        features = _side_by_side([_checked(c, labelled) for c in each], progress)
     features.duplicates.report()
     return features
 
 
-def _load(cfg: ExtractConfig, progress: bool, labelled: bool) -> Features:
+def _checked(cfg: ExtractConfig, labelled: bool) -> ExtractConfig:
     if labelled and shard_patterns(cfg) is not None:  # their labels are known only once they are read
-        cfg = replace(cfg, labelled=True)
-    elif labelled and cfg.labels is None:
+        return replace(cfg, labelled=True)
+    if labelled and cfg.labels is None:
         require_labels(cfg.data_dir)
+    return cfg
+
+
+def _read(cfg: ExtractConfig, result: ExtractResult, progress: bool) -> Features:
     try:
-        return from_result(_extract(cfg, progress))
+        return from_result(result)
     except RowsGone:  # read once more, after extracting again what went missing
         return from_result(_extract(cfg, progress))
 
@@ -138,13 +149,41 @@ def from_result(result: ExtractResult) -> Features:
     return Features(X, y, classes, [m.path for m in members], result, content_groups(digests), digests)
 
 
-def _side_by_side(each: list[Features]) -> Features:
+def _side_by_side(cfgs: list[ExtractConfig], progress: bool) -> Features:
     """One Features of several backbones' rows of the same images (a file one backbone's run skipped is left out
-    of all)."""
-    common = set.intersection(*(set(f.paths) for f in each))
-    each = [f if len(f.paths) == len(common) else _only(f, common) for f in each]
-    first = each[0]
-    return replace(first, X=feature_sets.side_by_side([f.X for f in each]), more=[f.result for f in each[1:]])
+    of all). Every part is extracted before any is read: the array's size is then known, it is checked against
+    free memory, allocated once and filled a part at a time (peak: it and one part's rows)."""
+    results = [_extract(c, progress) for c in cfgs]
+    paths = sorted(set.intersection(*({m.path for m in r.members} for r in results)))
+    X = _allocate(len(paths), [r.dim for r in results], cfgs)
+    first, more, at = None, [], 0
+    for cfg, result in zip(cfgs, results):
+        f = _read(cfg, result, progress)
+        if f.paths != paths:
+            f = _only(f, set(paths))
+        if f.paths != paths:  # extracted again (rows gone) and the data dir changed meanwhile
+            raise UserError(f"{cfg.data_dir or 'the input'} changed while its rows were read: run again")
+        feature_sets.unit_rows_into(X[:, at:at + f.X.shape[1]], f.X)
+        at += f.X.shape[1]
+        if first is None:
+            first = replace(f, X=X)
+        else:
+            more.append(f.result)
+        del f  # this part's rows go before the next part is read
+    return replace(first, more=more)
+
+
+def _allocate(rows: int, dims: list[int], cfgs: list[ExtractConfig]) -> np.ndarray:
+    need, free = rows * (sum(dims) + max(dims)) * 4, available_memory()  # the array and the part being read
+    if free is not None and need > free:
+        raise UserError(f"{rows:,} images x {sum(dims):,} features side by side ({len(cfgs)} parts: "
+                        f"{','.join(feature_sets.part_of(c) for c in cfgs)}) need {_size(need)} with one part "
+                        f"being read, more than the {_size(free)} free; name fewer backbones")
+    return np.empty((rows, sum(dims)), np.float32)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _only(f: Features, paths: set[str]) -> Features:

@@ -57,7 +57,7 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
     check_folders(cfg.extract, cfg.val_dir, cfg.test_dir)
     extract = replace(cfg.extract, backbone=",".join(parts))  # auto's list made once (its notices said once)
     f = load_features(extract, progress)
-    extract_seconds = {feature_sets.part_of(r.cache.key): round(r.seconds, 2) for r in f.results}
+    extract_seconds = f.extract_seconds()
     if cfg.group_duplicates:
         from featpipe.neighbours import duplicate_groups
 
@@ -81,10 +81,10 @@ def fit_and_save(cfg: FitConfig, progress: bool = True) -> dict:
               "c_search": head.report.get("c_search"),
               "validation": arranged.validation,
               "groups": "identical and near-duplicate files" if cfg.group_duplicates else "identical files"}
-    if len(parts) > 1:  # what each backbone's extract cost this run (0 when cached), and (auto) what was tried
+    if len(parts) > 1:  # each backbone's extract run (scan only, once cached); auto: what was tried
         report["extract_seconds"] = extract_seconds
     if choice is not None:
-        report["feature_sets"] = {"tried": choice.tried, "chosen": feature_sets.name(choice.parts)}
+        report["feature_sets"] = feature_sets.summary(choice)
     if test is not None:
         report |= arranged.test_report(accuracy(head, test.X, test.y, np.arange(len(test.y))))
     metrics = {k: v for k, v in report.items() if k not in ("head", "backbone", "classes", "class_counts", "data_dir",

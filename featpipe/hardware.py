@@ -20,3 +20,22 @@ def may_have_gpu() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still get without swapping: the kernel's MemAvailable, and in a container (cgroup
+    v2) no more than its limit minus its use; None where neither says."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            line = next((line for line in f if line.startswith("MemAvailable:")), "")
+        found += [int(line.split()[1]) * 1024] if line else []
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as lim, open("/sys/fs/cgroup/memory.current") as cur:
+            limit = lim.read().strip()
+            found += [int(limit) - int(cur.read())] if limit != "max" else []
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

@@ -16,7 +16,7 @@ import torch
 
 from featpipe import bundle as B
 from featpipe.errors import UserError
-from featpipe.predict import backbone_for
+from featpipe.predict import backbone_for, check_weights_apply
 
 OPSET = 18
 
@@ -27,11 +27,12 @@ def export_onnx(model: Path, out: Path | None = None, weights: Path | None = Non
     except ImportError:
         raise UserError("featpipe export --format onnx needs onnx: pip install 'featpipe[onnx]'") from None
     bundle = B.load(model)
+    check_weights_apply(bundle, weights)
     out = Path(out) if out is not None else Path(bundle.path) / "model.onnx"
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out {out}: " + ("is a folder" if out.is_dir() else f"folder {out.parent} does not exist"))
     parts = bundle.split()
-    net = Probabilities([backbone_for(b, weights if i == 0 else None) for i, b in enumerate(parts)],
+    net = Probabilities([backbone_for(b, weights) for b in parts],
                         [b.tta == "flip" for b in parts],
                         bundle.head.as_torch_module()).eval()
     names = ["images"] if len(parts) == 1 else [f"images_{i}" for i in range(len(parts))]

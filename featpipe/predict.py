@@ -47,12 +47,7 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     if cfg.out is not None:
         table_out.check(cfg.out)
     bundle = B.load(cfg.model)
-    if bundle.more and cfg.weights is not None:
-        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it reads "
-                        f"{len(bundle.more) + 1} backbones' embeddings, each with its own pretrained weights")
-    if bundle.finetuned and cfg.weights is not None:  # it would be ignored: backbone.safetensors holds every weight
-        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it is fine-tuned and carries its "
-                        f"own backbone ({B.BACKBONE_FILE}); drop --weights")
+    check_weights_apply(bundle, cfg.weights)
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
@@ -172,6 +167,16 @@ def backbone_for(bundle: B.Bundle, weights: Path | None = None):
     from featpipe.backbone import load
 
     return load(_spec(bundle), weights_for(bundle, weights)).model
+
+
+def check_weights_apply(bundle: B.Bundle, weights: Path | None) -> None:
+    """`--weights` (predict, evaluate) names one backbone's pretrained checkpoint: refused where it cannot apply."""
+    if bundle.more and weights is not None:
+        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it reads "
+                        f"{len(bundle.more) + 1} backbones' embeddings, each with its own pretrained weights")
+    if bundle.finetuned and weights is not None:  # it would be ignored: backbone.safetensors holds every weight
+        raise UserError(f"--weights does not apply to model bundle {bundle.path}: it is fine-tuned and carries its "
+                        f"own backbone ({B.BACKBONE_FILE}); drop --weights")
 
 
 def weights_for(bundle: B.Bundle, weights: Path | None) -> Path | None:

@@ -51,7 +51,8 @@ def table(report: dict) -> str:
             val += f" ({r['cv_folds']}-fold CV {r['cv_accuracy_mean']:.3f} ± {r['cv_accuracy_std']:.3f})"
         speed = "—" if r.get("speedup_vs_scratch") is None else f"{r['speedup_vs_scratch']:.2f}x"
         tested = f"{fmt_acc(r, 'test_accuracy')} | " if test else ""
-        lines.append(f"| {r['method']} | {r['backbone']} | {fmt_acc(r, 'train_accuracy')} | {val} | {tested}"
+        chosen = f" ({r['feature_sets']['chosen']})" if "feature_sets" in r else ""  # auto's choice
+        lines.append(f"| {r['method']} | {r['backbone']}{chosen} | {fmt_acc(r, 'train_accuracy')} | {val} | {tested}"
                      f"{r['train_seconds']:.2f} s | {speed} |")
     return "\n".join(lines)
 
@@ -85,6 +86,21 @@ def verdicts(report: dict) -> list[str]:
     return out
 
 
+def auto_lines(report: dict) -> list[str]:
+    """The `--backbones auto` row: which feature set it chose among how many, on how many rows, and what its extract
+    runs took (the flip-averaged rows are extracted once, then cached like any other)."""
+    out = []
+    for r in report["results"]:
+        if "feature_sets" in r:
+            fs, spent = r["feature_sets"], sum(r["extract_seconds"].values())
+            on = "" if fs["compared_on_rows"] == r["n_train"] else f" of a {fs['compared_on_rows']:,}-row sample"
+            again = "; its CV makes the choice again per fold" if r.get("cv_folds") else ""
+            out.append(f"- head / {r['backbone']} chose {fs['chosen']} among {len(fs['tried'])} feature sets (the "
+                       f"lowest log-loss in the C search on the training rows{on}{again}); their extract runs took "
+                       f"{spent:.1f} s.")
+    return out
+
+
 def markdown(report: dict, out: Path = Path(".")) -> str:
     """`out`: the report dir, which the model links are relative to."""
     d, t = report["dataset"], report["timings"]
@@ -103,7 +119,7 @@ def markdown(report: dict, out: Path = Path(".")) -> str:
         "Training time excludes one-time work shared by the methods (" + one_time + "); the head's time is its fit "
         f"({HOW_FITTED[report['config']['head']]}), fine-tune's includes a fit of the same head (its warm start) "
         "plus its epochs. Speed-up = scratch's training time / this row's, same backbone.", "",
-        *verdicts(report),
+        *verdicts(report), *auto_lines(report),
         f"- Always answering the largest class scores {d['majority_val_accuracy']:.3f} on val: a row at or below that "
         f"has learned nothing usable yet.", "",
         f"Best on validation: {best['method']} / {best['backbone']} ({best['val_accuracy']:.3f})"
@@ -157,7 +173,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    colors = {b: f"C{i}" for i, b in enumerate(report["backbones"])}
+    colors = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(r["backbone"] for r in report["results"]))}
     for r in report["results"]:
         ax.scatter(max(r["train_seconds"], 1e-3), r["val_accuracy"], marker=MARKERS[r["method"]], s=70,
                    color=colors[r["backbone"]], label=f"{r['method']} / {r['backbone']}")

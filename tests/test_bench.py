@@ -113,3 +113,19 @@ def test_extract_scale_bench_copies_are_distinct_files_with_the_same_pixels(tmp_
     first, again = copies[0], copies[0].with_name(f"{int(copies[0].stem) + 10:07d}.jpg")  # same source, i % 10
     assert len(copies) == 40 and first.read_bytes() != again.read_bytes()
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+
+
+def test_feature_sets_scale_bench_compares_on_a_sample_and_reports_memory(tmp_path):
+    """bench/feature_sets_scale.py at a toy size: the sampled choice saw about --choose-rows rows, the other every
+    one; both picked sets score on fresh rows; side by side in place adds less memory than the old hstack."""
+    out = tmp_path / "fs.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "feature_sets_scale.py"), "--rows", "3000",
+                           "--classes", "4", "--dim", "64", "--choose-rows", "1500", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    sample, every = r["results"]
+    assert 1490 <= sample["compared_on_rows"] <= 1510 and every["compared_on_rows"] == 3000
+    assert all(x["seconds"] > 0 and 0.3 < x["test_accuracy"] <= 1 and x["chosen"] for x in r["results"])
+    before, now = r["memory"]
+    assert now["peak_added_mib"] < before["peak_added_mib"]

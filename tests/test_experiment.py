@@ -126,7 +126,7 @@ def test_bonus_resnet50_stops_at_once_offline(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from featpipe.experiment import ExperimentConfig, read_config
+    from featpipe.experiment_config import ExperimentConfig, read_config
 
     for path in sorted((REPO / "pipelines").glob("*.toml")):
         cfg = ExperimentConfig(**read_config(path))
@@ -154,6 +154,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     ({"methods": ["head"], "val_fraction": 0.0}, None, r"--val-fraction must be in \(0, 1\): the methods"),
     ({}, "[experiment]\nhead = 'svm'\n", "--head must be one of"),
     ({}, "[experiment]\ncv = 1\n", "cv must be at least 2"),
+    ({"backbones": ["auto"], "methods": ["head"]}, "[experiment]\nhead = 'mlp'\n", "auto chooses its feature set"),
     # a config file's values arrive untyped: each must fail as one line, not a traceback mid-run
     ({}, "[experiment]\nval_fraction = 'x'\n", r"\[experiment\] val_fraction must be a number \(got 'x'\)"),
     ({}, "[experiment]\nseed = 'abc'\n", "seed must be an integer"),
@@ -168,7 +169,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 def test_bad_settings_are_user_errors(kw, config, match, tmp_path):
     """In-process (the CLI's UserError -> one line, exit 2 is checked above): no import cost per case."""
     from featpipe.errors import UserError
-    from featpipe.experiment import ExperimentConfig, read_config, run
+    from featpipe.experiment import run
+    from featpipe.experiment_config import ExperimentConfig, read_config
 
     with pytest.raises(UserError, match=match):
         if config is not None:
@@ -176,6 +178,18 @@ def test_bad_settings_are_user_errors(kw, config, match, tmp_path):
             kw = read_config(tmp_path / "bad.toml") | kw
         run(ExperimentConfig(**kw, out=tmp_path / "rep", cache_dir=tmp_path / "cache"))
     assert not (tmp_path / "rep").exists()
+
+
+def test_auto_expands_to_the_offline_backbones_once_and_adds_a_head_row_only_with_head():
+    from featpipe import registry
+    from featpipe.experiment_config import ExperimentConfig, plan
+
+    offline = [s.name for s in registry.offline_specs()]
+    specs, parts = plan(ExperimentConfig(backbones=["efficientnet_lite0", "auto"], methods=["head"]))
+    assert [s.name for s in specs] == ["efficientnet_lite0"] + [n for n in offline if n != "efficientnet_lite0"]
+    assert parts == (*offline, *(n + ":flip" for n in offline))
+    specs, parts = plan(ExperimentConfig(backbones=["auto"], methods=["scratch"]))
+    assert [s.name for s in specs] == offline and parts is None  # no head row to choose for
 
 
 def test_help_shows_the_defaults():
@@ -187,7 +201,7 @@ def test_help_shows_the_defaults():
 
 def test_missing_config_file_is_a_user_error():
     from featpipe.errors import UserError
-    from featpipe.experiment import read_config
+    from featpipe.experiment_config import read_config
 
     with pytest.raises(UserError, match="config file not found"):
         read_config(Path("/nonexistent.toml"))

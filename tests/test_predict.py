@@ -156,14 +156,18 @@ def finetuned(model, tmp_path_factory) -> Path:
                   .model.state_dict())
 
 
-def test_weights_with_a_finetuned_bundle_is_refused(finetuned, sample):
-    """--weights would be ignored (backbone.safetensors is the backbone): say so rather than run."""
+def test_weights_with_a_finetuned_bundle_is_refused(finetuned, sample, tmp_path):
+    """--weights would be ignored (backbone.safetensors is the backbone): predict, evaluate and export say so rather
+    than run."""
     from featpipe import registry
 
     ckpt = registry.resolve("mobilenet_v2").offline_path()  # a real, fitting checkpoint: only the bundle is wrong
-    proc = run_cli("predict", finetuned, sample[0], "--weights", ckpt)
-    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert "fine-tuned" in proc.stderr and "drop --weights" in proc.stderr
+    for args in (("predict", finetuned, sample[0]), ("evaluate", finetuned, sample[0].parent.parent),
+                 ("export", finetuned, "--out", tmp_path / "m.onnx")):
+        proc = run_cli(*args, "--weights", ckpt)
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+        assert "fine-tuned" in proc.stderr and "drop --weights" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_weights_that_are_not_a_checkpoint_say_so(model, sample, tmp_path):

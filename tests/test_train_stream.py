@@ -74,7 +74,7 @@ def test_a_checkpoint_resumes_only_the_same_run(tmp_path, capsys):
 def test_training_commands_refuse_shards_in_one_line():
     from pathlib import Path
 
-    from featpipe.experiment import ExperimentConfig
+    from featpipe.experiment_config import ExperimentConfig
     from featpipe.train import TrainConfig
 
     for make in (TrainConfig, ExperimentConfig):

@@ -229,7 +229,9 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 @app.command()
 def experiment(
     data_dir: DataDir = None,
-    backbones: Annotated[Optional[str], typer.Option("--backbones", help="Comma-separated backbone names.",
+    backbones: Annotated[Optional[str], typer.Option("--backbones", help="Comma-separated backbone names; `auto`: "
+                                                     "every backbone whose weights are here, and one more head row "
+                                                     "on the feature set fit-head --backbone auto would choose.",
                                                      show_default="mobilenet_v2,efficientnet_lite0")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", help="Comma-separated subset of "
                                                    "scratch,head,finetune.", show_default="all")] = None,
@@ -269,7 +271,8 @@ def demo(
 
 
 def _run_experiment(config: Optional[Path], flags: dict, as_json: bool) -> None:
-    from featpipe.experiment import ExperimentConfig, read_config, run
+    from featpipe.experiment import run
+    from featpipe.experiment_config import ExperimentConfig, read_config
     from featpipe.report import table
 
     kw = read_config(config) if config else {}
