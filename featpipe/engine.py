@@ -10,7 +10,6 @@ tar_reader.py reads their samples instead of files. `--engine ray` runs ray_data
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -29,7 +28,7 @@ from featpipe.hashes import Hashes
 from featpipe.dataset import ImageFile, read_file
 from featpipe.decode import default_decode_threads, probe
 from featpipe.errors import UserError
-from featpipe.pipeline import DONE, Compute, Computed, Encoded, Item, StageTimer
+from featpipe.pipeline import DONE, Compute, Computed, Encoded, Item, StageTimer, hashed
 from featpipe.rows import Rows
 from featpipe.tar_reader import read_shards
 
@@ -205,10 +204,7 @@ def read_hashed(f: ImageFile, st, timer: StageTimer) -> tuple[bytes | None, str 
     """(bytes, sha256, None) of a file read once, or (None, None, why it cannot be read); `st`: its stat, if taken."""
     with timer("read"):
         data, err = read_file(f, st)
-    if data is None:
-        return None, None, err
-    with timer("hash"):
-        return data, hashlib.sha256(data).hexdigest(), None
+    return hashed(data, err, timer)
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """What extraction's stages pass each other: typed queue messages, the `Compute` protocol that the local compute
-stage implements, and the per-stage timer every stage (and the Ray workers) reports to."""
+stage implements, the per-stage timer every stage (and the Ray workers) reports to, and the readers' hash step."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from contextlib import contextmanager
@@ -81,3 +82,11 @@ class StageTimer:
 
     def totals(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self._t.items()}
+
+
+def hashed(data: bytes | None, reason: str | None, timer: StageTimer) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, sha256, None) of bytes read, or (None, None, why there are none): every reader's hash step."""
+    if data is None:
+        return None, None, reason
+    with timer("hash"):
+        return data, hashlib.sha256(data).hexdigest(), None

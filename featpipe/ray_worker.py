@@ -10,7 +10,6 @@ Image bytes and embeddings never leave the actor.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -25,7 +24,7 @@ from featpipe.dataset import ImageFile
 from featpipe.decode import default_decode_threads, probe
 from featpipe.engine import read_hashed
 from featpipe.hashes import Hashes
-from featpipe.pipeline import StageTimer
+from featpipe.pipeline import StageTimer, hashed
 from featpipe.ray_session import die_once
 from featpipe.rows import Rows
 from featpipe.runtime import embed_decoded, start_embedding
@@ -156,7 +155,7 @@ class EmbedShards(EmbedBatches):
             stream, k = samples(Path(self.cwd, shard)), 0
             while chunk := self._next_chunk(stream, timer):
                 files = [ImageFile(Path(member_path(shard, s.member)), s.label) for s in chunk]
-                sha, reason, status = self._settle(files, [self._hashed(s, timer) for s in chunk], timer)
+                sha, reason, status = self._settle(files, [hashed(s.data, s.reason, timer) for s in chunk], timer)
                 for s, f, *settled in zip(chunk, files, sha, reason, status):
                     row = (int(pos), k, os.fsencode(str(f.path)), f.label, s.member or "", s.reason or "", *settled,
                            same)
@@ -172,13 +171,6 @@ class EmbedShards(EmbedBatches):
     def _next_chunk(self, stream, timer: StageTimer) -> list:
         with timer("read"):
             return list(itertools.islice(stream, self.batch_size))
-
-    @staticmethod
-    def _hashed(s, timer: StageTimer) -> tuple[bytes | None, str | None, str | None]:
-        if s.data is None:
-            return None, None, s.reason
-        with timer("hash"):
-            return s.data, hashlib.sha256(s.data).hexdigest(), None
 
 
 SAMPLE_COLUMNS = ("pos", "k", "path", "label", "member", "listed_reason", "sha256", "reason", "status", "same_stat")

@@ -5,7 +5,6 @@ it passes."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +12,7 @@ from typing import Iterator
 from featpipe import fileindex
 from featpipe.dataset import ImageFile
 from featpipe.hashes import Hashes
-from featpipe.pipeline import StageTimer
+from featpipe.pipeline import StageTimer, hashed
 from featpipe.tar_input import member_path, samples
 
 Read = tuple[ImageFile, bytes | None, str | None, str | None]  # (sample, bytes, sha256, skip reason)
@@ -64,13 +63,9 @@ def _streamed(shard: Path, st, index: fileindex.FileIndex, timer: StageTimer) ->
             break
         f = ImageFile(Path(member_path(shard, s.member)), s.label)
         listing.append([s.member, s.label, s.reason or ""])
-        if s.data is None:
-            yield f, None, None, s.reason
-            continue
-        with timer("hash"):
-            digest = hashlib.sha256(s.data).hexdigest()
-        if st:
+        data, digest, reason = hashed(s.data, s.reason, timer)
+        if st and data is not None:
             index.record(f.path, st, digest, read_at_ns)
-        yield f, s.data, digest, None
+        yield f, data, digest, reason
     if st:
         index.record_listing(shard, st, listing, read_at_ns)
