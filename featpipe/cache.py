@@ -147,7 +147,7 @@ class Cache:
 
     def _hashes(self, final: bool = False) -> Hashes:
         cols = [self.shard_sha256(name) for name in self.shards()]
-        cols += [np.array(r.sha256, "S64") for r in self.journal_rows()]
+        cols += [np.array(r.sha256, "S64") for r in self.journal_records()]
         return Hashes(np.concatenate(cols) if cols else np.empty(0, "S64"))
 
     def shard_sha256(self, name: str) -> np.ndarray:
@@ -194,16 +194,19 @@ class Cache:
             if hit.any():
                 out[hit] = self._read_rows(name, pos[hit])
                 found |= hit
-        if not found.all():
-            rows = Rows.concat(self.journal_rows(), self.key.dim)
-            index = {h: i for i, h in enumerate(rows.sha256)}
-            for i in np.flatnonzero(~found):
-                j = index.get(want[i].decode())
-                if j is None and not final:
-                    raise _Vanished(want[i].decode())
-                if j is None:
-                    raise RowsGone(f"{want[i].decode()} is not in the cache")
-                out[i] = rows.embeddings[j]
+        todo: dict[str, list[int]] = {}  # hashes no shard holds: in a journal, one batch at a time
+        for i in np.flatnonzero(~found):
+            todo.setdefault(want[i].decode(), []).append(i)
+        for r in self.journal_records() if todo else ():
+            for j, h in enumerate(r.sha256):
+                if (at := todo.pop(h, None)) is not None:
+                    out[at] = r.embeddings[j]
+            if not todo:
+                break
+        if todo and not final:
+            raise _Vanished(next(iter(todo)))
+        if todo:
+            raise RowsGone(f"{next(iter(todo))} is not in the cache")
         return out
 
     def _read_rows(self, name: str, pos: np.ndarray) -> np.ndarray:
@@ -221,7 +224,7 @@ class Cache:
     def read(self) -> Rows:
         """Every row (shards, then journal rows no shard holds). Holds them all: for tests and small caches."""
         parts = [r for r in map(self.shard_rows, self.shards()) if r is not None]
-        return Rows.concat(parts + self.journal_rows(), self.key.dim).unique()
+        return Rows.concat(parts + list(self.journal_records()), self.key.dim).unique()
 
     def set_aside(self, name: str, why: Exception) -> None:
         """Move a broken shard out of the manifest and out of the way; its rows are recomputed when next needed."""
@@ -254,19 +257,26 @@ class Cache:
         if self._journal_rows >= SHARD_ROWS:
             self.publish()
 
-    def journal_rows(self) -> list[Rows]:
-        return [r for p in sorted(self.dir.glob(journal.PATTERN)) for r in journal.read(p, self.key.dim)]
+    def journal_records(self) -> Iterator[Rows]:
+        """Every journal's records, one batch at a time."""
+        for p in sorted(self.dir.glob(journal.PATTERN)):
+            yield from journal.records(p, self.key.dim)
 
     def adopt_journals(self) -> None:
-        """Publish the journals whose writers are gone (their flock is free); called under the publish lock."""
+        """Publish the journals whose writers are gone (their flock is free), a group of about SHARD_ROWS rows at a
+        time: memory holds one group however many writers died. Called under the publish lock."""
+        group: list[tuple[Path, int]] = []
+        rows: list[Rows] = []
         dead = journal.dead(self.dir)
-        if not dead:
-            return
-        rows = Rows.concat([r for p, _ in dead for r in journal.read(p, self.key.dim)], self.key.dim)
-        self._publish_rows(rows, self._held(self.shards()))
-        for p, fd in dead:
-            p.unlink(missing_ok=True)
-            os.close(fd)
+        for k, (p, fd) in enumerate(dead):
+            group.append((p, fd))
+            rows += journal.read(p, self.key.dim)
+            if sum(map(len, rows)) >= SHARD_ROWS or k + 1 == len(dead):
+                self._publish_rows(Rows.concat(rows, self.key.dim), self._held(self.shards()))
+                for q, qfd in group:  # published: gone only now, so a kill before leaves them to adopt again
+                    q.unlink(missing_ok=True)
+                    os.close(qfd)
+                group, rows = [], []
 
     def publish(self) -> None:
         """This writer's journal becomes a shard (if it holds rows no shard has since gained), then is deleted."""

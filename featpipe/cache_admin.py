@@ -55,7 +55,7 @@ def key_info(cache: Cache) -> dict:
     key = cache.key
     return {"key": key.name(), "backbone": key.backbone, "precision": key.precision, "dim": key.dim,
             "weights_sha256": key.weights_sha256, "table": str(cache.path), "rows": sum(r for _, r in manifest),
-            "shards": len(manifest), "journal_rows": sum(len(r) for r in cache.journal_rows()),
+            "shards": len(manifest), "journal_rows": sum(len(r) for r in cache.journal_records()),
             "bytes": sum(p.stat().st_size for p in files if p.exists())}
 
 

@@ -33,24 +33,28 @@ def encode(rows: Rows) -> bytes:
 
 
 def read(path: Path, dim: int) -> list[Rows]:
-    """A journal's whole records. Parsing stops at the first record that is torn (a kill mid-write, a full disk)
-    or does not parse: everything before it is whole."""
+    """A journal's whole records."""
+    return list(records(path, dim))
+
+
+def records(path: Path, dim: int) -> Iterator[Rows]:
+    """A journal's whole records, one at a time: memory holds one batch, not the journal. Parsing stops at the
+    first record that is torn (a kill mid-write, a full disk) or does not parse: everything before it is whole."""
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
-        return []
-    pos, parts = 0, []
-    while pos + HEADER.size <= len(data):
-        magic, n, crc = HEADER.unpack_from(data, pos)
-        payload = data[pos + HEADER.size: pos + HEADER.size + n]
-        if magic != MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
-            break
-        try:
-            parts.append(_parse(payload, dim))
-        except (ValueError, KeyError, TypeError, struct.error):
-            break
-        pos += HEADER.size + n
-    return parts
+        return
+    with f:
+        while len(head := f.read(HEADER.size)) == HEADER.size:
+            magic, n, crc = HEADER.unpack(head)
+            payload = f.read(n) if magic == MAGIC else b""
+            if magic != MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
+                return
+            try:
+                rows = _parse(payload, dim)
+            except (ValueError, KeyError, TypeError, struct.error):
+                return
+            yield rows
 
 
 def _parse(payload: bytes, dim: int) -> Rows:

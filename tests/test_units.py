@@ -79,6 +79,33 @@ def test_a_dead_writers_journal_is_read_and_then_published(tmp_path):
         assert sorted(c.read().sha256) == rows(3).sha256
 
 
+def test_many_dead_writers_journals_are_published_a_group_at_a_time(tmp_path, monkeypatch):
+    """Twenty dead writers (a killed cluster run) left 999 rows each, neighbours sharing 99: the next writer publishes
+    them about SHARD_ROWS at a time, each hash once, holding one group in memory rather than every journal."""
+    import tracemalloc
+
+    from featpipe import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 1000)
+    key = CacheKey("mobilenet_v2", "ab" * 32, KEY.preprocessing, 256)
+    rng = np.random.default_rng(0)
+    writers = [Cache(tmp_path, key).open() for _ in range(20)]  # all alive at once, as a cluster's actors are
+    for k, w in enumerate(writers):
+        ids = range(900 * k, 900 * k + 999)
+        w.append(Rows([f"{i:064x}" for i in ids], rng.random((999, 256), np.float32), [f"/d/{i}.jpg" for i in ids],
+                      ["c"] * 999))
+    for w in writers:
+        w.close()  # its flock goes, its journal stays: a dead writer's
+    journals = sum(p.stat().st_size for p in tmp_path.rglob("journal-*.fpj"))
+    tracemalloc.start()
+    with Cache(tmp_path, key) as c:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        sha = np.concatenate([c.shard_sha256(n) for n in c.shards()])
+        assert len(sha) == len(set(sha)) == 900 * 19 + 999 and not list(c.dir.glob("journal-*"))
+    assert peak < journals / 2, (peak, journals)
+
+
 def test_embeddings_reads_the_rows_asked_for_in_their_order(tmp_path):
     with Cache(tmp_path, KEY) as c:
         c.append(rows(6))
