@@ -6,7 +6,8 @@ RSS is its own), the median of --repeats:
 - add_1k: open the cache, journal 1,000 new rows in batches of 16 (the CPU engine's), publish them as a shard;
 - lookup: open, read the cached hashes, test 1,000 cached and 1,000 unknown ones;
 - read_1k: the embeddings of 1,000 random cached rows (what fit-head reads for its images);
-- index_check: FileIndex.unchanged() for every file of a synthetic index of that many files, then save();
+- index_check: FileIndex.unchanged() for every file of a synthetic index of that many files, a window at a
+  time as the engine looks them up, then save();
 - compact: `featpipe cache compact` (merges the add probes' small shards).
 
     python bench/scale.py [--rows 1000000] [--dim 1280] [--repeats 3] [--workdir DIR] [--json OUT.json]
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from featpipe.cache import Cache
 from featpipe.shards import SHARD_ROWS, CacheKey
 from featpipe.rows import Rows
 from featpipe.cache_admin import compact
-from featpipe.fileindex import FileIndex
+from featpipe.fileindex import FileIndex, Stamp
 from featpipe.preprocess import Preprocessing
 
 BATCH = 16
@@ -80,13 +80,12 @@ def probe(name: str, cache_dir: Path, dim: int, level: int, seed: int) -> dict:
         c = Cache(cache_dir, key(dim))
         X = c.embeddings([f"{i:064x}" for i in rng.choice(level, 1000, replace=False)])
         assert X.shape == (1000, dim)
-    elif name == "index_check":  # the scan's paths and the stat calls are the filesystem's cost, not timed
-        files = [(Path(f"/synthetic/{i // 1000}/{i}.jpg"), SimpleNamespace(st_size=1000 + i, st_ino=i,
-                                                                       st_mtime_ns=i, st_ctime_ns=i))
-                 for i in range(level)]
+    elif name == "index_check":  # the scan's paths (the engine holds them too) are the filesystem's cost, not timed
+        files = [Path(f"/synthetic/{i // 1000}/{i}.jpg") for i in range(level)]
         t = time.perf_counter()
         index = FileIndex(cache_dir / "index", Path("/synthetic"), "bench", writable=True)
-        hits = sum(index.unchanged(p, st) is not None for p, st in files)
+        hits = sum(index.unchanged(p, Stamp(1000 + i, i, i, i)) is not None  # a stat's fields, as engine's lookup
+                   for i, p in enumerate(index.prefetching(files, lambda p: p)))
         index.save()
         assert hits == level, hits
     elif name == "compact":
@@ -106,8 +105,7 @@ def synthetic_index(cache_dir: Path, n: int) -> None:
     (cache_dir / "index").mkdir(parents=True, exist_ok=True)
     index = FileIndex(cache_dir / "index", Path("/synthetic"), "bench", writable=True)
     for i in range(n):
-        st = SimpleNamespace(st_size=1000 + i, st_ino=i, st_mtime_ns=i, st_ctime_ns=i)
-        index.record(Path(f"/synthetic/{i // 1000}/{i}.jpg"), st, f"{i:064x}", 10**19)
+        index.record(Path(f"/synthetic/{i // 1000}/{i}.jpg"), Stamp(1000 + i, i, i, i), f"{i:064x}", 10**19)
     index.save()
 
 

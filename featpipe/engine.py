@@ -157,9 +157,10 @@ class Engine:
         releases the GIL). A file the index knows unchanged, with a cache row, is not read at all (bytes None).
         At most READ_AHEAD files are held at a time."""
         with ThreadPoolExecutor(max_workers=default_decode_threads()) as pool:
-            window: deque = deque(pool.submit(self._read_hash, f, known) for f in files[:READ_AHEAD])
-            for f in files[READ_AHEAD:]:
-                yield window.popleft().result()
+            window: deque = deque()
+            for f in self.index.prefetching(files, lambda f: f.path):
+                if len(window) == READ_AHEAD:
+                    yield window.popleft().result()
                 window.append(pool.submit(self._read_hash, f, known))
             while window:
                 yield window.popleft().result()

@@ -142,8 +142,9 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     cache = Cache(cfg.cache_dir, key)
     timer = StageTimer()
     with cache:
-        shards = isinstance(files, Shards)  # their members' records are looked up per shard, not under root
-        index = FileIndex(cfg.cache_dir, None if shards else root, decoders_version(cfg.decoder), cache.writable)
+        shards = isinstance(files, Shards)  # their members' records are kept per shard, not under root
+        whole = None if shards or cfg.files is not None else root  # a folder gone through: its gone files' records go
+        index = FileIndex(cfg.cache_dir, whole, decoders_version(cfg.decoder), cache.writable)
         engine = _engine(cfg, spec, key, timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
@@ -152,7 +153,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
         with timer("commit"), user_error_if_disk_fails(cache.path):
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
-            index.save(drop_gone=cfg.files is None)
+            index.save()
     members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
                if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
     require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved

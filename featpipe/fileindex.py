@@ -5,7 +5,8 @@ recorded with its sha256. Every write sets ctime to the current time, and no too
 file is always read again. A file is only recorded when its ctime was RACY_SECONDS old as it was read: a write
 in the same timestamp tick as that read cannot then hide. The index is an SQLite table beside the caches (shared
 by every backbone; a run looks up and writes only its own files' records, never the whole index); losing or
-damaging it costs only hashing again.
+damaging it costs only hashing again. Memory holds a window of records whatever the number of files: readers
+look files up through prefetching(), and the files a run saw go to a temporary table, not a Python set.
 
 A file that failed to decode keeps its reason in its record, so an unchanged corrupt file is reported again
 without reading it (nor loading the model to find out). Reasons hold only for the decoders that gave them
@@ -25,8 +26,9 @@ import sqlite3
 import sys
 import threading
 import zlib
+from itertools import islice
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -34,11 +36,16 @@ INDEX_NAME = "files.sqlite"
 FORMAT1_NAME = "files.json"  # format 1's index: a hint only, deleted by the first save
 RACY_SECONDS = 2  # above any filesystem's timestamp granularity (FAT's is 2 s)
 FLUSH_ROWS = 10_000  # records held before they are written: memory stays bounded on a cold run of any size
+PREFETCH_ROWS = 8192  # records loaded per window (well above a reader's read-ahead)
+IN_KEYS = 500  # keys per IN (...) query: under SQLite's oldest limit on bound parameters (999)
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, mtime INTEGER, "
            "ctime INTEGER, sha256 TEXT, reason TEXT, decoders TEXT) WITHOUT ROWID")
 _TAR_SCHEMA = ("CREATE TABLE IF NOT EXISTS tar_shards (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, "
                "mtime INTEGER, ctime INTEGER, samples BLOB) WITHOUT ROWID")
 _COLUMNS = "size, ino, mtime, ctime, sha256, reason, decoders"
+_SEEN_SCHEMA = "CREATE TEMP TABLE IF NOT EXISTS seen (path BLOB PRIMARY KEY) WITHOUT ROWID"
+_ASK = object()  # a key prefetching() did not load: one query
+T = TypeVar("T")
 
 
 class Stamp(NamedTuple):
@@ -64,28 +71,52 @@ def _key(path: Path) -> bytes:
 
 
 class FileIndex:
-    """The records of the files under `root` (one range query: a dict lookup per file beats a query per file
-    five-fold), and this run's changes to them."""
+    """The records of the files a run looks up, a window at a time (prefetching(): one IN query per 500 files
+    beats a query per file), and this run's changes to them."""
 
     def __init__(self, cache_dir: Path, root: Path | None, decoders: str = "", writable: bool = True) -> None:
+        """`root`: the folder a run went through whole, whose records of files it did not see save() drops (None:
+        given files, or tar shards, whose members are kept per shard)."""
         self.path = Path(cache_dir) / INDEX_NAME
         self.decoders, self.writable = decoders, writable
-        self.seen: set[bytes] = set()  # files this run stat'ed: the records under its root to keep
         self.reasons: dict[bytes, str] = {}  # unchanged files whose recorded decode failure still holds
         self._rows: list[tuple] = []  # records to write
         self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
         self._forgotten: list[tuple] = []  # (low, high) ranges of records to delete before them
         self._listings: list[tuple] = []  # tar_shards rows to write after them
+        self._seen: list[tuple] = []  # (path,) of files this run stat'ed: save() keeps their records
         self._lock = threading.Lock()  # the reader's threads share one connection
         self._db = self._connect()
-        self.old: dict[bytes, tuple] = {}  # root None (tar shards): one shard's records at a time, by listing()
+        self.old: dict[bytes, tuple | None] = {}  # the loaded window: a file's record, or None if it has none
+        self._under: tuple[bytes, bytes] | None = None
         if root is not None:
             low = os.fsencode(os.path.join(os.path.abspath(root), ""))
-            self._load(low, low[:-1] + bytes([low[-1] + 1]))  # every path that starts with "<root>/"
+            self._under = low, low[:-1] + bytes([low[-1] + 1])  # every path that starts with "<root>/"
+
+    def prefetching(self, items: Iterable[T], path: Callable[[T], Path]) -> Iterator[T]:
+        """`items` as given, the records of each next PREFETCH_ROWS loaded before they are yielded (in place of the
+        window before: the few lookups of it still in flight ask one query each)."""
+        it = iter(items)
+        while chunk := list(islice(it, PREFETCH_ROWS)):
+            keys = [_key(path(i)) for i in chunk]
+            window: dict[bytes, tuple | None] = dict.fromkeys(keys)
+            for s in range(0, len(keys), IN_KEYS):
+                part = tuple(keys[s:s + IN_KEYS])
+                window.update((r[0], r[1:]) for r in self._query(
+                    f"SELECT path, {_COLUMNS} FROM files WHERE path IN ({','.join('?' * len(part))})", part))
+            self.old = window
+            yield from chunk
 
     def _load(self, low: bytes, high: bytes) -> None:
         self.old.update((r[0], r[1:]) for r in self._query(f"SELECT path, {_COLUMNS} FROM files WHERE path >= ? "
                                                            f"AND path < ?", (low, high)))
+
+    def _record_of(self, key: bytes) -> tuple | None:
+        row = self.old.get(key, _ASK)
+        if row is not _ASK:
+            return row
+        rows = self._query(f"SELECT {_COLUMNS} FROM files WHERE path = ?", (key,))
+        return rows[0] if rows else None
 
     def _connect(self) -> sqlite3.Connection | None:
         if not self.writable and not self.path.exists():
@@ -96,6 +127,7 @@ class FileIndex:
             if self.writable:
                 db.execute(_SCHEMA)
                 db.execute(_TAR_SCHEMA)
+                db.execute(_SEEN_SCHEMA)  # on disk past SQLite's page cache, like any table
             db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
             return db
         except sqlite3.DatabaseError as e:
@@ -117,8 +149,8 @@ class FileIndex:
     def unchanged(self, path: Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for this file if it is unchanged since then."""
         key = _key(path)
-        self.seen.add(key)
-        row = self.old.get(key)
+        self._see(key)
+        row = self._record_of(key)
         if not row or tuple(row[:4]) != _stamp(st) or not isinstance(row[4], str):
             return None
         if row[5] and row[6] == self.decoders:
@@ -144,7 +176,7 @@ class FileIndex:
         """Remember a file hashed now; `st` was taken before reading it, and `read_at_ns` (time.time_ns()) is no
         later than the read."""
         key = _key(path)
-        self.seen.add(key)
+        self._see(key)
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
             self._queue(self._rows, (key, *_stamp(st), sha256, None, None))
 
@@ -174,21 +206,27 @@ class FileIndex:
         key = _key(shard)
         self._queue(self._forgotten, (key + b"#", key + b"$"))
 
+    def _see(self, key: bytes) -> None:
+        if self._under is not None and self.writable:  # only save() under a root reads them
+            self._queue(self._seen, (key,))
+
     def _queue(self, pending: list, row: tuple) -> None:
         with self._lock:
             pending.append(row)
-            full = len(self._rows) + len(self._failures) + len(self._listings) >= FLUSH_ROWS
+            full = len(self._rows) + len(self._failures) + len(self._listings) + len(self._seen) >= FLUSH_ROWS
         if full:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
             forgotten, rows, failures, listings = self._forgotten, self._rows, self._failures, self._listings
+            seen, self._seen = self._seen, []
             self._forgotten, self._rows, self._failures, self._listings = [], [], [], []
-            if self._db is None or not self.writable or not (forgotten or rows or failures or listings):
+            if self._db is None or not self.writable or not (forgotten or rows or failures or listings or seen):
                 return
             try:
                 with self._db:
+                    self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", seen)
                     self._db.executemany("DELETE FROM files WHERE path >= ? AND path < ?", forgotten)
                     self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     self._db.executemany("UPDATE files SET reason = ?, decoders = ? WHERE path = ?", failures)
@@ -196,19 +234,19 @@ class FileIndex:
             except sqlite3.DatabaseError as e:
                 print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
 
-    def save(self, drop_gone: bool = True) -> None:
-        """Write this run's records; drop the records under root of files this run did not find (unless it was
-        given a list of files, not a whole folder: drop_gone=False)."""
+    def save(self) -> None:
+        """Write this run's records; drop the records under root of files this run did not find."""
         self.flush()
         if self._db is None or not self.writable:
             return
-        gone = [(p,) for p in self.old if p not in self.seen] if drop_gone else []
-        with self._lock:
-            try:
-                with self._db:
-                    self._db.executemany("DELETE FROM files WHERE path = ?", gone)
-            except sqlite3.DatabaseError as e:
-                print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
+        if self._under is not None:
+            with self._lock:
+                try:
+                    with self._db:
+                        self._db.execute("DELETE FROM files WHERE path >= ? AND path < ? AND path NOT IN "
+                                         "(SELECT path FROM seen)", self._under)
+                except sqlite3.DatabaseError as e:
+                    print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
         (self.path.parent / FORMAT1_NAME).unlink(missing_ok=True)
 
 

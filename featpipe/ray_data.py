@@ -105,7 +105,7 @@ class RayDataEngine:
         listing.mkdir()
         part: list[tuple] = []
         rows = 0
-        for pos, f in enumerate(files):
+        for pos, f in enumerate(self.index.prefetching(files, lambda f: f.path)):
             self.inputs += 1
             with self.timer("stat"):
                 st, digest, failed = self.index.lookup(f.path)

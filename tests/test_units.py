@@ -233,6 +233,32 @@ def test_file_index_remembers_unchanged_files_only(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (1,)
 
 
+def test_file_index_holds_one_window_of_records_and_keeps_only_the_seen_ones_under_its_root(tmp_path):
+    """A run over more files than one window: every lookup finds its record while memory holds at most
+    PREFETCH_ROWS of them; save() drops the records under root the run did not see, and no record outside root."""
+    from featpipe import fileindex
+
+    n = 2 * fileindex.PREFETCH_ROWS + 100
+    root, elsewhere = tmp_path / "data", tmp_path / "other"
+    stamp = fileindex.Stamp(1, 2, 3, 4)
+    paths = [root / f"{i // 1000}" / f"{i}.jpg" for i in range(n)]
+    first = FileIndex(tmp_path, None)
+    for i, p in enumerate(paths + [elsewhere / "x.jpg"]):
+        first.record(p, stamp, f"{i:064x}", 10**19)
+    first.save()
+    run = FileIndex(tmp_path, root)
+    most = 0
+    for i, p in enumerate(run.prefetching(paths[:-50], lambda p: p)):
+        assert run.unchanged(p, stamp) == f"{i:064x}"
+        most = max(most, len(run.old))
+    assert most == fileindex.PREFETCH_ROWS
+    assert run.unchanged(paths[-1], stamp) == f"{n - 1:064x}"  # not prefetched: asked alone, found all the same
+    run.save()
+    with sqlite3.connect(run.path) as db:
+        kept = {os.fsdecode(r[0]) for r in db.execute("SELECT path FROM files")}
+    assert kept == {str(p) for p in paths[:-50] + paths[-1:] + [elsewhere / "x.jpg"]}
+
+
 def test_file_index_drops_a_failure_recorded_by_other_decoders(tmp_path):
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
