@@ -265,14 +265,15 @@ class Cache:
     def adopt_journals(self) -> None:
         """Publish the journals whose writers are gone (their flock is free), a group of about SHARD_ROWS rows at a
         time: memory holds one group however many writers died. Called under the publish lock."""
-        group: list[tuple[Path, int]] = []
-        rows: list[Rows] = []
-        dead = journal.dead(self.dir)
+        dead, group, rows = journal.dead(self.dir), [], []
+        held = [self._held(self.shards())] if dead else []  # then each group published: every shard's sorted once
         for k, (p, fd) in enumerate(dead):
             group.append((p, fd))
             rows += journal.read(p, self.key.dim)
             if sum(map(len, rows)) >= SHARD_ROWS or k + 1 == len(dead):
-                self._publish_rows(Rows.concat(rows, self.key.dim), self._held(self.shards()))
+                new = Rows.concat(rows, self.key.dim)
+                self._publish_rows(new, *held)
+                held.append(Hashes(np.array(new.sha256, "S64")))
                 for q, qfd in group:  # published: gone only now, so a kill before leaves them to adopt again
                     q.unlink(missing_ok=True)
                     os.close(qfd)
@@ -291,10 +292,11 @@ class Cache:
         self._journal_fh.close()
         self._journal_fh, self._journal_rows = None, 0
 
-    def _publish_rows(self, rows: Rows, held: Hashes) -> None:
-        """Shards of the rows `held` lacks, then the table listing them (under the publish lock)."""
+    def _publish_rows(self, rows: Rows, *held: Hashes) -> None:
+        """Shards of the rows every `held` lacks, then the table listing them (under the publish lock)."""
         rows = rows.unique()
-        rows = rows.take(np.flatnonzero(~held.isin(np.array(rows.sha256, "S64")))) if len(rows) else rows
+        sha = np.array(rows.sha256, "S64")
+        rows = rows.take(np.flatnonzero(~np.logical_or.reduce([h.isin(sha) for h in held]))) if len(rows) else rows
         manifest = self.manifest()
         live = {n for n, _ in manifest}
         for p in self.dir.glob("*.h5"):  # leftovers of a killed publish or compact: only we write now

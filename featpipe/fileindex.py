@@ -25,6 +25,7 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import zlib
 from itertools import islice
 from pathlib import Path
@@ -37,6 +38,7 @@ FORMAT1_NAME = "files.json"  # format 1's index: a hint only, deleted by the fir
 RACY_SECONDS = 2  # above any filesystem's timestamp granularity (FAT's is 2 s)
 FLUSH_ROWS = 10_000  # records held before they are written: memory stays bounded on a cold run of any size
 PREFETCH_ROWS = 8192  # records loaded per window (well above a reader's read-ahead)
+BUSY_SECONDS = 60  # how long a write waits for another run's transaction before it gives up
 IN_KEYS = 500  # keys per IN (...) query: under SQLite's oldest limit on bound parameters (999)
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, size INTEGER, ino INTEGER, mtime INTEGER, "
            "ctime INTEGER, sha256 TEXT, reason TEXT, decoders TEXT) WITHOUT ROWID")
@@ -75,16 +77,17 @@ class FileIndex:
     beats a query per file), and this run's changes to them."""
 
     def __init__(self, cache_dir: Path, root: Path | None, decoders: str = "", writable: bool = True) -> None:
-        """`root`: the folder a run went through whole, whose records of files it did not see save() drops (None:
-        given files, or tar shards, whose members are kept per shard)."""
+        """`root`: the folder whose files the run lists (a scanned folder, a label file's), whose records of files
+        it did not see save() drops (None: given files, or tar shards, whose members are kept per shard)."""
         self.path = Path(cache_dir) / INDEX_NAME
         self.decoders, self.writable = decoders, writable
-        self.reasons: dict[bytes, str] = {}  # unchanged files whose recorded decode failure still holds
         self._rows: list[tuple] = []  # records to write
         self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
         self._forgotten: list[tuple] = []  # (low, high) ranges of records to delete before them
         self._listings: list[tuple] = []  # tar_shards rows to write after them
         self._seen: list[tuple] = []  # (path,) of files this run stat'ed: save() keeps their records
+        self._seen_lost = False  # some could not be written down: save() then drops nothing
+        self._started_ns = time.time_ns()  # save() keeps the records of files made since (another run's)
         self._lock = threading.Lock()  # the reader's threads share one connection
         self._db = self._connect()
         self.old: dict[bytes, tuple | None] = {}  # the loaded window: a file's record, or None if it has none
@@ -123,7 +126,7 @@ class FileIndex:
             return None
         uri = f"file:{self.path}?mode={'rwc' if self.writable else 'ro'}"
         try:
-            db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+            db = sqlite3.connect(uri, uri=True, timeout=BUSY_SECONDS, check_same_thread=False)
             if self.writable:
                 db.execute(_SCHEMA)
                 db.execute(_TAR_SCHEMA)
@@ -153,8 +156,6 @@ class FileIndex:
         row = self._record_of(key)
         if not row or tuple(row[:4]) != _stamp(st) or not isinstance(row[4], str):
             return None
-        if row[5] and row[6] == self.decoders:
-            self.reasons[key] = row[5]
         return row[4]
 
     def lookup(self, path: Path) -> tuple[os.stat_result | None, str | None, str | None]:
@@ -165,8 +166,10 @@ class FileIndex:
         return st, digest, self.failure(path) if digest is not None else None
 
     def failure(self, path: Path) -> str | None:
-        """Why this file failed last time, if unchanged() just found it unchanged and it did fail."""
-        return self.reasons.get(_key(path))
+        """Why this file failed last time, if it did fail with these decoders: ask only of a file unchanged() just
+        found unchanged."""
+        row = self._record_of(_key(path))
+        return row[5] if row and row[5] and row[6] == self.decoders else None
 
     def record_failure(self, path: Path, reason: str) -> None:
         """Keep why a recorded file could not be decoded (content-deterministic: same bytes, same decoders)."""
@@ -225,8 +228,12 @@ class FileIndex:
             if self._db is None or not self.writable or not (forgotten or rows or failures or listings or seen):
                 return
             try:
-                with self._db:
+                with self._db:  # apart: a failed write to files must not lose them (save() would drop theirs)
                     self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", seen)
+            except sqlite3.DatabaseError:
+                self._seen_lost = True
+            try:
+                with self._db:
                     self._db.executemany("DELETE FROM files WHERE path >= ? AND path < ?", forgotten)
                     self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     self._db.executemany("UPDATE files SET reason = ?, decoders = ? WHERE path = ?", failures)
@@ -239,12 +246,13 @@ class FileIndex:
         self.flush()
         if self._db is None or not self.writable:
             return
-        if self._under is not None:
-            with self._lock:
+        gone = "FROM files WHERE path >= ? AND path < ? AND ctime < ? AND path NOT IN (SELECT path FROM seen)"
+        args = (*self._under, self._started_ns) if self._under is not None else ()
+        if args and not self._seen_lost and self._query(f"SELECT EXISTS (SELECT 1 {gone})", args) == [(1,)]:
+            with self._lock:  # (asked first: an index this user may not write stays silent when nothing went)
                 try:
                     with self._db:
-                        self._db.execute("DELETE FROM files WHERE path >= ? AND path < ? AND path NOT IN "
-                                         "(SELECT path FROM seen)", self._under)
+                        self._db.execute(f"DELETE {gone}", args)
                 except sqlite3.DatabaseError as e:
                     print(f"featpipe: could not update the file index {self.path} ({e})", file=sys.stderr)
         (self.path.parent / FORMAT1_NAME).unlink(missing_ok=True)
@@ -256,7 +264,7 @@ def indexed_hashes(cache_dir: Path) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60) as db:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_SECONDS) as db:
             rows = db.execute("SELECT DISTINCT sha256 FROM files")
             hashes = np.fromiter((r[0].encode() for r in rows), dtype="S64")
     except sqlite3.DatabaseError:

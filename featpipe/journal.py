@@ -45,9 +45,10 @@ def records(path: Path, dim: int) -> Iterator[Rows]:
     except FileNotFoundError:
         return
     with f:
+        size = os.fstat(f.fileno()).st_size
         while len(head := f.read(HEADER.size)) == HEADER.size:
             magic, n, crc = HEADER.unpack(head)
-            payload = f.read(n) if magic == MAGIC else b""
+            payload = f.read(n) if magic == MAGIC and n <= size - f.tell() else b""  # a garbage n allocates nothing
             if magic != MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
                 return
             try:

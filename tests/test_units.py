@@ -259,6 +259,53 @@ def test_file_index_holds_one_window_of_records_and_keeps_only_the_seen_ones_und
     assert kept == {str(p) for p in paths[:-50] + paths[-1:] + [elsewhere / "x.jpg"]}
 
 
+def test_file_index_drops_nothing_it_could_not_note_as_seen_nor_another_runs_new_records(tmp_path, monkeypatch):
+    """A flush that fails (another run holds the index past the busy timeout) must not make save() drop the
+    records of the files looked up before it; records another run wrote for files made since this run began stay."""
+    from featpipe import fileindex
+
+    monkeypatch.setattr(fileindex, "BUSY_SECONDS", 0.1)
+    root, stamp = tmp_path / "data", fileindex.Stamp(1, 2, 3, 4)
+    paths = [root / f"{i}.jpg" for i in range(20)]
+    first = FileIndex(tmp_path, None)
+    for i, p in enumerate(paths):
+        first.record(p, stamp, f"{i:064x}", 10**19)
+    first.save()
+    run = FileIndex(tmp_path, root)
+    assert all(run.unchanged(p, stamp) == f"{i:064x}" for i, p in enumerate(paths))
+    run.record_failure(paths[0], "not an image")
+    with sqlite3.connect(run.path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        run.flush()  # fails: locked
+        other.rollback()
+    later = FileIndex(tmp_path, None)  # another run, on a file made after this one began
+    later.record(root / "new.jpg", fileindex.Stamp(1, 2, 3, time.time_ns()), "ff" * 32, 10**19)
+    later.save()
+    run.save()
+    with sqlite3.connect(run.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (21,)
+    seen = FileIndex(tmp_path, root)  # a run that sees them all: new.jpg, made before it began and unseen, goes
+    assert all(seen.unchanged(p, stamp) for p in paths)
+    seen.save()
+    with sqlite3.connect(seen.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (20,)
+
+
+def test_a_journal_record_claiming_more_bytes_than_the_file_ends_the_read_without_allocating_them(tmp_path):
+    import struct
+    import tracemalloc
+
+    from featpipe import journal
+
+    path = tmp_path / "journal-x.fpj"
+    path.write_bytes(journal.encode(rows(3)) + struct.pack("<4sII", journal.MAGIC, 0xFFFFFFF0, 0) + b"\0" * 100)
+    tracemalloc.start()
+    back = journal.read(path, 4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(back) == 1 and same(back[0], rows(3)) and peak < 10**6
+
+
 def test_file_index_drops_a_failure_recorded_by_other_decoders(tmp_path):
     f = tmp_path / "a.jpg"
     f.write_bytes(b"x")
