@@ -81,11 +81,12 @@ def probe(name: str, cache_dir: Path, dim: int, level: int, seed: int) -> dict:
         X = c.embeddings([f"{i:064x}" for i in rng.choice(level, 1000, replace=False)])
         assert X.shape == (1000, dim)
     elif name == "index_check":  # the scan's paths (the engine holds them too) are the filesystem's cost, not timed
-        files = [Path(f"/synthetic/{i // 1000}/{i}.jpg") for i in range(level)]
+        files = sorted((Path(f"/synthetic/{i // 1000}/{i}.jpg") for i in range(level)),
+                       key=lambda p: (p.parent.name, p.name))  # in the scan's order, each spelled once (as it is)
+        stats = {p: Stamp(1000 + int(p.stem), int(p.stem), int(p.stem), int(p.stem)) for p in files}
         t = time.perf_counter()
         index = FileIndex(cache_dir / "index", Path("/synthetic"), "bench", writable=True)
-        hits = sum(index.unchanged(p, Stamp(1000 + i, i, i, i)) is not None  # a stat's fields, as engine's lookup
-                   for i, p in enumerate(index.prefetching(files, lambda p: p)))
+        hits = sum(index.unchanged(p, stats[p]) is not None for p in index.prefetching(files, lambda p: p))
         index.save()
         assert hits == level, hits
     elif name == "compact":

@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
@@ -69,7 +69,12 @@ def _stamp(st: os.stat_result | Stamp) -> tuple[int, int, int, int]:
 
 
 def _key(path: Path) -> bytes:
-    return os.fsencode(os.path.abspath(path))  # bytes: a non-UTF-8 name is a valid key too
+    """abspath's bytes (a non-UTF-8 name is a valid key too); a pathlib path has no "." or "//" left, so an
+    absolute one without ".." is its own abspath (abspath costs a lookup's worth of time)."""
+    s = os.fspath(path)
+    if isinstance(path, PurePath) and s.startswith("/") and "/.." not in s:
+        return os.fsencode(s)
+    return os.fsencode(os.path.abspath(s))
 
 
 class FileIndex:
@@ -85,8 +90,8 @@ class FileIndex:
         self._failures: list[tuple] = []  # (reason, decoders, path) updates to write after them
         self._forgotten: list[tuple] = []  # (low, high) ranges of records to delete before them
         self._listings: list[tuple] = []  # tar_shards rows to write after them
-        self._seen: list[tuple] = []  # (path,) of files this run stat'ed: save() keeps their records
-        self._seen_lost = False  # some could not be written down: save() then drops nothing
+        self._seen: list[tuple] = []  # (path,) of files stat'ed outside a window, to note at the next flush
+        self._seen_lost = False  # some files this run saw could not be noted: save() then drops nothing
         self._started_ns = time.time_ns()  # save() keeps the records of files made since (another run's)
         self._lock = threading.Lock()  # the reader's threads share one connection
         self._db = self._connect()
@@ -102,13 +107,25 @@ class FileIndex:
         it = iter(items)
         while chunk := list(islice(it, PREFETCH_ROWS)):
             keys = [_key(path(i)) for i in chunk]
-            window: dict[bytes, tuple | None] = dict.fromkeys(keys)
-            for s in range(0, len(keys), IN_KEYS):
-                part = tuple(keys[s:s + IN_KEYS])
-                window.update((r[0], r[1:]) for r in self._query(
-                    f"SELECT path, {_COLUMNS} FROM files WHERE path IN ({','.join('?' * len(part))})", part))
-            self.old = window
+            self.old = self._window(keys)
+            self._note_seen([(k,) for k in keys])  # each will be looked up
             yield from chunk
+
+    def _window(self, keys: list[bytes]) -> dict[bytes, tuple | None]:
+        """The records of `keys`: one range scan when they are in order (a folder's files, listed sorted) and the
+        range holds few others, else IN queries."""
+        window: dict[bytes, tuple | None] = dict.fromkeys(keys)
+        if all(a < b for a, b in zip(keys, keys[1:])):
+            rows = self._query(f"SELECT path, {_COLUMNS} FROM files WHERE path >= ? AND path <= ? LIMIT ?",
+                               (keys[0], keys[-1], 2 * len(keys)))
+            if len(rows) < 2 * len(keys):
+                window.update((r[0], r[1:]) for r in rows if r[0] in window)
+                return window
+        for s in range(0, len(keys), IN_KEYS):
+            part = tuple(keys[s:s + IN_KEYS])
+            window.update((r[0], r[1:]) for r in self._query(
+                f"SELECT path, {_COLUMNS} FROM files WHERE path IN ({','.join('?' * len(part))})", part))
+        return window
 
     def _load(self, low: bytes, high: bytes) -> None:
         self.old.update((r[0], r[1:]) for r in self._query(f"SELECT path, {_COLUMNS} FROM files WHERE path >= ? "
@@ -130,7 +147,7 @@ class FileIndex:
             if self.writable:
                 db.execute(_SCHEMA)
                 db.execute(_TAR_SCHEMA)
-                db.execute(_SEEN_SCHEMA)  # on disk past SQLite's page cache, like any table
+                db.execute(_SEEN_SCHEMA)
             db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
             return db
         except sqlite3.DatabaseError as e:
@@ -152,7 +169,8 @@ class FileIndex:
     def unchanged(self, path: Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for this file if it is unchanged since then."""
         key = _key(path)
-        self._see(key)
+        if key not in self.old:
+            self._queue(self._seen, (key,))
         row = self._record_of(key)
         if not row or tuple(row[:4]) != _stamp(st) or not isinstance(row[4], str):
             return None
@@ -179,7 +197,8 @@ class FileIndex:
         """Remember a file hashed now; `st` was taken before reading it, and `read_at_ns` (time.time_ns()) is no
         later than the read."""
         key = _key(path)
-        self._see(key)
+        if key not in self.old:
+            self._queue(self._seen, (key,))
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
             self._queue(self._rows, (key, *_stamp(st), sha256, None, None))
 
@@ -209,9 +228,17 @@ class FileIndex:
         key = _key(shard)
         self._queue(self._forgotten, (key + b"#", key + b"$"))
 
-    def _see(self, key: bytes) -> None:
-        if self._under is not None and self.writable:  # only save() under a root reads them
-            self._queue(self._seen, (key,))
+    def _note_seen(self, keys: list[tuple]) -> None:
+        """Files this run stat'ed, noted at once in a temporary table (on disk past SQLite's page cache): save()
+        keeps their records."""
+        if not keys or self._under is None or self._db is None or not self.writable:
+            return
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", keys)
+            except sqlite3.DatabaseError:
+                self._seen_lost = True
 
     def _queue(self, pending: list, row: tuple) -> None:
         with self._lock:
@@ -222,16 +249,13 @@ class FileIndex:
 
     def flush(self) -> None:
         with self._lock:
-            forgotten, rows, failures, listings = self._forgotten, self._rows, self._failures, self._listings
             seen, self._seen = self._seen, []
+        self._note_seen(seen)  # apart: a failed write to files below must not lose them (save() would drop theirs)
+        with self._lock:
+            forgotten, rows, failures, listings = self._forgotten, self._rows, self._failures, self._listings
             self._forgotten, self._rows, self._failures, self._listings = [], [], [], []
-            if self._db is None or not self.writable or not (forgotten or rows or failures or listings or seen):
+            if self._db is None or not self.writable or not (forgotten or rows or failures or listings):
                 return
-            try:
-                with self._db:  # apart: a failed write to files must not lose them (save() would drop theirs)
-                    self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", seen)
-            except sqlite3.DatabaseError:
-                self._seen_lost = True
             try:
                 with self._db:
                     self._db.executemany("DELETE FROM files WHERE path >= ? AND path < ?", forgotten)

@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -233,30 +234,35 @@ def test_file_index_remembers_unchanged_files_only(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (1,)
 
 
-def test_file_index_holds_one_window_of_records_and_keeps_only_the_seen_ones_under_its_root(tmp_path):
-    """A run over more files than one window: every lookup finds its record while memory holds at most
-    PREFETCH_ROWS of them; save() drops the records under root the run did not see, and no record outside root."""
+@pytest.mark.parametrize("order", ["sorted", "as made"])
+def test_file_index_holds_one_window_of_records_and_keeps_only_the_seen_ones_under_its_root(tmp_path, order):
+    """A run over more files than one window, in a folder's order (range scans) or not (IN queries): every lookup
+    finds its record while memory holds at most PREFETCH_ROWS of them, not the unlisted ones between; save() drops
+    the records under root the run did not see, and no record outside root."""
     from featpipe import fileindex
 
     n = 2 * fileindex.PREFETCH_ROWS + 100
     root, elsewhere = tmp_path / "data", tmp_path / "other"
     stamp = fileindex.Stamp(1, 2, 3, 4)
     paths = [root / f"{i // 1000}" / f"{i}.jpg" for i in range(n)]
+    paths = sorted(paths, key=lambda p: os.fsencode(p)) if order == "sorted" else paths
+    digest = {p: f"{i:064x}" for i, p in enumerate(paths)}
     first = FileIndex(tmp_path, None)
-    for i, p in enumerate(paths + [elsewhere / "x.jpg"]):
-        first.record(p, stamp, f"{i:064x}", 10**19)
+    for p in paths + [elsewhere / "x.jpg"]:
+        first.record(p, stamp, digest.get(p, "ee" * 32), 10**19)
     first.save()
+    listed = [p for j, p in enumerate(paths[:-50]) if j % 100 != 7]  # the rest were deleted since
     run = FileIndex(tmp_path, root)
     most = 0
-    for i, p in enumerate(run.prefetching(paths[:-50], lambda p: p)):
-        assert run.unchanged(p, stamp) == f"{i:064x}"
+    for p in run.prefetching(listed, lambda p: p):
+        assert run.unchanged(p, stamp) == digest[p]
         most = max(most, len(run.old))
     assert most == fileindex.PREFETCH_ROWS
-    assert run.unchanged(paths[-1], stamp) == f"{n - 1:064x}"  # not prefetched: asked alone, found all the same
+    assert run.unchanged(paths[-1], stamp) == digest[paths[-1]]  # not prefetched: asked alone, found all the same
     run.save()
     with sqlite3.connect(run.path) as db:
         kept = {os.fsdecode(r[0]) for r in db.execute("SELECT path FROM files")}
-    assert kept == {str(p) for p in paths[:-50] + paths[-1:] + [elsewhere / "x.jpg"]}
+    assert kept == {str(p) for p in listed + paths[-1:] + [elsewhere / "x.jpg"]}
 
 
 def test_file_index_drops_nothing_it_could_not_note_as_seen_nor_another_runs_new_records(tmp_path, monkeypatch):
@@ -304,6 +310,21 @@ def test_a_journal_record_claiming_more_bytes_than_the_file_ends_the_read_withou
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(back) == 1 and same(back[0], rows(3)) and peak < 10**6
+
+
+def test_file_index_finds_a_file_however_its_path_is_spelled(tmp_path, monkeypatch):
+    from featpipe.fileindex import Stamp
+
+    monkeypatch.chdir(tmp_path)
+    r, stamp = tmp_path / "r", Stamp(1, 2, 3, 4)
+    pairs = [(Path(f"{r}/a/../b.jpg"), r / "b.jpg"), (f"{r}//c.jpg", r / "c.jpg"), (f"{r}/./d.jpg", r / "d.jpg"),
+             (Path("r/e.jpg"), r / "e.jpg"), ("./r/f.jpg", Path(f"{r}/x/../f.jpg")), (f"{r}/\udcff.jpg", r / "\udcff.jpg")]
+    first = FileIndex(tmp_path, None)
+    for i, (spelled, _) in enumerate(pairs):
+        first.record(spelled, stamp, f"{i:064x}", 10**19)
+    first.save()
+    again = FileIndex(tmp_path, None)
+    assert [again.unchanged(other, stamp) for _, other in pairs] == [f"{i:064x}" for i in range(len(pairs))]
 
 
 def test_file_index_drops_a_failure_recorded_by_other_decoders(tmp_path):
