@@ -65,6 +65,16 @@ def test_heads_bench_reports_every_procedure(tmp_path):
     assert {"cpu", "cores_usable", "commit", "date"} <= set(r["machine"])
 
 
+def test_file_index_bench_finds_every_file_unchanged(tmp_path):
+    """bench/file_index.py at a toy size: the check asserts every synthetic file is found unchanged."""
+    out = tmp_path / "index.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "file_index.py"), "--files", "3000", "--repeats",
+                           "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["trees"].values()
+    assert r["seconds"] > 0 and r["added_mib"] >= 0
+
+
 def test_scale_bench_reports_every_figure(tmp_path):
     """bench/scale.py at a toy size: every operation at every level, and what it added stays readable."""
     out = tmp_path / "scale.json"
