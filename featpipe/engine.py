@@ -42,7 +42,7 @@ class Shards:
     paths: list[Path]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: one per image of a run
 class Member:
     """One image of the current data dir that has a cache row: the training sets are built from these."""
 
