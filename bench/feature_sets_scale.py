@@ -16,16 +16,20 @@ part averages two noise draws (less noise), and two backbones' noise is independ
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import featpipe  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import numpy as np
 
 from featpipe import feature_sets
 from featpipe.heads import HeadConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from heads import synthetic_arguments  # noqa: E402  (sibling scripts, not a package)
 
 TEST_ROWS = 10_000
 NOISE = {"b0": 2.0, "b1": 2.2, "b2": 2.4, "b3": 2.6}  # per imitated backbone
@@ -82,10 +86,7 @@ def memory(blocks: dict[str, np.ndarray]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=50_000)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--dim", type=int, default=1280)
+    ap = synthetic_arguments()
     ap.add_argument("--what", default="choice,memory")
     ap.add_argument("--choose-rows", type=int, default=feature_sets.CHOOSE_ROWS, help="the sample's size (default: "
                     "featpipe's)")

@@ -81,11 +81,17 @@ def run(X, y, rows: int, name: str, device: str) -> dict:
     return out
 
 
-def main() -> None:
+def synthetic_arguments() -> argparse.ArgumentParser:
+    """--rows, --classes, --dim: the synthetic probe's size (this bench's, and feature_sets_scale.py's parts)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--dim", type=int, default=1280)
+    return ap
+
+
+def main() -> None:
+    ap = synthetic_arguments()
     ap.add_argument("--sizes", default="10000,50000", help="training sizes besides --rows")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (where the scaling procedures run)")
     ap.add_argument("--skip-old-above", type=int, default=50_000, help="the small-data procedures only up to this "
