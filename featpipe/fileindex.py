@@ -78,8 +78,8 @@ def _key(path: Path) -> bytes:
 
 
 class FileIndex:
-    """The records of the files a run looks up, a window at a time (prefetching(): one IN query per 500 files
-    beats a query per file), and this run's changes to them."""
+    """The records of the files a run looks up, a window at a time (prefetching(): a range scan or a few IN
+    queries per window beat a query per file), and this run's changes to them."""
 
     def __init__(self, cache_dir: Path, root: Path | None, decoders: str = "", writable: bool = True) -> None:
         """`root`: the folder whose files the run lists (a scanned folder, a label file's), whose records of files
@@ -169,8 +169,7 @@ class FileIndex:
     def unchanged(self, path: Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for this file if it is unchanged since then."""
         key = _key(path)
-        if key not in self.old:
-            self._queue(self._seen, (key,))
+        self._see(key)
         row = self._record_of(key)
         if not row or tuple(row[:4]) != _stamp(st) or not isinstance(row[4], str):
             return None
@@ -197,8 +196,7 @@ class FileIndex:
         """Remember a file hashed now; `st` was taken before reading it, and `read_at_ns` (time.time_ns()) is no
         later than the read."""
         key = _key(path)
-        if key not in self.old:
-            self._queue(self._seen, (key,))
+        self._see(key)
         if st.st_ctime_ns < read_at_ns - RACY_SECONDS * 1_000_000_000:
             self._queue(self._rows, (key, *_stamp(st), sha256, None, None))
 
@@ -227,6 +225,10 @@ class FileIndex:
         """A tar shard read again: its members' old records go (the ones read now replace them)."""
         key = _key(shard)
         self._queue(self._forgotten, (key + b"#", key + b"$"))
+
+    def _see(self, key: bytes) -> None:
+        if self._under is not None and key not in self.old:  # (a window's keys were noted with it)
+            self._queue(self._seen, (key,))
 
     def _note_seen(self, keys: list[tuple]) -> None:
         """Files this run stat'ed, noted at once in a temporary table (on disk past SQLite's page cache): save()

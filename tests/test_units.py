@@ -318,7 +318,8 @@ def test_file_index_finds_a_file_however_its_path_is_spelled(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     r, stamp = tmp_path / "r", Stamp(1, 2, 3, 4)
     pairs = [(Path(f"{r}/a/../b.jpg"), r / "b.jpg"), (f"{r}//c.jpg", r / "c.jpg"), (f"{r}/./d.jpg", r / "d.jpg"),
-             (Path("r/e.jpg"), r / "e.jpg"), ("./r/f.jpg", Path(f"{r}/x/../f.jpg")), (f"{r}/\udcff.jpg", r / "\udcff.jpg")]
+             (Path("r/e.jpg"), r / "e.jpg"), ("./r/f.jpg", Path(f"{r}/x/../f.jpg")),
+             (f"{r}/\udcff.jpg", r / "\udcff.jpg")]
     first = FileIndex(tmp_path, None)
     for i, (spelled, _) in enumerate(pairs):
         first.record(spelled, stamp, f"{i:064x}", 10**19)
