@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 
 import numpy as np
@@ -91,6 +88,8 @@ def synthetic_arguments() -> argparse.ArgumentParser:
 
 
 def main() -> None:
+    from run_info import machine  # a sibling script (here, not on import: tests import this file as bench.heads)
+
     ap = synthetic_arguments()
     ap.add_argument("--sizes", default="10000,50000", help="training sizes besides --rows")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (where the scaling procedures run)")
@@ -106,12 +105,8 @@ def main() -> None:
     names = [n for n in PROCEDURES if a.only in n]
     results = [run(X, y, n, name, a.device) for n in sizes for name in names
                if name not in SMALL or n <= a.skip_old_above]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"results": results, "classes": a.classes, "dim": a.dim, "test_rows": TEST_ROWS,
-              "features_dtype": a.features_dtype,
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores_usable": len(os.sched_getaffinity(0)), "commit": commit,
-                          "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg()}}
+              "features_dtype": a.features_dtype, "machine": machine()}
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +24,7 @@ from PIL import Image, ImageOps
 
 from featpipe.dataset import shipped_dataset
 from featpipe.extract import ExtractConfig, extract
+from run_info import machine  # (a sibling script: bench/ is on sys.path when one runs)
 
 THRESHOLDS = (0.88, 0.90, 0.91, 0.92, 0.93)
 SAME_PICTURE_COSINE, SAME_PICTURE_THUMB = 0.94, 0.99
@@ -142,7 +139,6 @@ def main() -> None:
     print("\n" + table(["most similar distinct photos", "cosine"], [[f"{p} / {q}", c] for c, p, q in top]))
 
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         Path(a.json).write_text(json.dumps({
             "backbone": r.backbone, "precision": r.precision, "device": r.device, "photos": len(photos),
             "edits": {e: {k: float(v) for k, v in stats(c).items()} | {f"caught_{t}": float((c >= t).mean())
@@ -151,8 +147,7 @@ def main() -> None:
             "false_pairs": false_pairs,
             "same_picture": [{"cosine": float(c), "thumbnail_corr": float(t), "a": p, "b": q} for c, t, p, q in same],
             "top_distinct": [{"cosine": float(c), "a": p, "b": q} for c, p, q in top],
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
-                        "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg()}},
+            "machine": machine()},
             indent=1))
 
 

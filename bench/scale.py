@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +34,7 @@ from featpipe.rows import Rows
 from featpipe.cache_admin import compact
 from featpipe.fileindex import FileIndex, Stamp
 from featpipe.preprocess import Preprocessing
+from run_info import machine  # (a sibling script: bench/ is on sys.path when one runs)
 
 BATCH = 16
 
@@ -170,10 +169,7 @@ def main() -> None:
     top, empty = levels[-1], levels[0]
     report["add_1k_ratio_top_vs_empty"] = round(report["add_1k_seconds"][top] / report["add_1k_seconds"][empty], 2)
     report["add_1k_rss_delta_mb"] = round(report["add_1k_peak_rss_mb"][top] - report["add_1k_peak_rss_mb"][empty], 1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report.update(rows=a.rows, dim=a.dim, repeats=a.repeats, machine={
-        "cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
-        "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg()})
+    report.update(rows=a.rows, dim=a.dim, repeats=a.repeats, machine=machine())
     print(f"add 1k at {top:,} vs empty: x{report['add_1k_ratio_top_vs_empty']}, "
           f"peak RSS {report['add_1k_rss_delta_mb']:+.0f} MiB")
     if a.json:
