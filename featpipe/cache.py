@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -54,8 +54,7 @@ class Cache:
         self._seen: set[str] = set()  # shards whose hashes this writer has already excluded from its journal
         self._sha: dict[str, np.ndarray] = {}  # shard -> its sorted sha256 column, read once
         self._journal: Path | None = None
-        self._journal_fh = None
-        self._journal_rows = 0
+        self._journal_fh, self._journal_rows = None, 0
         self._lock_depth = 0  # the publish lock is re-entrant within this object (flock is not, across fds)
 
     def open(self, seen: list[str] | None = None) -> "Cache":
@@ -235,10 +234,8 @@ class Cache:
             return
         aside = f"{name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
         with self.locked():
-            try:
+            with suppress(FileNotFoundError):
                 os.replace(self.dir / name, self.dir / aside)
-            except FileNotFoundError:
-                pass
             self.write_table([(n, r) for n, r in self.manifest() if n != name])
         print(f"featpipe: cache shard {self.key.name()}/{name} is corrupt ({type(why).__name__}: "
               f"{first_line(why)[:120]}); moved to {aside}, its rows will be recomputed", file=sys.stderr)
@@ -297,19 +294,21 @@ class Cache:
         rows = rows.unique()
         sha = np.array(rows.sha256, "S64")
         rows = rows.take(np.flatnonzero(~np.logical_or.reduce([h.isin(sha) for h in held]))) if len(rows) else rows
-        manifest = self.manifest()
-        live = {n for n, _ in manifest}
-        for p in self.dir.glob("*.h5"):  # leftovers of a killed publish or compact: only we write now
-            if p.name not in live:
-                p.unlink()
-        for p in self.dir.glob("*.tmp"):
-            if not p.name.startswith(".journal-"):
-                p.unlink()
+        manifest = self.drop_leftovers()
         if not len(rows) and self.path.exists():
             return
         for start in range(0, len(rows), SHARD_ROWS):
             manifest.append(self.write_shard(rows.take(range(start, min(start + SHARD_ROWS, len(rows))))))
         self.write_table(manifest)
+
+    def drop_leftovers(self) -> list[tuple[str, int]]:
+        """Delete what a killed publish or compact left: shards and .tmp files not in the manifest (returned)."""
+        manifest = self.manifest()
+        live = {n for n, _ in manifest}
+        for p in [*self.dir.glob("*.h5"), *self.dir.glob("*.tmp")]:
+            if p.name not in live and not p.name.startswith(".journal-"):
+                p.unlink(missing_ok=True)
+        return manifest
 
     def write_shard(self, rows: Rows) -> tuple[str, int]:
         name, n, sha = write_shard(self.dir, self.key, rows)

@@ -62,9 +62,10 @@ def key_info(cache: Cache) -> dict:
 def compact_key(cache: Cache, live: Hashes | None, spare: list[str] = ()) -> dict:
     """Rewrite the shards that are small or hold rows outside `live` (None: keep every row; shards in `spare`
     keep theirs) into full shards, switch the table to them, delete the old ones. A kill leaves the old table
-    or the new one; the files the live table does not list are deleted by the next publish."""
+    or the new one; the files the live table does not list are deleted by the next publish or compact."""
     before = key_info(cache)
     with cache.locked():
+        cache.drop_leftovers()  # a killed compact's merged shards: never listed, so this one would keep them
         cache.adopt_journals()
         keep, redo, stale = [], [], False
         for name, n in cache.manifest():
