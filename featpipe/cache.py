@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -116,17 +116,17 @@ class Cache:
         hashes an earlier one already holds, a compact's leftover, stays out)."""
         print(f"featpipe: cache table {self.path.name} is unreadable ({type(why).__name__}: "
               f"{first_line(why)[:100]}); rebuilding it from its shards", file=sys.stderr)
-        live, cols = [], []
-        for p in sorted(self.dir.glob("*.h5")):
-            try:
-                sha = self._shard_sha256(p.name)
-            except _Broken:
-                continue  # not listed, so the next publish deletes it; its rows are recomputed
-            if sha is not None and len(sha) and not Hashes(np.concatenate([*cols, sha[:0]])).isin(sha).any():
-                live.append((p.name, len(sha)))
-                cols.append(sha)
-        if self.writable:
-            with self.locked():
+        with self.locked() if self.writable else nullcontext():  # listed under the lock: no publish is left out
+            live, cols = [], []
+            for p in sorted(self.dir.glob("*.h5")):
+                try:
+                    sha = self._shard_sha256(p.name)
+                except _Broken:
+                    continue  # not listed, so the next publish deletes it; its rows are recomputed
+                if sha is not None and len(sha) and not Hashes(np.concatenate([*cols, sha[:0]])).isin(sha).any():
+                    live.append((p.name, len(sha)))
+                    cols.append(sha)
+            if self.writable:
                 self.write_table(live)
         return live
 
@@ -233,10 +233,10 @@ class Cache:
                   file=sys.stderr)
             return
         aside = f"{name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        with self.locked():
+        with self.locked():  # unlisted first: a kill between leaves a file drop_leftovers deletes, not a listed hole
+            self.write_table([(n, r) for n, r in self.manifest() if n != name])
             with suppress(FileNotFoundError):
                 os.replace(self.dir / name, self.dir / aside)
-            self.write_table([(n, r) for n, r in self.manifest() if n != name])
         print(f"featpipe: cache shard {self.key.name()}/{name} is corrupt ({type(why).__name__}: "
               f"{first_line(why)[:120]}); moved to {aside}, its rows will be recomputed", file=sys.stderr)
 

@@ -68,15 +68,23 @@ def _parse(payload: bytes, dim: int) -> Rows:
 
 
 def create(folder: Path):
-    """(path, open file) of a new journal, locked before it gets its name: no other writer ever takes a live
-    journal for a dead one's."""
-    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = folder / f".journal-{tag}.tmp"
-    fh = open(tmp, "ab")
-    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-    final = folder / f"journal-{tag}.fpj"
+    """(path, open file) of a new journal: no other writer ever takes a live journal for a dead one's."""
+    final = folder / f"journal-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.fpj"
+    return final, locked_new(final)
+
+
+def locked_new(final: Path):
+    """A new file opened for appending and flocked before it gets its name: whoever finds its lock free (try_lock)
+    knows its owner is gone."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    while True:
+        fh = open(tmp, "ab")
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        if os.fstat(fh.fileno()).st_nlink:  # else dead() locked it first, took it for a killed writer's, deleted it
+            break
+        fh.close()
     os.replace(tmp, final)
-    return final, fh
+    return fh
 
 
 def dead(folder: Path) -> list[tuple[Path, int]]:

@@ -42,7 +42,7 @@ from featpipe.dataset import ImageFile
 from featpipe.engine import Member, Shards
 from featpipe.errors import UserError, first_line
 from featpipe.hashes import Hashes
-from featpipe.journal import try_lock
+from featpipe.journal import locked_new, try_lock
 from featpipe.pipeline import StageTimer
 from featpipe.ray_session import DIE_ONCE_ENV, RaySession
 from featpipe.ray_worker import CACHED, SAMPLE_COLUMNS, EmbedBatches, EmbedShards
@@ -54,7 +54,7 @@ RETRIES = 3  # restarts of a dead actor, and re-runs of the batch it was working
 ACTOR_START_S = 600  # for the pool's actors to start (model loaded): then a clear error, not a wait forever
 JOURNAL_WAIT_S = 120  # after the dataset: how long the actors get to publish their journals as they exit
 PROGRESS_EVERY = 256  # listed files between progress updates
-LISTING = ".ray-listing"  # <cache dir>/.ray-listing-<host>-<driver pid>-<random>: one driver's file records
+LISTING = ".ray-listing"  # <cache dir>/.ray-listing-<host>-<driver pid>-<random>: a driver's file records (+ .lock)
 
 
 class RayDataEngine:
@@ -87,6 +87,8 @@ class RayDataEngine:
     def run(self, files: list[ImageFile] | Shards, known: Hashes, cache: Cache, progress):
         remove_dead_listings(cache.root.resolve())
         listing = cache.root.resolve() / f"{LISTING}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        lock = listing.with_name(f"{listing.name}.lock")
+        owner = locked_new(lock)  # made before the listing, deleted after it: remove_dead_listings
         shards = isinstance(files, Shards)
         try:
             listed_at_ns = time.time_ns()  # before any stat: no later than any worker's read
@@ -97,6 +99,8 @@ class RayDataEngine:
                                    listed_at_ns, shards)
         finally:
             shutil.rmtree(listing, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            owner.close()
         self.skipped.sort(key=lambda s: s["path"])
         return set(self.first_copy), self.skipped
 
@@ -306,11 +310,15 @@ def _worker_error(e: BaseException) -> str:
 
 
 def remove_dead_listings(root: Path) -> None:
-    """Listings that drivers on this host left when they were killed (their pid is gone); other hosts' are theirs
-    to judge."""
-    import psutil  # featpipe[ray] installs it with Ray
-
-    for d in root.glob(f"{LISTING}-{socket.gethostname()}-*"):
-        pid = d.name[len(f"{LISTING}-{socket.gethostname()}-"):].split("-")[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+    """Listings that drivers on this host left when they were killed: their lock is free, or gone (it is made
+    before the listing and deleted after it). A lock, not a pid: pids are reused. Other hosts' are theirs to judge
+    (flock over a network file system is not to be trusted)."""
+    mine = f"{LISTING}-{socket.gethostname()}-"
+    for lock in root.glob(f"{mine}*.lock"):
+        if (fd := try_lock(lock)) is not None:
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+    for d in root.glob(f"{mine}*"):
+        if d.is_dir() and not d.with_name(f"{d.name}.lock").exists():
             shutil.rmtree(d, ignore_errors=True)

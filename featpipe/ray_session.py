@@ -168,6 +168,7 @@ def stop_processes(procs: list, grace: float = REAP_SECONDS) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    psutil.wait_procs(alive, timeout=grace)  # gone before the caller adopts their journals (their flocks free)
 
 
 def _check_reachable(address: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -38,6 +39,15 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"featpipe {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stderr}")
     return proc
+
+
+def journalled_bytes(cache: Path) -> int:
+    """Bytes in a cache dir's journals now (a journal a publish deletes while this looks counts 0)."""
+    total = 0
+    for p in cache.rglob("journal-*.fpj"):
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
 
 
 def one_line(proc) -> str:

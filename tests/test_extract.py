@@ -18,7 +18,7 @@ from PIL import Image
 
 from featpipe import fileindex
 from featpipe.engine import decoders_version
-from tests.conftest import make_subset, run_cli, run_json
+from tests.conftest import journalled_bytes, make_subset, run_cli, run_json
 from tests.faults import faultkit as fk
 
 KEYS = {"images", "computed", "reused", "skipped", "seconds", "images_per_sec", "cache_file", "backbone", "dim",
@@ -138,15 +138,14 @@ def test_killed_or_interrupted_mid_run_then_resume(tmp_path, shipped, sig):
                              "--decoder", "pil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     deadline = time.time() + 120
-    journal = None
+    journalled = 0
     while time.time() < deadline and proc.poll() is None:  # kill once some batches are journaled
-        journal = next(cache.rglob("journal-*.fpj"), None) if cache.exists() else None
-        if journal is not None and journal.stat().st_size > 3 * 8 * 1280 * 4:
+        if (journalled := journalled_bytes(cache)) > 3 * 8 * 1280 * 4:
             break
         time.sleep(0.05)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
-    assert journal is not None, "extract finished before it could be killed"
+    assert journalled, "extract finished before it could be killed"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "featpipe: error: interrupted", err
     res = run_json("extract", "--cache-dir", cache, "--decoder", "pil")

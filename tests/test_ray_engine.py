@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,10 @@ import pytest
 from PIL import Image
 
 from featpipe.dataset import scan
+from featpipe.journal import locked_new
+from featpipe.ray_data import remove_dead_listings
 from featpipe.ray_session import DIE_ONCE_ENV, RAY_SOCKET_SUFFIX, ray_temp_dir
-from tests.conftest import make_subset, one_line, run_cli, run_json
+from tests.conftest import journalled_bytes, make_subset, one_line, run_cli, run_json
 from tests.test_webdataset import sample, wait_until_indexable, write_tar
 
 pytest.importorskip("ray")
@@ -163,7 +166,7 @@ def test_a_killed_driver_loses_only_what_was_in_flight(shipped):
         proc = subprocess.Popen([sys.executable, "-m", "featpipe", *map(str, args)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env={**os.environ, "FEATPIPE_TEST_RUN": run_id})
         deadline = time.monotonic() + 300
-        while not any(p.stat().st_size for p in cache.rglob("journal-*.fpj")) and time.monotonic() < deadline:
+        while not journalled_bytes(cache) and time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before the test could kill it"
             time.sleep(0.05)
         assert proc.poll() is None, "no actor journalled a row in time"
@@ -180,6 +183,24 @@ def test_a_killed_driver_loses_only_what_was_in_flight(shipped):
         assert not list(cache.glob(".ray-listing-*"))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_listing_is_dead_when_its_lock_is_free_whatever_its_pid(tmp_path):
+    """pids are reused: a killed driver's listing goes though its pid now names a running process (this test's),
+    and a running driver's stays though its pid names none."""
+    host = socket.gethostname()
+    live, reused, bare = (tmp_path / f".ray-listing-{host}-{pid}-{tag}" for pid, tag in
+                          ((999_999_999, "aaaaaaaa"), (os.getpid(), "bbbbbbbb"), (1, "cccccccc")))
+    owner = locked_new(tmp_path / f"{live.name}.lock")
+    (tmp_path / f"{reused.name}.lock").write_bytes(b"")  # its driver was killed: nothing holds the lock
+    for d in (live, reused, bare):  # bare: left by a featpipe from before listing locks
+        d.mkdir()
+        (d / "part-00000.parquet").write_bytes(b"x")
+    remove_dead_listings(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, f"{live.name}.lock"]
+    owner.close()
+    remove_dead_listings(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_more_workers_than_cpus_is_a_user_error(small_data, tmp_path):
