@@ -54,7 +54,7 @@ def build(work: Path, n: int, distinct: int, sizes: str) -> Path:
     def write(i: int) -> None:
         f = files[i % len(files)]
         (dst / f.label).mkdir(parents=True, exist_ok=True)
-        (dst / f.label / f"{i:07d}.jpg").write_bytes(with_comment(f.path.read_bytes(), b"copy %d" % i))
+        (dst / f.label / f"{i:07d}.jpg").write_bytes(with_comment(Path(f.path).read_bytes(), b"copy %d" % i))
 
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(write, range(n)))

@@ -234,7 +234,7 @@ def bench(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="featpipe-bench-"))
     images = build_images(work / f"images-{args.images}", args.images)
     _root, files, _ = scan(images)
-    data = [f.path.read_bytes() for f in files]
+    data = [Path(f.path).read_bytes() for f in files]
     probes = [probe(d) for d in data]
     n = len(data)
 

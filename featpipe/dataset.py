@@ -31,7 +31,7 @@ def describe(root: Path | None) -> str:
 
 @dataclass(frozen=True, slots=True)  # no __dict__: a 10^7-file listing holds one per file
 class ImageFile:
-    path: Path
+    path: str  # as pathlib prints it; a str, not a Path: a Path object costs its string again, twice over
     label: str
 
 
@@ -79,7 +79,7 @@ def _walk(folder: Path, label: str) -> list[ImageFile]:
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [ImageFile(Path(dirpath) / n, label) for n in sorted(filenames) if not n.startswith(".")]
+        files += [ImageFile(os.path.join(dirpath, n), label) for n in sorted(filenames) if not n.startswith(".")]
     return files
 
 
@@ -132,7 +132,8 @@ def read_file(f: ImageFile, st: os.stat_result | None = None) -> tuple[bytes | N
             return None, "not a regular file"
         if st.st_size > MAX_FILE_BYTES:
             return None, f"file too large ({st.st_size / 2**30:.1f} GiB; images are read whole)"
-        return f.path.read_bytes(), None
+        with open(f.path, "rb") as fh:
+            return fh.read(), None
     except OSError as e:
         return None, f"unreadable: {e.strerror or type(e).__name__}"
 

@@ -101,7 +101,7 @@ class Engine:
         """A file whose bytes another file of this run carried is reused if that copy decoded, else skipped."""
         for f, digest in self.copies:
             if digest in self.failed:
-                self.skipped.append({"path": str(f.path), "reason": self.failed[digest]})
+                self.skipped.append({"path": f.path, "reason": self.failed[digest]})
                 self.index.record_failure(f.path, self.failed[digest])
             else:
                 self.reused_files += 1
@@ -125,7 +125,7 @@ class Engine:
         for f, data, digest, err in inputs:
             self.inputs += 1
             if digest is not None:
-                self.members.append(Member(str(f.path), f.label, digest))
+                self.members.append(Member(f.path, f.label, digest))
                 if digest in known:
                     if digest in self.first_copy:
                         self.copies.append((f, digest))
@@ -139,7 +139,7 @@ class Engine:
                 if err:
                     self.index.record_failure(f.path, err)
             if err:
-                self.skipped.append({"path": str(f.path), "reason": err})
+                self.skipped.append({"path": f.path, "reason": err})
                 settled += 1
                 continue
             known.add(digest)  # identical bytes twice in one run: embed once
@@ -185,11 +185,11 @@ class Engine:
         ok = [it for it, r in zip(msg.items, msg.reasons) if r is None]
         for it, r in zip(msg.items, msg.reasons):
             if r:
-                self.skipped.append({"path": str(it.file.path), "reason": r})
+                self.skipped.append({"path": it.file.path, "reason": r})
                 self.failed[it.sha256] = r
                 self.index.record_failure(it.file.path, r)
         if ok:
-            written.put(Rows([it.sha256 for it in ok], msg.embeddings, [str(it.file.path) for it in ok],
+            written.put(Rows([it.sha256 for it in ok], msg.embeddings, [it.file.path for it in ok],
                              [it.file.label for it in ok]))
         return len(msg.items)
 

@@ -59,7 +59,7 @@ def _labelled(cfg: EvaluateConfig) -> tuple[Path, list, list[str]]:
     (the others trained or chose the model)."""
     root, files, classes, splits = labelled_files(cfg.data_dir, cfg.labels)
     if splits:
-        files = [f for f in files if splits[str(f.path)] == "test"]
+        files = [f for f in files if splits[f.path] == "test"]
         if not files:
             raise UserError(f"the split column of {cfg.labels} has no test rows to evaluate on")
         classes = sorted({f.label for f in files})

@@ -191,7 +191,7 @@ def _inputs(cfg: ExtractConfig) -> tuple[Path, list | Shards, list[str], Manifes
         return Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])), Shards(paths), [], None
     if cfg.files is not None:
         root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in cfg.files]))
-        return root, [ImageFile(Path(p), "") for p in cfg.files], [], None
+        return root, [ImageFile(str(Path(p)), "") for p in cfg.files], [], None
     if cfg.labels is None:
         return (*scan(cfg.data_dir, labelled=False), None)
     root = shipped_dataset() if cfg.data_dir is None else Path(cfg.data_dir)

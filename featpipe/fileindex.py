@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from itertools import islice
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
@@ -68,11 +68,11 @@ def _stamp(st: os.stat_result | Stamp) -> tuple[int, int, int, int]:
     return st.st_size, ino, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _key(path: Path) -> bytes:
-    """abspath's bytes (a non-UTF-8 name is a valid key too); a pathlib path has no "." or "//" left, so an
-    absolute one without ".." is its own abspath (abspath costs a lookup's worth of time)."""
+def _key(path: str | Path) -> bytes:
+    """abspath's bytes (a non-UTF-8 name is a valid key too). An absolute path without "//", "/." or a trailing "/"
+    is its own abspath: scanned files are, and abspath costs a lookup's worth of time."""
     s = os.fspath(path)
-    if isinstance(path, PurePath) and s.startswith("/") and "/.." not in s:
+    if s.startswith("/") and "//" not in s and "/." not in s and not s.endswith("/"):
         return os.fsencode(s)
     return os.fsencode(os.path.abspath(s))
 

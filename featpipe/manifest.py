@@ -55,7 +55,7 @@ def read(labels: Path, root: Path) -> Manifest:
             m.skipped.append({"row": n + 1, "path": str(path), "reason": reason})
             continue
         seen[os.path.realpath(path)] = n + 1  # ./a, sub/../a and a link to a: one file
-        m.files.append(ImageFile(path, label))
+        m.files.append(ImageFile(str(path), label))
         if splits is not None:
             m.splits[str(path)] = split
     _report(labels, m, len(rows["label"]))

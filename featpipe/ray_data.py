@@ -114,14 +114,14 @@ class RayDataEngine:
             with self.timer("stat"):
                 st, digest, failed = self.index.lookup(f.path)
             if digest in known:
-                self.placed.append((pos, Member(str(f.path), f.label, digest)))
+                self.placed.append((pos, Member(f.path, f.label, digest)))
                 self.reused_files += 1
                 self.done += 1
             elif failed:
-                self.skipped.append({"path": str(f.path), "reason": failed})
+                self.skipped.append({"path": f.path, "reason": failed})
                 self.done += 1
             else:
-                part.append((pos, os.fsencode(str(f.path)), f.label.encode("utf-8", "surrogateescape"),
+                part.append((pos, os.fsencode(f.path), f.label.encode("utf-8", "surrogateescape"),
                              *(fileindex.Stamp.of(st) if st else (-1, 0, 0, 0))))
             if len(part) == PART_ROWS or (pos + 1 == total and part):
                 rows, part = rows + _write_part(listing, rows, part), []
@@ -140,7 +140,7 @@ class RayDataEngine:
                 found = listed(shard, st, known, self.index) if st else None
             for k, (f, _, digest, reason) in enumerate(found or ()):
                 self.inputs, self.done = self.inputs + 1, self.done + 1
-                self._place((pos, k), str(f.path), f.label, digest or "", reason or "", CACHED, None, 0)
+                self._place((pos, k), f.path, f.label, digest or "", reason or "", CACHED, None, 0)
             if found is None:
                 if st:
                     self.index.forget_members(shard)  # recorded again, as its actor reads it

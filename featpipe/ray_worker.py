@@ -59,9 +59,9 @@ class EmbedBatches:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         timer = StageTimer()
         names = [os.fsdecode(p) for p in batch["path"]]  # as the driver listed them: rows keep the local engine's
-        files = [ImageFile(Path(name), label.decode("utf-8", "surrogateescape"))
+        files = [ImageFile(str(Path(name)), label.decode("utf-8", "surrogateescape"))
                  for name, label in zip(names, batch["label"])]
-        where = [ImageFile(Path(self.cwd, name), "") for name in names]  # the driver's cwd: a relative data dir
+        where = [ImageFile(os.path.join(self.cwd, name), "") for name in names]  # the driver's cwd: a relative data dir
         sha, reason, status = self._settle(files, self.readers.map(lambda f: read_hashed(f, None, timer), where), timer)
         die_once(self.die_once_marker)  # after journalling, before returning: the retried batch journals them again
         n = len(files)
@@ -154,10 +154,10 @@ class EmbedShards(EmbedBatches):
             same = st is not None and fileindex.Stamp.of(st) == tuple(int(v) for v in stamp)
             stream, k = samples(Path(self.cwd, shard)), 0
             while chunk := self._next_chunk(stream, timer):
-                files = [ImageFile(Path(member_path(shard, s.member)), s.label) for s in chunk]
+                files = [ImageFile(str(Path(member_path(shard, s.member))), s.label) for s in chunk]
                 sha, reason, status = self._settle(files, [hashed(s.data, s.reason, timer) for s in chunk], timer)
                 for s, f, *settled in zip(chunk, files, sha, reason, status):
-                    row = (int(pos), k, os.fsencode(str(f.path)), f.label, s.member or "", s.reason or "", *settled,
+                    row = (int(pos), k, os.fsencode(f.path), f.label, s.member or "", s.reason or "", *settled,
                            same)
                     for c, v in zip(SAMPLE_COLUMNS, row):
                         out[c].append(v)

@@ -36,7 +36,7 @@ def listed(shard: Path, st, known: Hashes, index: fileindex.FileIndex) -> list[R
         return None
     out = []
     for member, label, reason in entries:
-        f = ImageFile(Path(member_path(shard, member)), label)
+        f = ImageFile(str(Path(member_path(shard, member))), label)
         if reason:
             out.append((f, None, None, reason))
             continue
@@ -61,7 +61,7 @@ def _streamed(shard: Path, st, index: fileindex.FileIndex, timer: StageTimer) ->
             s = next(stream, None)
         if s is None:
             break
-        f = ImageFile(Path(member_path(shard, s.member)), s.label)
+        f = ImageFile(str(Path(member_path(shard, s.member))), s.label)
         listing.append([s.member, s.label, s.reason or ""])
         data, digest, reason = hashed(s.data, s.reason, timer)
         if st and data is not None:

@@ -129,7 +129,7 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     if any(v == "test" for v in splits.values()):
         print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
               file=sys.stderr)
-    files = sorted((f for f in files if splits.get(str(f.path)) != "test"), key=lambda f: str(f.path))
+    files = sorted((f for f in files if splits.get(f.path) != "test"), key=lambda f: f.path)
     if not files:
         raise UserError(f"the split column of {labels} has only test rows: nothing to train on")
     checked = probe_files([f.path for f in files])
@@ -139,7 +139,7 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     keep = [i for i, (_, why) in enumerate(checked) if not why]
     if not keep:
         raise UserError("no decodable image to train on")
-    paths = [str(files[i].path) for i in keep]
+    paths = [files[i].path for i in keep]
     names = [files[i].label for i in keep]
     y = np.array([classes.index(label) for label in names], dtype=np.int64)
     given = _given(paths, y, classes, splits, labels) if splits else None  # before: its message names the class

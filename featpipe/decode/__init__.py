@@ -17,7 +17,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -70,7 +69,7 @@ def decode_files(paths: Sequence[str | os.PathLike], decoder: PilDecoder) -> lis
 
 def read_probed(path: str | os.PathLike) -> tuple[bytes | None, Probe | None, str | None]:
     """A file's bytes (None if unreadable) and header probe, and why it cannot be decoded (None: it may be)."""
-    data, err = read_file(ImageFile(Path(path), ""))
+    data, err = read_file(ImageFile(os.fspath(path), ""))
     if err:
         return None, None, err
     found = probe(data)
