@@ -72,7 +72,7 @@ class RayDataEngine:
         self.nodes: dict[str, int] = {}  # node id -> images its actors took
         self.journals: set[str] = set()  # the actors' journals: published (or left by a dead actor) before we end
         self.shard_at: dict[int, tuple[Path, fileindex.Stamp | None]] = {}  # shards sent to actors: path, stat
-        self.samples: dict[int, list] = {}  # shard position -> (place, [member, label, tar's reason]) per sample
+        self.samples: dict[int, list] = {}  # shards partly back: position -> (place, [member, label, tar's reason])
         self.unlisted: set[int] = set()  # shards an actor saw with another stat: not listed in the file index
         self._described: dict[str, set] = {"decoder": set(), "device": set(), "precision": set()}
         self.done = 0
@@ -218,7 +218,7 @@ class RayDataEngine:
         """One shard's sample records: as files, under the shard's stat; and what the tar said of each sample, for
         the shard's listing in the file index (an unchanged shard is then listed without being opened)."""
         self._add_metas(batch)
-        for pos, k, path_b, label, member, listed_reason, sha, reason, status, same_stat in zip(
+        for pos, k, path_b, label, member, listed_reason, sha, reason, status, same_stat, of in zip(
                 *(batch[c] for c in SAMPLE_COLUMNS)):
             self.inputs, self.done = self.inputs + 1, self.done + 1
             self.samples.setdefault(int(pos), []).append((int(k), [member or None, label, listed_reason]))
@@ -226,6 +226,8 @@ class RayDataEngine:
                 self.unlisted.add(int(pos))
             self._place((int(pos), int(k)), os.fsdecode(path_b), label, sha, reason, status,
                         self.shard_at[int(pos)][1] if same_stat else None, listed_at_ns)
+            if len(self.samples[int(pos)]) == of:  # listed now: memory holds the shards in flight, not every sample
+                self._record_listing(int(pos), listed_at_ns)
 
     def _place(self, where, path: str, label: str, sha: str, reason: str, status: str, stamp, read_at_ns: int):
         """One input settled: recorded in the file index (under `stamp`, when taken), skipped, or a member."""
@@ -243,12 +245,17 @@ class RayDataEngine:
             self.first_copy.add(sha)
 
     def _record_listings(self, read_at_ns: int) -> None:
-        """Every shard read (the dataset is done: each one's call returned; a shard without samples returned no
-        row), unless an actor saw it with another stat than the driver."""
-        for pos, (shard, stamp) in self.shard_at.items():
-            if stamp is not None and pos not in self.unlisted:
-                entries = sorted(self.samples.get(pos, []), key=lambda ke: ke[0])
-                self.index.record_listing(shard, stamp, [e for _, e in entries], read_at_ns)
+        """The shards not listed yet once the dataset is done: those without samples (their calls return no row)."""
+        for pos in list(self.shard_at):
+            self._record_listing(pos, read_at_ns)
+
+    def _record_listing(self, pos: int, read_at_ns: int) -> None:
+        """A shard whose samples are all back, in the file index, unless an actor saw it with another stat than
+        the driver; then its samples are let go (memory holds the shards in flight, not every sample)."""
+        shard, stamp = self.shard_at.pop(pos)
+        entries = sorted(self.samples.pop(pos, []), key=lambda ke: ke[0])
+        if stamp is not None and pos not in self.unlisted:  # (flushed with the next records: a killed run keeps it)
+            self.index.record_listing(shard, stamp, [e for _, e in entries], read_at_ns)
 
     def _add_metas(self, batch: dict) -> None:
         for meta in batch["meta"]:

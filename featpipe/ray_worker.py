@@ -141,9 +141,10 @@ class EmbedBatches:
 class EmbedShards(EmbedBatches):
     """The same for WebDataset shards: a call takes shard records (path, the driver's stat), streams each shard once
     (tar_input.samples), settles its samples a batch at a time as EmbedBatches settles files, and returns one record
-    per sample: the shard's position, the sample's place in it, its path (SHARD#MEMBER) and label, what the tar
-    itself said of it (the shard's listing for the file index), what became of it, and whether this node saw the
-    shard with the driver's stat (if not, nothing of it may be recorded under that stat)."""
+    per sample: the shard's position, the sample's place in it and how many the shard has (the driver lists a shard
+    once all are back), its path (SHARD#MEMBER) and label, what the tar itself said of it (the shard's listing for
+    the file index), what became of it, and whether this node saw the shard with the driver's stat (if not,
+    nothing of it may be recorded under that stat)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         timer = StageTimer()
@@ -152,19 +153,20 @@ class EmbedShards(EmbedBatches):
             shard = Path(os.fsdecode(path))
             st = fileindex.stat(Path(self.cwd, shard))
             same = st is not None and fileindex.Stamp.of(st) == tuple(int(v) for v in stamp)
-            stream, k = samples(Path(self.cwd, shard)), 0
+            stream, k, first = samples(Path(self.cwd, shard)), 0, len(out["pos"])
             while chunk := self._next_chunk(stream, timer):
                 files = [ImageFile(str(Path(member_path(shard, s.member))), s.label) for s in chunk]
                 sha, reason, status = self._settle(files, [hashed(s.data, s.reason, timer) for s in chunk], timer)
                 for s, f, *settled in zip(chunk, files, sha, reason, status):
                     row = (int(pos), k, os.fsencode(f.path), f.label, s.member or "", s.reason or "", *settled,
                            same)
-                    for c, v in zip(SAMPLE_COLUMNS, row):
+                    for c, v in zip(SAMPLE_COLUMNS, row):  # all but "of", known once the shard is read
                         out[c].append(v)
                     k += 1
+            out["of"] += [k] * (len(out["pos"]) - first)
         die_once(self.die_once_marker)
         n = len(out["pos"])
-        return {**{c: np.array(v, {"pos": np.int64, "k": np.int64, "same_stat": bool}.get(c, object))
+        return {**{c: np.array(v, {"pos": np.int64, "k": np.int64, "of": np.int64, "same_stat": bool}.get(c, object))
                    for c, v in out.items()},
                 "meta": self._meta_column(n, timer) if n else np.array([], object)}
 
@@ -173,4 +175,5 @@ class EmbedShards(EmbedBatches):
             return list(itertools.islice(stream, self.batch_size))
 
 
-SAMPLE_COLUMNS = ("pos", "k", "path", "label", "member", "listed_reason", "sha256", "reason", "status", "same_stat")
+SAMPLE_COLUMNS = ("pos", "k", "path", "label", "member", "listed_reason", "sha256", "reason", "status", "same_stat",
+                  "of")
