@@ -166,7 +166,7 @@ class FileIndex:
             except sqlite3.DatabaseError:
                 return []  # a damaged or busy index costs hashing again, never the run
 
-    def unchanged(self, path: Path, st: os.stat_result) -> str | None:
+    def unchanged(self, path: str | Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for this file if it is unchanged since then."""
         key = _key(path)
         self._see(key)
@@ -175,24 +175,24 @@ class FileIndex:
             return None
         return row[4]
 
-    def lookup(self, path: Path) -> tuple[os.stat_result | None, str | None, str | None]:
+    def lookup(self, path: str | Path) -> tuple[os.stat_result | None, str | None, str | None]:
         """Stat only, no read: (stat or None, the recorded sha256 if the file is unchanged, why it failed to decode
         last time if it is unchanged and did fail)."""
         st = stat(path)
         digest = self.unchanged(path, st) if st else None
         return st, digest, self.failure(path) if digest is not None else None
 
-    def failure(self, path: Path) -> str | None:
+    def failure(self, path: str | Path) -> str | None:
         """Why this file failed last time, if it did fail with these decoders: ask only of a file unchanged() just
         found unchanged."""
         row = self._record_of(_key(path))
         return row[5] if row and row[5] and row[6] == self.decoders else None
 
-    def record_failure(self, path: Path, reason: str) -> None:
+    def record_failure(self, path: str | Path, reason: str) -> None:
         """Keep why a recorded file could not be decoded (content-deterministic: same bytes, same decoders)."""
         self._queue(self._failures, (reason, self.decoders, _key(path)))
 
-    def record(self, path: Path, st: os.stat_result | Stamp, sha256: str, read_at_ns: int) -> None:
+    def record(self, path: str | Path, st: os.stat_result | Stamp, sha256: str, read_at_ns: int) -> None:
         """Remember a file hashed now; `st` was taken before reading it, and `read_at_ns` (time.time_ns()) is no
         later than the read."""
         key = _key(path)
@@ -298,7 +298,7 @@ def indexed_hashes(cache_dir: Path) -> np.ndarray | None:
     return hashes if len(hashes) else None
 
 
-def stat(path: Path) -> os.stat_result | None:
+def stat(path: str | Path) -> os.stat_result | None:
     try:
         return os.stat(path)
     except OSError:

@@ -232,11 +232,11 @@ class RayDataEngine:
     def _place(self, where, path: str, label: str, sha: str, reason: str, status: str, stamp, read_at_ns: int):
         """One input settled: recorded in the file index (under `stamp`, when taken), skipped, or a member."""
         if sha and stamp is not None:
-            self.index.record(Path(path), stamp, sha, read_at_ns)
+            self.index.record(path, stamp, sha, read_at_ns)
         if reason:
             self.skipped.append({"path": path, "reason": reason})
             if sha:
-                self.index.record_failure(Path(path), reason)
+                self.index.record_failure(path, reason)
             return
         self.placed.append((where, Member(path, label, sha)))
         if status == CACHED or sha in self.first_copy:  # cached before, or a copy of a file embedded now
