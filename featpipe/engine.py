@@ -25,6 +25,7 @@ import numpy as np
 from featpipe import fileindex
 from featpipe.cache import Cache
 from featpipe.hashes import Hashes
+from featpipe.members import Members
 from featpipe.dataset import ImageFile, read_file
 from featpipe.decode import default_decode_threads, probe
 from featpipe.errors import UserError
@@ -42,15 +43,6 @@ class Shards:
     paths: list[Path]
 
 
-@dataclass(frozen=True, slots=True)  # no __dict__: one per image of a run
-class Member:
-    """One image of the current data dir that has a cache row: the training sets are built from these."""
-
-    path: str
-    label: str
-    sha256: str
-
-
 class Engine:
     """Reader and writer threads around a compute stage that the calling thread drives (see the module doc)."""
 
@@ -62,7 +54,7 @@ class Engine:
         self.copies: list[tuple[ImageFile, str]] = []  # later files with those bytes: settled like the first
         self.failed: dict[str, str] = {}  # hash -> why its first copy did not decode
         self.errors: list[BaseException] = []
-        self.members: list[Member] = []
+        self.members = Members()  # the images read that have (or will have) a row
         self.inputs = 0  # files (or shard samples, and a shard's damaged tail) the reader went through
 
     def described(self) -> tuple[str, str, str]:
@@ -125,7 +117,7 @@ class Engine:
         for f, data, digest, err in inputs:
             self.inputs += 1
             if digest is not None:
-                self.members.append(Member(f.path, f.label, digest))
+                self.members.append(f, digest)
                 if digest in known:
                     if digest in self.first_copy:
                         self.copies.append((f, digest))

@@ -39,7 +39,7 @@ class ExportConfig:
 
 def export(cfg: ExportConfig, result: ExtractResult) -> dict:
     """Write the rows of `result`'s images (an extract run over cfg.extract) to cfg.out; a summary dict."""
-    members = sorted(result.members, key=lambda m: m.path)
+    members = result.members.by_path()
     out = Path(cfg.out)
     try:
         files = (_parquet if cfg.format == "parquet" else _npy)(members, result, out)

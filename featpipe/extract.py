@@ -15,11 +15,12 @@ from featpipe import weights as W
 from featpipe.cache import Cache
 from featpipe.shards import CacheKey
 from featpipe.dataset import ImageFile, describe, require_every_class, scan, shipped_dataset
-from featpipe.engine import Engine, Member, Shards, decoders_version, user_error_if_disk_fails
+from featpipe.engine import Engine, Shards, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
 from featpipe.hardware import cpu_has_bf16, may_have_gpu
 from featpipe.manifest import Manifest, read as read_manifest
+from featpipe.members import Members
 from featpipe.pipeline import StageTimer
 from featpipe.tar_input import expand, is_shard
 
@@ -86,7 +87,7 @@ class ExtractResult:
     precision: str
     stage_seconds: dict = field(default_factory=dict)
     data_dir: str = ""  # featpipe.dataset.describe: the absolute path, or shipped:<name>
-    members: list["Member"] = field(default_factory=list, repr=False)  # this run's images, in scan order
+    members: Members = field(default_factory=Members, repr=False)  # this run's images, in scan order
     cache: Cache | None = field(default=None, repr=False)  # where the members' rows are (its key, no weights hashing)
     splits: dict[str, str] = field(default_factory=dict, repr=False)  # --labels' split column: path -> split
 
@@ -154,9 +155,9 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
             index.save()
-    members = [m for m in engine.members  # cached before this run, or computed by it (not: failed to decode)
-               if m.sha256 in computed or (m.sha256 in known and m.sha256 not in engine.first_copy)]
-    require_every_class(root, classes, {m.label for m in members}, skipped)  # after the cache is saved
+    members = engine.members.where(  # cached before this run, or computed by it (not: failed to decode)
+        lambda sha: sha in computed or (sha in known and sha not in engine.first_copy))
+    require_every_class(root, classes, {f.label for f in members.files}, skipped)  # after the cache is saved
     if cfg.labelled:
         _require_sample_labels(members)
     if not members and cfg.files is None:  # an unlabelled folder none of whose files is an image
@@ -174,10 +175,10 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     )
 
 
-def _require_sample_labels(members: list[Member]) -> None:
+def _require_sample_labels(members: Members) -> None:
     """Training on shards: a sample without a label (no cls member, no json "label") would be a class "" of its
     own."""
-    unlabelled = [m.path for m in members if not m.label]
+    unlabelled = [f.path for f in members.files if not f.label]
     if unlabelled:
         raise UserError(f"{len(unlabelled)} sample(s) of the shards have no label (a cls member, or a json member's "
                         f"\"label\"), e.g. {unlabelled[0]}: each needs one here")

@@ -139,7 +139,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
 def from_result(result: ExtractResult) -> Features:
     """extract() refuses a class folder without a valid image, so the members' labels are every class folder.
     Reads the embeddings of these images only, not the whole cache."""
-    members = sorted(result.members, key=lambda m: m.path)  # path order: splits must not depend on hash order
+    members = list(result.members.by_path())  # path order: splits must not depend on hash order
     classes = sorted({m.label for m in members})
     label_id = {c: i for i, c in enumerate(classes)}
     X = result.cache.embeddings([m.sha256 for m in members])

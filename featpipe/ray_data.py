@@ -39,10 +39,11 @@ from pathlib import Path
 from featpipe import fileindex
 from featpipe.cache import Cache
 from featpipe.dataset import ImageFile
-from featpipe.engine import Member, Shards
+from featpipe.engine import Shards
 from featpipe.errors import UserError, first_line
 from featpipe.hashes import Hashes
 from featpipe.journal import locked_new, try_lock
+from featpipe.members import Members
 from featpipe.pipeline import StageTimer
 from featpipe.ray_session import DIE_ONCE_ENV, RaySession
 from featpipe.ray_worker import CACHED, SAMPLE_COLUMNS, EmbedBatches, EmbedShards
@@ -78,8 +79,11 @@ class RayDataEngine:
         self.done = 0
 
     @property
-    def members(self) -> list[Member]:
-        return [m for _, m in sorted(self.placed, key=lambda pm: pm[0])]
+    def members(self) -> Members:
+        out = Members()
+        for _, f, sha in sorted(self.placed, key=lambda p: p[0]):
+            out.append(f, sha)
+        return out
 
     def described(self) -> tuple[str, str, str]:
         return tuple(",".join(sorted(v)) or "none" for v in self._described.values())
@@ -114,7 +118,7 @@ class RayDataEngine:
             with self.timer("stat"):
                 st, digest, failed = self.index.lookup(f.path)
             if digest in known:
-                self.placed.append((pos, Member(f.path, f.label, digest)))
+                self.placed.append((pos, f, digest))
                 self.reused_files += 1
                 self.done += 1
             elif failed:
@@ -238,7 +242,7 @@ class RayDataEngine:
             if sha:
                 self.index.record_failure(path, reason)
             return
-        self.placed.append((where, Member(path, label, sha)))
+        self.placed.append((where, ImageFile(path, label), sha))
         if status == CACHED or sha in self.first_copy:  # cached before, or a copy of a file embedded now
             self.reused_files += 1
         else:

@@ -20,8 +20,10 @@ from featpipe.hashes import Hashes
 from featpipe.shards import CacheKey
 from featpipe.rows import Rows
 from featpipe.errors import UserError
+from featpipe.dataset import ImageFile
 from featpipe.fileindex import FileIndex
 from featpipe.heads import Head
+from featpipe.members import Members
 from featpipe.preprocess import Preprocessing
 
 KEY = CacheKey("mobilenet_v2", "ab" * 32, Preprocessing(256, 224, (0.5,) * 3, (0.5,) * 3, "bilinear"), 4)
@@ -377,3 +379,16 @@ def test_hashes_hold_raw_digests_whatever_their_last_bytes():
     assert h.isin(np.array(ends, "S64")).tolist() == [True, True, True, False, False]
     h.add(ends[4])
     assert ends[4] in h and None not in h
+
+
+def test_members_keep_files_and_raw_digests_and_read_back_whole():
+    """extract's result: the scan's files and 32 bytes a digest, read back as (path, label, hex sha256)."""
+    m = Members()
+    for i, name in enumerate("bca"):
+        m.append(ImageFile(f"/d/{name}.jpg", name.upper()), f"{i:064x}")
+    assert [(x.path, x.label, x.sha256) for x in m] == [("/d/b.jpg", "B", f"{0:064x}"), ("/d/c.jpg", "C", f"{1:064x}"),
+                                                        ("/d/a.jpg", "A", f"{2:064x}")]
+    assert m[1:] == list(m)[1:] and len(m) == 3 and m.where(lambda sha: True) is m
+    assert [x.path for x in m.where(lambda sha: sha != f"{1:064x}")] == ["/d/b.jpg", "/d/a.jpg"]
+    assert [(x.path, x.sha256) for x in m.by_path()] == [("/d/a.jpg", f"{2:064x}"), ("/d/b.jpg", f"{0:064x}"),
+                                                        ("/d/c.jpg", f"{1:064x}")]
