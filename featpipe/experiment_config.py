@@ -56,6 +56,8 @@ class ExperimentConfig:
             raise UserError(f"--val-fraction must be in (0, 1): the methods are compared on that held-out share "
                             f"(got {self.val_fraction})")
         check_k(self.cv, "cv")
+        if not 0 <= self.seed < 2**32:  # numpy and torch seed with [0, 2**32)
+            raise UserError(f"seed must be in [0, 2**32) (got {self.seed})")
         if feature_sets.AUTO in self.backbones and "head" in self.methods and self.head != "logistic":
             raise UserError("--backbones auto chooses its feature set with the logistic head's inner CV: set head = "
                             "\"logistic\", or name the backbones")

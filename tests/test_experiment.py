@@ -158,6 +158,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     # a config file's values arrive untyped: each must fail as one line, not a traceback mid-run
     ({}, "[experiment]\nval_fraction = 'x'\n", r"\[experiment\] val_fraction must be a number \(got 'x'\)"),
     ({}, "[experiment]\nseed = 'abc'\n", "seed must be an integer"),
+    ({}, "[experiment]\nseed = -1\n", r"seed must be in \[0, 2\*\*32\) \(got -1\)"),
     ({}, "[experiment]\ncv = true\n", "cv must be an integer"),
     ({}, "[experiment]\nout = 5\n", r"out must be a path \(string\)"),
     ({}, "[experiment]\nbackbones = 'mobilenet_v2'\n", "backbones must be a list of strings"),
