@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# Pillow's own complaints (corrupt EXIF, odd metadata) name no file and change nothing: a file that fails says why.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
 # EXIF orientation tag -> the transpose that shows the picture upright (ImageOps.exif_transpose's table)
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,

@@ -34,6 +34,12 @@ def jpeg_bytes(im: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
+def bad_exif_jpeg(im: Image.Image) -> bytes:
+    """A good JPEG behind an EXIF block whose first directory claims 65,535 entries (Pillow warns, then reads on)."""
+    app1 = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + bytes(10)
+    return b"\xff\xd8\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg_bytes(im)[2:]
+
+
 def png_bytes(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG", **kw)

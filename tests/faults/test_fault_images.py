@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_json
+from tests.conftest import run_cli
 from tests.faults import faultkit as fk
 
 SKIP = "skip"  # expected outcome: listed in "skipped" with a reason
@@ -47,6 +48,7 @@ def build(data: Path, shipped: Path) -> dict[str, str | None]:
         bad / "rgba.png": (fk.rgba_png(im), None),
         bad / "tiny.png": (fk.png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))), None),
         bad / "tiny.jpg": (fk.jpeg_bytes(Image.new("RGB", (1, 1), (30, 200, 30))), None),
+        bad / "bad exif.jpg": (fk.bad_exif_jpeg(im), None),
         ref / "rgb.jpg": (fk.jpeg_bytes(im), None),
         ref / "gray.jpg": (fk.jpeg_bytes(im.convert("L").convert("RGB")), None),
         ref / "palette.jpg": (fk.jpeg_bytes(composite_on_white(pal)), None),
@@ -78,9 +80,10 @@ def test_bad_images_beside_good_ones(small_data, shipped, tmp_path, decoder):
     good_before = sorted(str(p) for p in small_data.glob("*/*.jpg"))
     expect = build(small_data, shipped)
     cache = tmp_path / "cache"
-    res = run_json("extract", small_data, "--cache-dir", cache, "--decoder", decoder, "--precision", "fp32",
-                   "--batch-size", "8", timeout=300)
-    assert res["decoder"].startswith(decoder)
+    proc = run_cli("extract", small_data, "--cache-dir", cache, "--decoder", decoder, "--precision", "fp32",
+                   "--batch-size", "8", "--json", timeout=300, check=True)
+    res = json.loads(proc.stdout)
+    assert res["decoder"].startswith(decoder) and "Warning" not in proc.stderr, proc.stderr  # Pillow's name no file
     skipped = {s["path"]: s["reason"] for s in res["skipped"]}
     assert set(skipped) == {p for p, out in expect.items() if out == SKIP}, skipped
     assert all(r.strip() for r in skipped.values())
