@@ -119,8 +119,8 @@ def split_images(paths: list[str], y: np.ndarray, classes: list[str], digests: l
 def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed: int,
                 labels: Path | None = None) -> Images:
     """The data dir's images (class folders, or the rows of `labels`) in path order, as featpipe.features orders its
-    rows (same split). Each file is read, hashed and its header checked once; files that are no image are skipped
-    and listed. A split column in `labels` gives the split; its test rows are left out, said on stderr."""
+    rows (same split). Each file is read, hashed and decoded once; files that do not decode are skipped and
+    listed. A split column in `labels` gives the split; its test rows are left out, said on stderr."""
     from featpipe.dataset import require_every_class
     from featpipe.manifest import labelled_files
 
@@ -132,7 +132,8 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     files = sorted((f for f in files if splits.get(f.path) != "test"), key=lambda f: f.path)
     if not files:
         raise UserError(f"the split column of {labels} has only test rows: nothing to train on")
-    checked = probe_files([f.path for f in files])
+    pre = registry.resolve(backbone).preprocessing
+    checked = probe_files([f.path for f in files], pre=pre)  # decoded once: validation errors on a file that fails
     for f, (_, why) in zip(files, checked):
         if why:
             print(f"skipped {f.path}: {why}", file=sys.stderr)
@@ -147,8 +148,7 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     digests = [checked[i][0] for i in keep]
     groups = content_groups(digests)
     find_duplicates(paths, names, groups).report()
-    return split_images(paths, y, classes, digests, groups, registry.resolve(backbone).preprocessing, val_fraction,
-                        seed, time.perf_counter() - t0, given)
+    return split_images(paths, y, classes, digests, groups, pre, val_fraction, seed, time.perf_counter() - t0, given)
 
 
 def _given(paths: list[str], y: np.ndarray, classes: list[str], splits: dict[str, str],

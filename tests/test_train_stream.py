@@ -46,10 +46,11 @@ def test_scan_images_checks_files_without_keeping_pixels_and_groups_copies(small
     (small_data / "tools" / "notes.txt").write_text("not an image")
     first = sorted((small_data / "animals").iterdir())[0]
     (small_data / "animals" / "copy.jpg").write_bytes(first.read_bytes())
+    (small_data / "tools" / "cut.jpg").write_bytes(first.read_bytes()[:3000])  # its header is whole, its pixels not
     images = scan_images(small_data, "mobilenet_v2", 0.2, 0)
     err = capsys.readouterr().err
-    assert "notes.txt" in err and "duplicate" in err
-    assert len(images.paths) == 21 and not any(p.endswith("notes.txt") for p in images.paths)
+    assert "notes.txt" in err and "duplicate" in err and f"skipped {small_data / 'tools' / 'cut.jpg'}: decode" in err
+    assert len(images.paths) == 21 and not any(p.endswith(("notes.txt", "cut.jpg")) for p in images.paths)
     a, b = images.paths.index(str(first)), images.paths.index(str(small_data / "animals" / "copy.jpg"))
     assert images.groups[a] == images.groups[b] and len(set(images.groups.tolist())) == 20
     assert set(images.split.val).isdisjoint(images.split.train) and not hasattr(images, "pixels")

@@ -76,11 +76,17 @@ def read_probed(path: str | os.PathLike) -> tuple[bytes | None, Probe | None, st
     return data, found, found.skip_reason
 
 
-def probe_files(paths: Sequence[str | os.PathLike], threads: int | None = None) -> list[tuple[str, str | None]]:
+def probe_files(paths: Sequence[str | os.PathLike], threads: int | None = None, pre: Preprocessing | None = None,
+                ) -> list[tuple[str, str | None]]:
     """Per path, in input order: (sha256 of its bytes, why it is no image or None), from its bytes and header
-    alone: decode_files' checks without keeping pixels, for sets too large to hold decoded."""
+    alone, or with `pre` also decoded as `pre` decodes it (a truncated JPEG has a good header): decode_files'
+    checks without keeping pixels, for sets too large to hold decoded."""
+    dec = None if pre is None else PilDecoder(pre, threads=1)  # its decode_one, on this function's threads
+
     def one(path) -> tuple[str, str | None]:
         data, _, why = read_probed(path)
+        if dec is not None and data is not None and why is None and isinstance(got := dec.decode_one(data), str):
+            why = got
         return ("" if data is None else hashlib.sha256(data).hexdigest()), why
 
     out: list[tuple[str, str | None]] = []
