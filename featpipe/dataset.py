@@ -94,16 +94,23 @@ def _refuse_split_parent(root: Path, classes: list[str]) -> None:
 
 
 def require_every_class(root: Path, classes: list[str], present: set[str], skipped: list[dict] = ()) -> None:
-    """A class with no usable image would silently vanish from every model: refuse, naming it and (from `skipped`,
-    extract's list) why its files were not used."""
+    """A class with no usable image would silently vanish from every model: refuse."""
+    if empty := empty_classes(root, classes, present, skipped):
+        raise UserError(empty)
+
+
+def empty_classes(root: Path, classes: list[str], present: set[str], skipped: list[dict] = ()) -> str | None:
+    """Which class folders have no usable image, and (from `skipped`, extract's list) why its files were not used;
+    None when every class has one."""
     empty = sorted(set(classes) - present)
-    if empty:
-        folder = root / empty[0]
-        inside = [s for s in skipped if Path(s["path"]).is_relative_to(folder)]
-        why = f"; {len(inside)} file(s) skipped, e.g. {Path(inside[0]['path']).name}: {inside[0]['reason']}" \
-            if inside else ""
-        more = f" (and {len(empty) - 1} more such folders)" if len(empty) > 1 else ""
-        raise UserError(f"class folder {folder} has no valid image{why}{more}")
+    if not empty:
+        return None
+    folder = root / empty[0]
+    inside = [s for s in skipped if Path(s["path"]).is_relative_to(folder)]
+    why = f"; {len(inside)} file(s) skipped, e.g. {Path(inside[0]['path']).name}: {inside[0]['reason']}" \
+        if inside else ""
+    more = f" (and {len(empty) - 1} more such folders)" if len(empty) > 1 else ""
+    return f"class folder {folder} has no valid image{why}{more}"
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -5,6 +5,7 @@ publish them as a shard, and say what the data dir holds now."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from featpipe import registry
 from featpipe import weights as W
 from featpipe.cache import Cache
 from featpipe.shards import CacheKey
-from featpipe.dataset import ImageFile, describe, require_every_class, scan, shipped_dataset
+from featpipe.dataset import ImageFile, describe, empty_classes, scan, shipped_dataset
 from featpipe.engine import Engine, Shards, decoders_version, user_error_if_disk_fails
 from featpipe.errors import UserError
 from featpipe.fileindex import FileIndex
@@ -48,7 +49,7 @@ class ExtractConfig:
     labels: Path | None = None  # a CSV/Parquet of paths and labels (manifest.py) instead of class folders
     files: list[Path] | None = None  # these files, unlabelled, instead of a data dir (predict); none may decode
     shards: list[str] | None = None  # WebDataset .tar shards (paths, brace patterns, globs) instead of a data dir
-    labelled: bool = False  # shards for training: a sample without a label is refused (folders are checked before)
+    labelled: bool = False  # for training: a class without a usable image, or a sample without a label, is refused
     tta: str = "none"  # "flip": each embedding averaged with its mirror image's, cached under its own key
 
     def __post_init__(self) -> None:
@@ -157,12 +158,16 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
             index.save()
     members = engine.members.where(  # cached before this run, or computed by it (not: failed to decode)
         lambda sha: sha in computed or (sha in known and sha not in engine.first_copy))
-    require_every_class(root, classes, {f.label for f in members.files}, skipped)  # after the cache is saved
-    if cfg.labelled:
-        _require_sample_labels(members)
-    if not members and cfg.files is None:  # an unlabelled folder none of whose files is an image
+    if not members and cfg.files is None:  # (after the cache is saved)
         raise UserError(f"no valid image in {root}; {len(skipped)} {'sample' if shards else 'file'}(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
+    empty = empty_classes(root, classes, {f.label for f in members.files}, skipped)
+    if empty and cfg.labelled:
+        raise UserError(empty)
+    if empty:  # embedding alone: the other classes' rows are as good
+        print(f"featpipe: {empty}", file=sys.stderr)
+    if cfg.labelled:
+        _require_sample_labels(members)
     seconds = time.perf_counter() - t0
     decoder, device, precision = engine.described()
     return ExtractResult(

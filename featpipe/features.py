@@ -112,11 +112,9 @@ def load_features(cfg: ExtractConfig, progress: bool = True, labelled: bool = Tr
 
 
 def _checked(cfg: ExtractConfig, labelled: bool) -> ExtractConfig:
-    if labelled and shard_patterns(cfg) is not None:  # their labels are known only once they are read
-        return replace(cfg, labelled=True)
-    if labelled and cfg.labels is None:
+    if labelled and shard_patterns(cfg) is None and cfg.labels is None:  # (shards' labels: known once read)
         require_labels(cfg.data_dir)
-    return cfg
+    return replace(cfg, labelled=labelled)
 
 
 def _read(cfg: ExtractConfig, result: ExtractResult, progress: bool) -> Features:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -164,13 +165,25 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_data):
     ro.chmod(0o555)
     cases = [(["extract", tmp_path / "missing"], "not found"), (["extract", empty], "no files to embed"),
              (["extract", no_valid, "--cache-dir", tmp_path / "c"],
-              "no valid image; 1 file(s) skipped, e.g. x.jpg: not an image"),
+              f"no valid image in {no_valid}; 1 file(s) skipped, e.g. x.jpg: not an image"),
              (["extract", small_data, "-b", "mobilenet_v9"], "did you mean"),
              (["extract", small_data, "--cache-dir", ro], "not writable")]
     for args, msg in cases:
         proc = run_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_class_without_a_usable_image_is_noted_by_extract_and_refused_by_training(small_data, tmp_path):
+    """Embedding alone keeps the other classes' rows (a note on stderr); a model would silently lack the class."""
+    (small_data / "zebras").mkdir()
+    (small_data / "zebras" / "z.jpg").write_text("not an image")
+    why = f"class folder {small_data / 'zebras'} has no valid image; 1 file(s) skipped, e.g. z.jpg: not an image"
+    proc = run_cli("extract", small_data, "--cache-dir", tmp_path / "c", "--json", check=True)
+    assert json.loads(proc.stdout)["computed"] == 20 and f"featpipe: {why}\n" in proc.stderr
+    fit = run_cli("fit-head", small_data, "--cache-dir", tmp_path / "c", "--out", tmp_path / "m")
+    assert fit.returncode == 2 and fit.stderr.strip().splitlines()[-1] == f"featpipe: error: {why}"
+    assert not (tmp_path / "m").exists()
 
 
 def dali_installed() -> bool:
