@@ -25,6 +25,7 @@ from featpipe.dataset import describe
 from featpipe.errors import UserError
 from featpipe.heads import KINDS, Head
 from featpipe.preprocess import Preprocessing
+from featpipe.shards import can_write
 from featpipe.weights import sha256_file
 
 FORMAT = "featpipe-bundle"
@@ -91,12 +92,6 @@ def output_dir(out: Path | None, name: str, data_dir: Path | None, force: bool) 
         raise UserError(f"cannot write model bundle {out}: it, or the folder it would go in, is not a writable "
                         f"directory")
     return out
-
-
-def can_write(path: Path) -> bool:
-    """`path`, or the nearest folder above it that exists, is a directory that takes new files."""
-    there = next(p for p in [Path(path), *Path(path).absolute().parents] if os.path.lexists(p))
-    return there.is_dir() and os.access(there, os.W_OK | os.X_OK)
 
 
 def check_overwrite(out: Path, data_dir: str) -> None:

@@ -22,6 +22,7 @@ from featpipe.decode import PilDecoder, decode_files
 from featpipe.errors import UserError
 from featpipe.feature_sets import side_by_side
 from featpipe.rows import require_finite
+from featpipe.shards import can_write
 
 BATCH = 32
 CACHED_BATCH = 8192  # rows read from the cache per head call
@@ -51,7 +52,7 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    if B.can_write(cfg.cache_dir):
+    if can_write(cfg.cache_dir):
         batches = _cached_batches(bundle, files, cfg, progress)
     else:  # a read-only place: predicting must still work, only caching needs the disk
         print(f"featpipe: cache dir {cfg.cache_dir} is not writable: embedding without the cache", file=sys.stderr)

@@ -176,7 +176,14 @@ def writable_dir(d: Path) -> bool:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create cache dir {d}: {e.strerror}") from None
-    return os.access(d, os.W_OK) and not (os.geteuid() == 0 and _readonly_mount_or_mode(d))
+    return can_write(d)
+
+
+def can_write(path: Path) -> bool:
+    """`path`, or the nearest folder above it that exists, is a directory featpipe may add files to."""
+    there = next(p for p in [Path(path), *Path(path).absolute().parents] if os.path.lexists(p))
+    return there.is_dir() and os.access(there, os.W_OK | os.X_OK) and \
+        not (os.geteuid() == 0 and _readonly_mount_or_mode(there))
 
 
 def _readonly_mount_or_mode(d: Path) -> bool:

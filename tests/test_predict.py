@@ -248,11 +248,13 @@ def test_an_empty_folder_among_the_paths_is_said(sample, tmp_path, capsys):
     assert f"{tmp_path / 'empty'} holds no files" in capsys.readouterr().err
 
 
-def test_predict_embeds_without_the_cache_where_it_cannot_be_written(model, sample, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["under a file", "read-only folder"])
+def test_predict_embeds_without_the_cache_where_it_cannot_be_written(model, sample, tmp_path, capsys, where):
     (tmp_path / "afile").write_text("x")
-    cfg = PredictConfig(model=model, paths=sample[:2], top_k=1, cache_dir=tmp_path / "afile" / "cache")
-    r = predict(cfg)
+    (tmp_path / "ro").mkdir(mode=0o555)  # read-only to root too: featpipe takes the mode as meant
+    cache_dir = tmp_path / "afile" / "cache" if where == "under a file" else tmp_path / "ro"
+    r = predict(PredictConfig(model=model, paths=sample[:2], top_k=1, cache_dir=cache_dir))
     assert r["predicted"] == 2 and "not writable: embedding without the cache" in capsys.readouterr().err
     cached = predict(PredictConfig(model=model, paths=sample[:2], top_k=1, cache_dir=tmp_path / "c"))
     assert [p["top"][0]["class"] for p in r["predictions"]] == [p["top"][0]["class"] for p in cached["predictions"]]
-    assert not (tmp_path / "afile").is_dir()
+    assert not (tmp_path / "afile").is_dir() and not list((tmp_path / "ro").iterdir())
