@@ -141,6 +141,7 @@ def _thumb(path: str) -> str:
 
     try:
         with Image.open(path) as im:
+            im.draft("RGB", (2 * THUMB, 2 * THUMB))  # a large JPEG decodes scaled down, not whole
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()

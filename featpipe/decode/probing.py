@@ -12,6 +12,9 @@ from PIL import Image, UnidentifiedImageError
 
 # Pillow's own complaints (corrupt EXIF, odd metadata) name no file and change nothing: a file that fails says why.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own limit: an image decoded whole beyond it risks a bomb's memory
+JPEG_PIXELS = 4 * MAX_PIXELS  # JPEGs decode scaled down (draft): a 200-megapixel camera's photos are well within
+Image.MAX_IMAGE_PIXELS = JPEG_PIXELS  # Pillow's check refuses nothing probe() lets through; probe() says the rest
 MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
 # EXIF orientation tag -> the transpose that shows the picture upright (ImageOps.exif_transpose's table)
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -40,13 +43,15 @@ def probe(data: bytes) -> Probe:
             im = Image.open(io.BytesIO(data))
             w, h = im.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Probe(False, f"image too large (over {Image.MAX_IMAGE_PIXELS} pixels)")
+        return Probe(False, f"image too large (over {JPEG_PIXELS} pixels)")
     except UnidentifiedImageError:
         return Probe(False, "not an image")
     except Exception as e:  # Pillow raises many types on malformed headers
         return Probe(False, f"unreadable image header: {e}")
     if w < 1 or h < 1:
         return Probe(False, "image has no pixels")
+    if w * h > MAX_PIXELS and im.format != "JPEG":
+        return Probe(False, f"image too large (over {MAX_PIXELS} pixels; JPEGs up to {JPEG_PIXELS})")
     orientation = _exif_orientation(im)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
@@ -54,7 +59,9 @@ def probe(data: bytes) -> Probe:
     complete = data.rfind(b"\xff\xd9") >= max(0, len(data) - 1024)
     # DALI resizes the whole image before cropping: a 1 x 20000 strip would become 256 x 5 million pixels.
     squat = max(w, h) <= MAX_ASPECT * min(w, h)
-    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat, None, (w, h), orientation)
+    small = w * h <= MAX_PIXELS  # the batched decoders decode at full size; Pillow's draft() does not
+    return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat and small, None, (w, h),
+                 orientation)
 
 
 def _exif_orientation(im: Image.Image) -> int:

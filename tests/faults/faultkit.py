@@ -78,6 +78,14 @@ def gray16_png(im: Image.Image) -> bytes:
     return raw_png(im.width, im.height, 0, 16, rows)
 
 
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height (its scan is for 8 x 8 pixels)."""
+    data = bytearray(jpeg_bytes(Image.new("L", (8, 8))))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def bomb_png() -> bytes:
     """A valid PNG header claiming 100000 x 100000 pixels; Pillow refuses it before reading any pixel data."""
     return raw_png(100_000, 100_000, 2, 8, b"")

@@ -49,6 +49,8 @@ def build(data: Path, shipped: Path) -> dict[str, str | None]:
         bad / "tiny.png": (fk.png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))), None),
         bad / "tiny.jpg": (fk.jpeg_bytes(Image.new("RGB", (1, 1), (30, 200, 30))), None),
         bad / "bad exif.jpg": (fk.bad_exif_jpeg(im), None),
+        bad / "108 megapixels.jpg": (fk.jpeg_bytes(Image.new("L", (12000, 9000), 128)), None),  # phones take these
+        bad / "claims 400 megapixels.jpg": (fk.jpeg_claiming(20000, 20000), SKIP),
         ref / "rgb.jpg": (fk.jpeg_bytes(im), None),
         ref / "gray.jpg": (fk.jpeg_bytes(im.convert("L").convert("RGB")), None),
         ref / "palette.jpg": (fk.jpeg_bytes(composite_on_white(pal)), None),
@@ -87,7 +89,9 @@ def test_bad_images_beside_good_ones(small_data, shipped, tmp_path, decoder):
     skipped = {s["path"]: s["reason"] for s in res["skipped"]}
     assert set(skipped) == {p for p, out in expect.items() if out == SKIP}, skipped
     assert all(r.strip() for r in skipped.values())
-    assert "too large" in skipped[str(small_data / sorted(os.listdir(small_data))[0] / "bomb.png")]
+    bad = small_data / sorted(os.listdir(small_data))[0]
+    assert "too large" in skipped[str(bad / "bomb.png")]
+    assert "too large" in skipped[str(bad / "claims 400 megapixels.jpg")]
     rows = fk.read_rows(cache)
     embedded = set(good_before) | {p for p, out in expect.items() if out != SKIP}
     digests = {fk.sha256_of(p) for p in embedded}
