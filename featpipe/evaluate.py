@@ -35,7 +35,7 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
         raise UserError(f"--worst must be at least 0 (got {cfg.worst})")
     bundle = B.load(cfg.model)
     check_weights_apply(bundle, cfg.weights)
-    root, files, classes = _labelled(cfg)
+    root, files, classes, unusable = _labelled(cfg)
     unknown = sorted(set(classes) - set(bundle.classes))
     if unknown:
         raise UserError(f"{len(unknown)} class(es) of {cfg.labels or root} are not classes of model {bundle.path}: "
@@ -47,23 +47,24 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
         raise UserError(f"no image of {root} could be decoded ({len(skipped)} skipped)")
     y = np.array([bundle.classes.index(label[p]) for p in ok])
     report = {"model": str(bundle.path), "data_dir": describe(cfg.data_dir), "images": len(ok),
-              "skipped": skipped, "classes": bundle.classes, **scores(y, proba, bundle.classes),
+              "skipped": sorted(skipped + unusable, key=lambda s: s["path"]), "classes": bundle.classes, **scores(y, proba, bundle.classes),
               "most_confidently_wrong": confidently_wrong(y, proba, ok, bundle.classes, cfg.worst)}
     if cfg.out is not None:
         report["files"] = write(report, Path(cfg.out))
     return report
 
 
-def _labelled(cfg: EvaluateConfig) -> tuple[Path, list, list[str]]:
+def _labelled(cfg: EvaluateConfig) -> tuple[Path, list, list[str], list[dict]]:
     """The images to score: class folders, the rows of --labels, or only its test rows when it has a split column
-    (the others trained or chose the model)."""
-    root, files, classes, splits = labelled_files(cfg.data_dir, cfg.labels)
-    if splits:
-        files = [f for f in files if splits[f.path] == "test"]
+    (the others trained or chose the model); and the rows of --labels skipped."""
+    root, listed = labelled_files(cfg.data_dir, cfg.labels)
+    files, classes = listed.files, listed.classes
+    if listed.splits:
+        files = [f for f in files if listed.splits[f.path] == "test"]
         if not files:
             raise UserError(f"the split column of {cfg.labels} has no test rows to evaluate on")
         classes = sorted({f.label for f in files})
-    return root, files, classes
+    return root, files, classes, listed.skipped_rows()
 
 
 def scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:

@@ -150,8 +150,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
         engine = _engine(cfg, spec, key, timer, index)
         known = cache.hashes()
         computed, skipped = engine.run(files, known, cache, progress)
-        skipped = sorted(skipped + [{"path": s["path"], "reason": f"--labels row {s['row']}: {s['reason']}"}
-                                    for s in listed.skipped], key=lambda s: s["path"]) if listed else skipped
+        skipped = sorted(skipped + listed.skipped_rows(), key=lambda s: s["path"]) if listed else skipped
         with timer("commit"), user_error_if_disk_fails(cache.path):
             cache.publish()
         if cache.writable:  # root could write a 555 dir: the mode means read-only to featpipe too
@@ -171,7 +170,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     seconds = time.perf_counter() - t0
     decoder, device, precision = engine.described()
     return ExtractResult(
-        images=engine.inputs, computed=len(computed), reused=engine.reused_files, skipped=skipped,
+        images=engine.inputs + len(listed.skipped if listed else ()), computed=len(computed), reused=engine.reused_files, skipped=skipped,
         seconds=round(seconds, 4),
         images_per_sec=round(engine.inputs / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
         backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,

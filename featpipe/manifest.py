@@ -25,16 +25,19 @@ class Manifest:
     splits: dict[str, str] = field(default_factory=dict)  # path -> train | val | test; empty: no split column
     skipped: list[dict] = field(default_factory=list)  # {"row", "path", "reason"}
 
+    def skipped_rows(self) -> list[dict]:
+        """The skipped rows as commands list skipped files ({"path", "reason"}), the reason naming the row."""
+        return [{"path": s["path"], "reason": f"--labels row {s['row']}: {s['reason']}"} for s in self.skipped]
 
-def labelled_files(data_dir: Path | None, labels: Path | None) -> tuple[Path, list[ImageFile], list[str],
-                                                                          dict[str, str]]:
-    """The labelled images of a data dir: (root, files, classes, split by path, empty without a split column), from
-    its class folders, or from the rows of `labels` (paths relative to the data dir)."""
+
+def labelled_files(data_dir: Path | None, labels: Path | None) -> tuple[Path, Manifest]:
+    """The labelled images of a data dir: (root, its Manifest), from its class folders (no split, nothing skipped),
+    or from the rows of `labels` (paths relative to the data dir)."""
     if labels is None:
-        return (*scan(data_dir), {})
+        root, files, classes = scan(data_dir)
+        return root, Manifest(files, classes)
     root = shipped_dataset() if data_dir is None else Path(data_dir)
-    m = read(labels, root)
-    return root, m.files, m.classes, m.splits
+    return root, read(labels, root)
 
 
 def read(labels: Path, root: Path) -> Manifest:
@@ -44,7 +47,7 @@ def read(labels: Path, root: Path) -> Manifest:
     if path_col is None or "label" not in rows:
         raise UserError(f"{labels} needs a path (or filename) column and a label column; it has "
                         f"{', '.join(rows) or 'none'}")
-    m, seen = Manifest([], []), {}
+    m, seen = Manifest([], []), {}  # seen: realpath -> (row, label)
     splits = rows.get("split")
     for n, (p, label) in enumerate(zip(rows[path_col], rows["label"])):
         path = _path(str(p), root)
@@ -54,7 +57,7 @@ def read(labels: Path, root: Path) -> Manifest:
         if reason:
             m.skipped.append({"row": n + 1, "path": str(path), "reason": reason})
             continue
-        seen[os.path.realpath(path)] = n + 1  # ./a, sub/../a and a link to a: one file
+        seen[os.path.realpath(path)] = n + 1, label  # ./a, sub/../a and a link to a: one file
         m.files.append(ImageFile(str(path), label))
         if splits is not None:
             m.splits[str(path)] = split
@@ -75,11 +78,12 @@ def _path(p: str, root: Path) -> Path:
     return path
 
 
-def _unusable(path: Path, label: str, split: str, has_splits: bool, seen: dict[str, int]) -> str | None:
+def _unusable(path: Path, label: str, split: str, has_splits: bool, seen: dict[str, tuple]) -> str | None:
     if not label:
         return "empty label"
-    if os.path.realpath(path) in seen:
-        return f"duplicate of row {seen[os.path.realpath(path)]}"
+    if (first := seen.get(os.path.realpath(path))) is not None:
+        row, other = first
+        return f"duplicate of row {row}" + (f", which labels it {other!r}: a conflict" if other != label else "")
     if not path.is_file():
         return "no such file"
     if has_splits and split not in SPLITS:

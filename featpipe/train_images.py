@@ -125,7 +125,8 @@ def scan_images(data_dir: Path | None, backbone: str, val_fraction: float, seed:
     from featpipe.manifest import labelled_files
 
     t0 = time.perf_counter()
-    root, files, classes, splits = labelled_files(data_dir, labels)
+    root, listed = labelled_files(data_dir, labels)
+    files, classes, splits = listed.files, listed.classes, listed.splits
     if any(v == "test" for v in splits.values()):
         print(f"featpipe: the test rows of {labels} are left out here (`featpipe experiment --labels` scores them)",
               file=sys.stderr)

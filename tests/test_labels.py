@@ -76,8 +76,8 @@ def test_unusable_rows_are_listed_and_skipped(tmp_path, flat, capsys):
                         [rows[1][0], "", "train"], [rows[2][0], "tools", "holdout"], [rows[3][0], "tools", "val"]])
     m = read(labels, d)
     assert [Path(f.path).name for f in m.files] == [rows[0][0], rows[3][0]]
-    assert [s["reason"] for s in m.skipped] == ["no such file", "duplicate of row 1", "empty label",
-                                                "split 'holdout' is not one of train, val, test"]
+    assert [s["reason"] for s in m.skipped] == ["no such file", "duplicate of row 1, which labels it 'animals': a "
+                                                "conflict", "empty label", "split 'holdout' is not one of train, val, test"]
     assert "4 of 6 row(s) skipped" in capsys.readouterr().err
     with pytest.raises(UserError, match="no usable row"):
         read(write_csv(tmp_path / "none.csv", ["path", "label"], [["gone.jpg", "x"]]), d)
@@ -89,7 +89,8 @@ def test_cli_extract_with_labels(tmp_path, flat, warm_cache):
     d, rows = flat
     labels = write_csv(tmp_path / "l.csv", ["filename", "label"], rows[:10] + [["gone.jpg", "tools"]])
     r = run_json("extract", d, "--labels", labels, "--cache-dir", warm_cache)
-    assert r["images"] == 10 and [s["reason"] for s in r["skipped"]] == ["--labels row 11: no such file"]
+    assert r["images"] == 11 and [s["reason"] for s in r["skipped"]] == ["--labels row 11: no such file"]
+    assert r["computed"] + r["reused"] + len(r["skipped"]) == r["images"]  # a skipped row counts as an input
     proc = run_cli("extract", d, "--labels", tmp_path / "missing.csv", "--cache-dir", warm_cache)
     assert proc.returncode == 2 and "no such file" in one_line(proc)
 
@@ -97,9 +98,10 @@ def test_cli_extract_with_labels(tmp_path, flat, warm_cache):
 def test_the_same_file_by_another_path_and_a_repeated_column_are_refused(tmp_path, flat, capsys):
     d, rows = flat
     (d / "sub").mkdir(exist_ok=True)
-    m = read(write_csv(tmp_path / "l.csv", ["path", "label"], [[rows[0][0], "a"], [f"sub/../{rows[0][0]}", "b"],
+    m = read(write_csv(tmp_path / "l.csv", ["path", "label"], [[rows[0][0], "a"], [f"sub/../{rows[0][0]}", "a"],
                                                                [str(d / rows[0][0]), "c"], [rows[1][0], "b"]]), d)
-    assert [s["reason"] for s in m.skipped] == ["duplicate of row 1", "duplicate of row 1"] and len(m.files) == 2
+    assert [s["reason"] for s in m.skipped] == ["duplicate of row 1", "duplicate of row 1, which labels it 'a': a "
+                                                "conflict"] and len(m.files) == 2
     with pytest.raises(UserError, match="appears twice"):
         read(write_csv(tmp_path / "dup.csv", ["path", "label", "label"], [[rows[0][0], "a", "b"]]), d)
 
@@ -148,7 +150,12 @@ def test_evaluate_scores_only_the_split_columns_test_rows(tmp_path, split_parque
     fit = fit_and_save(FitConfig(extract=ExtractConfig(data_dir=d, cache_dir=warm_cache, labels=labels),
                                  head=HeadConfig(), out=tmp_path / "m"), progress=False)
     r = evaluate(EvaluateConfig(model=tmp_path / "m", data_dir=d, labels=labels))
-    assert r["images"] == fit["n_test"] == n["test"] and r["accuracy"] > 0.8
+    assert r["images"] == fit["n_test"] == n["test"] and r["accuracy"] > 0.8 and r["skipped"] == []
+    t = pq.read_table(labels).to_pydict()
+    more = write_csv(tmp_path / "more.csv", list(t), [*zip(*t.values()), ["gone.jpg", "tools", "test"]])
+    again = evaluate(EvaluateConfig(model=tmp_path / "m", data_dir=d, labels=more))
+    assert again["images"] == r["images"] and again["skipped"] == [
+        {"path": str(d / "gone.jpg"), "reason": f"--labels row {len(t['path']) + 1}: no such file"}]
 
 
 @pytest.mark.slow
