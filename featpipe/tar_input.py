@@ -184,7 +184,9 @@ def _label(text: dict[str, bytes | None]) -> tuple[str, str | None]:
         value = json.loads(text[kind])
     except (UnicodeDecodeError, ValueError):
         return "", f"{kind} member is not {'UTF-8 text' if kind == 'cls' else 'JSON'}"
-    value = value.get("label", "") if isinstance(value, dict) else ""
+    if not isinstance(value, dict):
+        return "", "json member is not an object"
+    value = value.get("label", "")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return "", "json member's label is not text or an integer"
     return str(value).strip(), None

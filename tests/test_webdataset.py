@@ -118,6 +118,7 @@ def test_members_group_into_samples_with_their_labels(small):
         ("000007.jpg", b"not an image"), ("000007.cls", b"tools"),  # bytes are the decoder's to judge
         ("000008.jpg", jpg[1]), ("000008.cls", b"\xff\xfe"),
         ("000009.jpg", jpg[2]), ("000009.json", b"{not json"),
+        ("000010.jpg", jpg[3]), ("000010.json", b"[1, 2]"), ("000011.jpg", jpg[4]), ("000011.json", b'{"id": 7}'),
     ])
     got = list(samples(tar))
     assert got == [
@@ -129,6 +130,7 @@ def test_members_group_into_samples_with_their_labels(small):
         Sample("000007.jpg", "tools", b"not an image"),
         Sample("000008.jpg", reason="cls member is not UTF-8 text"),
         Sample("000009.jpg", reason="json member is not JSON"),
+        Sample("000010.jpg", reason="json member is not an object"), Sample("000011.jpg", "", jpg[4]),  # no label
     ]
     assert split_name("d/000123.seg.png") == ("d/000123", "seg.png") and split_name("._000.jpg") is None
 
