@@ -158,8 +158,10 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
     members = engine.members.where(  # cached before this run, or computed by it (not: failed to decode)
         lambda sha: sha in computed or (sha in known and sha not in engine.first_copy))
     if not members and cfg.files is None:  # (after the cache is saved)
+        tars = not shards and all(is_shard(s["path"]) for s in skipped)  # a folder of shards given as a data dir
         raise UserError(f"no valid image in {root}; {len(skipped)} {'sample' if shards else 'file'}(s) skipped, e.g. "
-                        f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}")
+                        f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}"
+                        + (f" (WebDataset shards? pass them as '{root}/*.tar')" if tars else ""))
     empty = empty_classes(root, classes, {f.label for f in members.files}, skipped)
     if empty and cfg.labelled:
         raise UserError(empty)

@@ -252,6 +252,10 @@ def test_a_pattern_that_matches_nothing_is_one_line(tmp_path):
     assert line == f"featpipe: error: no shard matches {tmp_path / 'train-*.tar'}"
     line = one_line(run_cli("extract", tmp_path / "a.tar", tmp_path, "--cache-dir", tmp_path / "c"))
     assert "not a .tar shard" in line
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "s-0.tar", [("000000.cls", b"fishes")])
+    line = one_line(run_cli("extract", tmp_path / "shards", "--cache-dir", tmp_path / "c"))
+    assert line.endswith(f"(WebDataset shards? pass them as '{tmp_path / 'shards'}/*.tar')"), line
 
 
 def test_audit_takes_labelled_shards_only(small):
