@@ -46,7 +46,7 @@ def read(labels: Path, root: Path) -> Manifest:
     path_col = next((c for c in ("path", "filename") if c in rows), None)
     if path_col is None or "label" not in rows:
         raise UserError(f"{labels} needs a path (or filename) column and a label column; it has "
-                        f"{', '.join(rows) or 'none'}")
+                        f"{_shown(list(rows)) or 'none'}")
     m, seen = Manifest([], []), {}  # seen: realpath -> (row, label)
     splits = rows.get("split")
     for n, (p, label) in enumerate(zip(rows[path_col], rows["label"])):
@@ -102,10 +102,12 @@ def _table(labels: Path) -> dict[str, list]:
             return {k.lower(): v for k, v in pq.read_table(labels).to_pydict().items()}
         # surrogateescape: a file name in raw bytes that are not UTF-8 reads as Python holds such names
         with open(labels, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-            reader = csv.reader(fh)
+            header = fh.readline()
+            fh.seek(0)
+            reader = csv.reader(fh, delimiter=max(",\t;", key=header.count))  # the header's own: CSV, TSV, a;b
             names = [k.strip().lower() for k in next(reader, [])]
             if len(set(names)) < len(names):
-                raise UserError(f"--labels {labels}: a column name appears twice ({', '.join(names)})")
+                raise UserError(f"--labels {labels}: a column name appears twice ({_shown(names)})")
             out: dict[str, list] = {k: [] for k in names}
             for row in reader:
                 for k, v in zip(names, row + [""] * (len(names) - len(row))):
@@ -115,6 +117,12 @@ def _table(labels: Path) -> dict[str, list]:
         raise UserError("--labels FILE.parquet needs pyarrow: pip install pyarrow") from None
     except (OSError, ValueError, csv.Error, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --labels {labels}: {e}") from None
+
+
+def _shown(names: list[str]) -> str:
+    """Column names for a message: a file that is no table has a 'header' of any length and any bytes."""
+    text = ascii(", ".join(names))[1:-1]
+    return text[:80] + (" …" if len(text) > 80 else "")
 
 
 def _report(labels: Path, m: Manifest, rows: int) -> None:

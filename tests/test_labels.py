@@ -85,6 +85,13 @@ def test_unusable_rows_are_listed_and_skipped(tmp_path, flat, capsys):
         read(write_csv(tmp_path / "nolabel.csv", ["path", "class"], [[rows[0][0], "x"]]), d)
 
 
+@pytest.mark.parametrize("sep", ["\t", ";"])
+def test_a_tab_or_semicolon_separated_file_reads_as_its_header_splits(tmp_path, flat, sep):
+    d, rows = flat
+    (tmp_path / "l.txt").write_text(f"filename{sep}label\n" + "".join(f"{p}{sep}{c}\n" for p, c in rows[:3]))
+    assert [(Path(f.path).name, f.label) for f in read(tmp_path / "l.txt", d).files] == rows[:3]
+
+
 def test_cli_extract_with_labels(tmp_path, flat, warm_cache):
     d, rows = flat
     labels = write_csv(tmp_path / "l.csv", ["filename", "label"], rows[:10] + [["gone.jpg", "tools"]])
