@@ -26,11 +26,16 @@ BATCH = 8192
 class ExportConfig:
     extract: ExtractConfig
     out: Path
-    format: str = "parquet"
+    format: str | None = None  # None: --out's suffix says (.npy: npy; else parquet)
 
     def __post_init__(self) -> None:
+        suffix = Path(self.out).suffix.lower()
+        object.__setattr__(self, "format", self.format or ("npy" if suffix == ".npy" else "parquet"))
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        if suffix in (".parquet", ".npy") and suffix != f".{self.format}":
+            raise UserError(f"--out {self.out} ends in {suffix} but --format is {self.format}: name the file "
+                            f".{self.format}, or leave --format out")
         if Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is a folder: name the file to write")
         if not Path(self.out).parent.is_dir():

@@ -23,8 +23,8 @@ def test_parquet_and_npy_hold_the_cached_rows(small_data, tmp_path):
     assert paths == sorted(paths) and set(t["label"].to_pylist()) == {p.name for p in small_data.iterdir()}
     X = np.array(t["embedding"].to_pylist(), np.float32)
     np.testing.assert_array_equal(X, np.stack([want[h] for h in t["sha256"].to_pylist()]))
-    n = run_json("export-embeddings", small_data, "--cache-dir", cache, "--format", "npy", "--out", tmp_path / "e")
-    assert n["files"] == [str(tmp_path / "e.npy"), str(tmp_path / "e.csv")]
+    n = run_json("export-embeddings", small_data, "--cache-dir", cache, "--out", tmp_path / "e.npy")  # npy by name
+    assert n["files"] == [str(tmp_path / "e.npy"), str(tmp_path / "e.csv")] and n["format"] == "npy"
     np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), X)
     with open(tmp_path / "e.csv") as fh:
         assert [row["path"] for row in csv.DictReader(fh)] == paths
@@ -35,3 +35,5 @@ def test_parquet_and_npy_hold_the_cached_rows(small_data, tmp_path):
 def test_a_bad_format_is_one_line(small_data, tmp_path):
     line = one_line(run_cli("export-embeddings", small_data, "--format", "csv", "--out", tmp_path / "x"))
     assert "--format must be one of parquet, npy" in line
+    line = one_line(run_cli("export-embeddings", small_data, "--format", "npy", "--out", tmp_path / "x.parquet"))
+    assert line.endswith("x.parquet ends in .parquet but --format is npy: name the file .npy, or leave --format out")

@@ -59,8 +59,9 @@ def export_embeddings(
     data_dir: DataDir = None,
     out: Annotated[Path, typer.Option("--out", help="File to write (npy: also a .csv of path, label, sha256 "
                                       "beside it).")] = Path("embeddings.parquet"),
-    fmt: Annotated[str, typer.Option("--format", help="parquet (path, label, sha256, embedding as a fixed-size "
-                                     "list) | npy (the float32 matrix).")] = "parquet",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="parquet (path, label, sha256, embedding as a "
+                                               "fixed-size list) | npy (the float32 matrix).",
+                                               show_default="--out's suffix: .npy is npy, else parquet")] = None,
     backbone: BackboneOpt = "mobilenet_v2",
     cache_dir: CacheDirOpt = Path("cache"),
     device: DeviceOpt = "auto",
