@@ -146,7 +146,7 @@ def _thumb(path: str) -> str:
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 

@@ -76,10 +76,11 @@ def require_labels(root: Path | None) -> None:
 
 
 def _walk(folder: Path, label: str) -> list[ImageFile]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    files, top = [], os.fspath(folder)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [ImageFile(os.path.join(dirpath, n), label) for n in sorted(filenames) if not n.startswith(".")]
+        where = dirpath[2:] if top == "." else dirpath  # pathlib's names: "x.jpg", "sub/x.jpg", not "./x.jpg"
+        files += [ImageFile(os.path.join(where, n), label) for n in sorted(filenames) if not n.startswith(".")]
     return files
 
 

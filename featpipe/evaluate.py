@@ -47,7 +47,8 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
         raise UserError(f"no image of {root} could be decoded ({len(skipped)} skipped)")
     y = np.array([bundle.classes.index(label[p]) for p in ok])
     report = {"model": str(bundle.path), "data_dir": describe(cfg.data_dir), "images": len(ok),
-              "skipped": sorted(skipped + unusable, key=lambda s: s["path"]), "classes": bundle.classes, **scores(y, proba, bundle.classes),
+              "skipped": sorted(skipped + unusable, key=lambda s: s["path"]), "classes": bundle.classes,
+              **scores(y, proba, bundle.classes),
               "most_confidently_wrong": confidently_wrong(y, proba, ok, bundle.classes, cfg.worst)}
     if cfg.out is not None:
         report["files"] = write(report, Path(cfg.out))

@@ -157,28 +157,38 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int | None], None] | No
             index.save()
     members = engine.members.where(  # cached before this run, or computed by it (not: failed to decode)
         lambda sha: sha in computed or (sha in known and sha not in engine.first_copy))
-    if not members and cfg.files is None:  # (after the cache is saved)
+    _check_members(cfg, root, classes, members, skipped, shards)  # after the cache is saved
+    seconds = time.perf_counter() - t0
+    decoder, device, precision = engine.described()
+    images = engine.inputs + len(listed.skipped if listed else ())  # a skipped --labels row is an input too
+    return ExtractResult(
+        images=images, computed=len(computed), reused=engine.reused_files, skipped=skipped, seconds=round(seconds, 4),
+        images_per_sec=round(images / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
+        backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,
+        stage_seconds=timer.totals(), data_dir=described(cfg),
+        members=members, cache=cache, splits=listed.splits if listed else {},
+    )
+
+
+def _check_members(cfg: ExtractConfig, root: Path, classes: list[str], members: Members, skipped: list[dict],
+                   shards: bool) -> None:
+    """Nothing usable at all is one line, exit 2; so is, for training, a class without a usable image or a sample
+    without a label. Embedding alone notes the empty class: the other classes' rows are as good."""
+    if not members and cfg.files is None:
+        what = "sample" if shards else "file"
+        if not skipped:
+            raise UserError(f"no valid image in {root}: no {what} to embed")
         tars = not shards and all(is_shard(s["path"]) for s in skipped)  # a folder of shards given as a data dir
-        raise UserError(f"no valid image in {root}; {len(skipped)} {'sample' if shards else 'file'}(s) skipped, e.g. "
+        raise UserError(f"no valid image in {root}; {len(skipped)} {what}(s) skipped, e.g. "
                         f"{Path(skipped[0]['path']).name}: {skipped[0]['reason']}"
                         + (f" (WebDataset shards? pass them as '{root}/*.tar')" if tars else ""))
     empty = empty_classes(root, classes, {f.label for f in members.files}, skipped)
     if empty and cfg.labelled:
         raise UserError(empty)
-    if empty:  # embedding alone: the other classes' rows are as good
+    if empty:
         print(f"featpipe: {empty}", file=sys.stderr)
     if cfg.labelled:
         _require_sample_labels(members)
-    seconds = time.perf_counter() - t0
-    decoder, device, precision = engine.described()
-    return ExtractResult(
-        images=engine.inputs + len(listed.skipped if listed else ()), computed=len(computed), reused=engine.reused_files, skipped=skipped,
-        seconds=round(seconds, 4),
-        images_per_sec=round(engine.inputs / seconds, 2) if seconds > 0 else 0.0, cache_file=str(cache.path),
-        backbone=spec.name, dim=spec.dim, decoder=decoder, device=device, precision=precision,
-        stage_seconds=timer.totals(), data_dir=described(cfg),
-        members=members, cache=cache, splits=listed.splits if listed else {},
-    )
 
 
 def _require_sample_labels(members: Members) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from featpipe.dataset import ImageFile
 
 DIGEST = 32  # bytes of a sha256
@@ -39,21 +41,23 @@ class Members:
     def __iter__(self) -> Iterator[Member]:
         return (Member(f.path, f.label, self.sha256(i)) for i, f in enumerate(self.files))
 
-    def __getitem__(self, part: slice) -> list[Member]:
-        return [Member(self.files[i].path, self.files[i].label, self.sha256(i)) for i in range(len(self))[part]]
+    def __getitem__(self, at: int | slice) -> Member | list[Member]:
+        if isinstance(at, slice):
+            return [self[i] for i in range(len(self))[at]]
+        f = self.files[at]
+        return Member(f.path, f.label, self.sha256(at % len(self)))
 
-    def take(self, rows: Iterable[int]) -> Members:
-        out = Members()
-        for i in rows:
-            out.files.append(self.files[i])
-            out._digests += self._digests[i * DIGEST:(i + 1) * DIGEST]
-        return out
+    def take(self, rows: Iterable[int] | np.ndarray) -> Members:
+        rows = np.fromiter(rows, np.int64) if not isinstance(rows, np.ndarray) else rows  # 8 bytes a row, not 36
+        digests = np.frombuffer(self._digests, np.uint8).reshape(-1, DIGEST)[rows]
+        return Members([self.files[i] for i in rows], bytearray(digests.tobytes()))
 
     def where(self, keep: Callable[[str], bool]) -> Members:
         """The members whose sha256 passes `keep` (these same ones when all do: no copy)."""
-        rows = [i for i in range(len(self)) if keep(self.sha256(i))]
-        return self if len(rows) == len(self) else self.take(rows)
+        kept = np.fromiter((keep(self.sha256(i)) for i in range(len(self))), bool, len(self))
+        return self if kept.all() else self.take(np.flatnonzero(kept))
 
     def by_path(self) -> Members:
         """Sorted by path: an order that does not depend on how the files were listed or on hash order."""
-        return self.take(sorted(range(len(self)), key=lambda i: self.files[i].path))
+        paths = np.fromiter((f.path for f in self.files), object, len(self))  # pointers, not a copy of each path
+        return self.take(np.argsort(paths, kind="stable"))

@@ -229,7 +229,7 @@ class RayDataEngine:
             if not same_stat:  # the actor's node did not see the shard the driver stat'ed: record nothing of it
                 self.unlisted.add(int(pos))
             self._place((int(pos), int(k)), os.fsdecode(path_b), label, sha, reason, status,
-                        self.shard_at[int(pos)][1] if same_stat else None, listed_at_ns)
+                        self.shard_at.get(int(pos), (None, None))[1] if same_stat else None, listed_at_ns)
             if len(self.samples[int(pos)]) == of:  # listed now: memory holds the shards in flight, not every sample
                 self._record_listing(int(pos), listed_at_ns)
 
@@ -256,7 +256,7 @@ class RayDataEngine:
     def _record_listing(self, pos: int, read_at_ns: int) -> None:
         """A shard whose samples are all back, in the file index, unless an actor saw it with another stat than
         the driver; then its samples are let go (memory holds the shards in flight, not every sample)."""
-        shard, stamp = self.shard_at.pop(pos)
+        shard, stamp = self.shard_at.pop(pos, (None, None))  # (None: a row past the count, which Ray never sends)
         entries = sorted(self.samples.pop(pos, []), key=lambda ke: ke[0])
         if stamp is not None and pos not in self.unlisted:  # (flushed with the next records: a killed run keeps it)
             self.index.record_listing(shard, stamp, [e for _, e in entries], read_at_ns)

@@ -77,7 +77,8 @@ def test_unusable_rows_are_listed_and_skipped(tmp_path, flat, capsys):
     m = read(labels, d)
     assert [Path(f.path).name for f in m.files] == [rows[0][0], rows[3][0]]
     assert [s["reason"] for s in m.skipped] == ["no such file", "duplicate of row 1, which labels it 'animals': a "
-                                                "conflict", "empty label", "split 'holdout' is not one of train, val, test"]
+                                                "conflict", "empty label",
+                                                "split 'holdout' is not one of train, val, test"]
     assert "4 of 6 row(s) skipped" in capsys.readouterr().err
     with pytest.raises(UserError, match="no usable row"):
         read(write_csv(tmp_path / "none.csv", ["path", "label"], [["gone.jpg", "x"]]), d)

@@ -20,7 +20,7 @@ from featpipe.hashes import Hashes
 from featpipe.shards import CacheKey
 from featpipe.rows import Rows
 from featpipe.errors import UserError
-from featpipe.dataset import ImageFile
+from featpipe.dataset import ImageFile, scan
 from featpipe.fileindex import FileIndex
 from featpipe.heads import Head
 from featpipe.members import Members
@@ -379,6 +379,14 @@ def test_hashes_hold_raw_digests_whatever_their_last_bytes():
     assert h.isin(np.array(ends, "S64")).tolist() == [True, True, True, False, False]
     h.add(ends[4])
     assert ends[4] in h and None not in h
+
+
+def test_a_flat_folder_given_as_dot_names_its_files_as_pathlib_does(tmp_path, monkeypatch):
+    """`featpipe extract .`: rows say x.jpg, not ./x.jpg (the Ray engine's workers name them through pathlib)."""
+    for name in ("b.jpg", "a.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert [f.path for f in scan(Path("."), labelled=False)[1]] == [str(Path(".") / n) for n in ("a.jpg", "b.jpg")]
 
 
 def test_members_keep_files_and_raw_digests_and_read_back_whole():

@@ -256,6 +256,9 @@ def test_a_pattern_that_matches_nothing_is_one_line(tmp_path):
     write_tar(tmp_path / "shards" / "s-0.tar", [("000000.cls", b"fishes")])
     line = one_line(run_cli("extract", tmp_path / "shards", "--cache-dir", tmp_path / "c"))
     assert line.endswith(f"(WebDataset shards? pass them as '{tmp_path / 'shards'}/*.tar')"), line
+    write_tar(tmp_path / "empty.tar", [])
+    line = one_line(run_cli("extract", tmp_path / "empty.tar", "--cache-dir", tmp_path / "c"))
+    assert line == f"featpipe: error: no valid image in {tmp_path}: no sample to embed", line
 
 
 def test_audit_takes_labelled_shards_only(small):

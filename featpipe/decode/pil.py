@@ -12,7 +12,7 @@ import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from featpipe.decode.pixels import rgb_pixels
 from featpipe.decode.probing import MAX_ASPECT, Probe, crop_corner, resized_size, to_rgb, upright
@@ -29,7 +29,7 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 def pil_decode(data: bytes, pre: Preprocessing) -> np.ndarray:
     """Decode one image with Pillow to a (crop, crop, 3) uint8 array; JPEGs decode at reduced size via draft()."""
     im = Image.open(io.BytesIO(data))
-    if im.format == "JPEG":
+    if isinstance(im, JpegImagePlugin.JpegImageFile):  # (a camera's MPO too)
         tw, th = resized_size(*im.size, pre.resize)
         im.draft(None, (round(DRAFT_MARGIN * tw), round(DRAFT_MARGIN * th)))
     return resize_crop(to_rgb(upright(im)), pre)

@@ -8,12 +8,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 # Pillow's own complaints (corrupt EXIF, odd metadata) name no file and change nothing: a file that fails says why.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own limit: an image decoded whole beyond it risks a bomb's memory
-JPEG_PIXELS = 4 * MAX_PIXELS  # JPEGs decode scaled down (draft): a 200-megapixel camera's photos are well within
+MAX_PIXELS = 89_478_485  # Pillow's default limit: an image decoded whole beyond it risks a bomb's memory
+JPEG_PIXELS = 4 * MAX_PIXELS  # baseline JPEGs decode scaled down in little memory: a 200-MP camera's are within
 Image.MAX_IMAGE_PIXELS = JPEG_PIXELS  # Pillow's check refuses nothing probe() lets through; probe() says the rest
 MAX_ASPECT = 16  # longer side / shorter side beyond which DALI is not given the image
 # EXIF orientation tag -> the transpose that shows the picture upright (ImageOps.exif_transpose's table)
@@ -50,8 +50,8 @@ def probe(data: bytes) -> Probe:
         return Probe(False, f"unreadable image header: {e}")
     if w < 1 or h < 1:
         return Probe(False, "image has no pixels")
-    if w * h > MAX_PIXELS and im.format != "JPEG":
-        return Probe(False, f"image too large (over {MAX_PIXELS} pixels; JPEGs up to {JPEG_PIXELS})")
+    if w * h > MAX_PIXELS and not scalable(im):
+        return Probe(False, f"image too large (over {MAX_PIXELS} pixels; baseline JPEGs up to {JPEG_PIXELS})")
     orientation = _exif_orientation(im)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
@@ -62,6 +62,12 @@ def probe(data: bytes) -> Probe:
     small = w * h <= MAX_PIXELS  # the batched decoders decode at full size; Pillow's draft() does not
     return Probe(im.format == "JPEG" and im.mode in ("RGB", "L") and complete and squat and small, None, (w, h),
                  orientation)
+
+
+def scalable(im: Image.Image) -> bool:
+    """A baseline JPEG (a camera's MPO too): draft() decodes it scaled down without holding it whole (a progressive
+    one keeps every coefficient of the full image in memory)."""
+    return isinstance(im, JpegImagePlugin.JpegImageFile) and not im.info.get("progressive")
 
 
 def _exif_orientation(im: Image.Image) -> int:

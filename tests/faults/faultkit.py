@@ -78,10 +78,10 @@ def gray16_png(im: Image.Image) -> bytes:
     return raw_png(im.width, im.height, 0, 16, rows)
 
 
-def jpeg_claiming(width: int, height: int) -> bytes:
+def jpeg_claiming(width: int, height: int, progressive: bool = False) -> bytes:
     """A small JPEG whose frame header claims width x height (its scan is for 8 x 8 pixels)."""
-    data = bytearray(jpeg_bytes(Image.new("L", (8, 8))))
-    sof = data.find(b"\xff\xc0")
+    data = bytearray(jpeg_bytes(Image.new("L", (8, 8)), progressive=progressive))
+    sof = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
     data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
 

@@ -51,6 +51,8 @@ def build(data: Path, shipped: Path) -> dict[str, str | None]:
         bad / "bad exif.jpg": (fk.bad_exif_jpeg(im), None),
         bad / "108 megapixels.jpg": (fk.jpeg_bytes(Image.new("L", (12000, 9000), 128)), None),  # phones take these
         bad / "claims 400 megapixels.jpg": (fk.jpeg_claiming(20000, 20000), SKIP),
+        bad / "claims 108 megapixels, progressive.jpg": (fk.jpeg_claiming(12000, 9000, progressive=True), SKIP),
+        bad / "claims 100 megapixels.png": (fk.raw_png(10_000, 10_000, 2, 8, b""), SKIP),  # held whole: refused
         ref / "rgb.jpg": (fk.jpeg_bytes(im), None),
         ref / "gray.jpg": (fk.jpeg_bytes(im.convert("L").convert("RGB")), None),
         ref / "palette.jpg": (fk.jpeg_bytes(composite_on_white(pal)), None),
@@ -92,6 +94,8 @@ def test_bad_images_beside_good_ones(small_data, shipped, tmp_path, decoder):
     bad = small_data / sorted(os.listdir(small_data))[0]
     assert "too large" in skipped[str(bad / "bomb.png")]
     assert "too large" in skipped[str(bad / "claims 400 megapixels.jpg")]
+    assert all(skipped[str(bad / f"claims {n}")].endswith("baseline JPEGs up to 357913940)")
+               for n in ("108 megapixels, progressive.jpg", "100 megapixels.png"))
     rows = fk.read_rows(cache)
     embedded = set(good_before) | {p for p, out in expect.items() if out != SKIP}
     digests = {fk.sha256_of(p) for p in embedded}
