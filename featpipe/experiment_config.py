@@ -98,7 +98,7 @@ def read_config(path: Path) -> dict:
         doc = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"cannot read config {path}: {e}") from None
     kw = dict(doc.pop("experiment", {}))
     for section in ("finetune", "scratch"):

@@ -200,12 +200,15 @@ def test_help_shows_the_defaults():
         assert default in out
 
 
-def test_missing_config_file_is_a_user_error():
+def test_a_missing_or_undecodable_config_file_is_a_user_error(tmp_path):
     from featpipe.errors import UserError
     from featpipe.experiment_config import read_config
 
     with pytest.raises(UserError, match="config file not found"):
         read_config(Path("/nonexistent.toml"))
+    (tmp_path / "b.toml").write_bytes(b"\xff\xfe")  # not UTF-8, which TOML must be
+    with pytest.raises(UserError, match="cannot read config .*b.toml: 'utf-8' codec can't decode"):
+        read_config(tmp_path / "b.toml")
 
 
 def test_val_dir_and_test_dir_reach_every_row_and_choose_nothing(shipped, tmp_path):
