@@ -94,11 +94,16 @@ def output_dir(out: Path | None, name: str, data_dir: Path | None, force: bool) 
     return out
 
 
-def check_overwrite(out: Path, data_dir: str) -> None:
+def trained_on(out: Path) -> str | None:
+    """The data dir a bundle at `out` records (None: no bundle there, or nothing readable to protect)."""
     try:
-        old = json.loads((out / MANIFEST).read_text()).get("data", {}).get("dir")
+        return json.loads((Path(out) / MANIFEST).read_text()).get("data", {}).get("dir")
     except (OSError, ValueError, AttributeError):
-        return  # nothing there, or nothing readable to protect
+        return None
+
+
+def check_overwrite(out: Path, data_dir: str) -> None:
+    old = trained_on(out)
     if old and old != data_dir:
         raise UserError(f"{out} holds a model trained on {old}, not {data_dir}; pass --force to replace it or "
                         f"--out to write elsewhere")

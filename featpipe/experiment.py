@@ -20,6 +20,7 @@ import numpy as np
 
 from featpipe import __version__, feature_sets
 from featpipe.experiment_config import METHODS, ExperimentConfig, plan
+from featpipe.errors import UserError
 from featpipe.extract import ExtractConfig
 from featpipe.splits import Groups
 from featpipe.train import finetune, scratch
@@ -38,6 +39,7 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: print(s, f
 
     t_start = time.perf_counter()
     specs, auto_parts = plan(cfg)
+    _check_models(cfg)
     if cfg.labels is None:
         scan(cfg.data_dir)  # a bad DATA_DIR fails now, not after the first backbone's work
     check_folders(ExtractConfig(data_dir=cfg.data_dir, labels=cfg.labels), cfg.val_dir, cfg.test_dir)
@@ -162,6 +164,18 @@ def run_head(cfg: ExperimentConfig, held, auto: bool = False) -> tuple[dict, np.
         r |= held.test_report(accuracy(head, test.X, test.y, np.arange(len(test.y))))
     r["model_path"] = str(save_head(cfg, f, head, r, r["backbone"]))
     return r, pred
+
+
+def _check_models(cfg: ExperimentConfig) -> None:
+    """Bundles of another data dir under the report dir would be replaced, or left beside this run's: refuse."""
+    from featpipe.bundle import trained_on
+    from featpipe.dataset import describe
+
+    here = describe(cfg.data_dir)
+    for d in sorted((Path(cfg.out) / "models").glob("*")):
+        if (old := trained_on(d)) and old != here:
+            raise UserError(f"{cfg.out} holds models trained on {old}, not {here}: pass another --out, or delete "
+                            f"{Path(cfg.out) / 'models'}")
 
 
 def save_head(cfg: ExperimentConfig, f, head, r: dict, name: str) -> Path:

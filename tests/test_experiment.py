@@ -200,6 +200,19 @@ def test_help_shows_the_defaults():
         assert default in out
 
 
+def test_a_report_dir_holding_another_data_dirs_models_is_refused_before_any_work(tmp_path, small_data):
+    from featpipe.errors import UserError
+    from featpipe.experiment import run
+    from featpipe.experiment_config import ExperimentConfig
+
+    (tmp_path / "rep" / "models" / "m").mkdir(parents=True)
+    (tmp_path / "rep" / "models" / "m" / "bundle.json").write_text('{"data": {"dir": "/elsewhere"}}')
+    with pytest.raises(UserError, match=f"rep holds models trained on /elsewhere, not "
+                                        f"{re.escape(os.path.realpath(small_data))}: pass another --out"):
+        run(ExperimentConfig(data_dir=small_data, methods=["head"], out=tmp_path / "rep", cache_dir=tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_missing_or_undecodable_config_file_is_a_user_error(tmp_path):
     from featpipe.errors import UserError
     from featpipe.experiment_config import read_config
