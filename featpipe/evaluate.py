@@ -16,7 +16,7 @@ from featpipe import bundle as B
 from featpipe.dataset import describe
 from featpipe.errors import UserError
 from featpipe.manifest import labelled_files
-from featpipe.predict import check_weights_apply, probabilities
+from featpipe.predict import cached_or_not, check_weights_apply, gathered
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class EvaluateConfig:
     out: Path | None = None  # evaluation.json, confusion.json, confusion.png (default: none written)
     device: str = "auto"
     weights: Path | None = None
+    cache_dir: Path = Path("cache")  # head-only bundles: the embedding cache extract uses (as predict)
     worst: int = 20  # most confidently wrong images listed
     labels: Path | None = None  # a CSV/Parquet of paths and labels; with a split column, its test rows are scored
 
@@ -42,10 +43,11 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[int, int], None] | None = 
                         f"{', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''} (it knows "
                         f"{', '.join(bundle.classes[:10])}{' …' if len(bundle.classes) > 10 else ''})")
     label = {f.path: f.label for f in files}
-    proba, ok, skipped = probabilities(bundle, [f.path for f in files], cfg.device, cfg.weights, progress)
+    batches = cached_or_not(bundle, [f.path for f in files], cfg.cache_dir, cfg.device, cfg.weights, progress)
+    proba, ok, skipped = gathered(batches, len(bundle.classes))
     if not ok:
         raise UserError(f"no image of {root} could be decoded ({len(skipped)} skipped)")
-    y = np.array([bundle.classes.index(label[p]) for p in ok])
+    y = np.array([bundle.classes.index(label[str(p)]) for p in ok])
     report = {"model": str(bundle.path), "data_dir": describe(cfg.data_dir), "images": len(ok),
               "skipped": sorted(skipped + unusable, key=lambda s: s["path"]), "classes": bundle.classes,
               **scores(y, proba, bundle.classes),

@@ -52,11 +52,7 @@ def predict(cfg: PredictConfig, progress: Callable[[int, int], None] | None = No
     files = collect(cfg.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(map(str, cfg.paths))}")
-    if can_write(cfg.cache_dir):
-        batches = _cached_batches(bundle, files, cfg, progress)
-    else:  # a read-only place: predicting must still work, only caching needs the disk
-        print(f"featpipe: cache dir {cfg.cache_dir} is not writable: embedding without the cache", file=sys.stderr)
-        batches = probability_batches(bundle, files, cfg.device, cfg.weights, progress)
+    batches = cached_or_not(bundle, files, cfg.cache_dir, cfg.device, cfg.weights, progress)
     found = _listed(batches, bundle.classes, cfg.top_k) if cfg.out is None else _written(batches, bundle.classes,
                                                                                           cfg.out)
     return {"model": str(bundle.path), **found}
@@ -83,15 +79,24 @@ def _written(batches, classes: list[str], out: Path) -> dict:
     return {"predicted": n, "predictions": [], "skipped": skipped, "out": str(out)}
 
 
-def _cached_batches(bundle: B.Bundle, files: list[Path], cfg: PredictConfig, progress):
+def cached_or_not(bundle: B.Bundle, files: list, cache_dir: Path, device: str, weights: Path | None, progress):
+    """probability_batches' batches, the embeddings from the cache (extracting what it lacks) where `cache_dir` can
+    be written; else embedded here, said on stderr (predicting must still work: only caching needs the disk)."""
+    if can_write(cache_dir):
+        return _cached_batches(bundle, files, cache_dir, device, weights, progress)
+    print(f"featpipe: cache dir {cache_dir} is not writable: embedding without the cache", file=sys.stderr)
+    return probability_batches(bundle, files, device, weights, progress)
+
+
+def _cached_batches(bundle: B.Bundle, files: list, cache_dir: Path, device: str, weights: Path | None, progress):
     """As probability_batches, with the embeddings from an extract run over exactly these files (skips included):
     a fine-tuned bundle's backbone keys its own cache rows (the sha256 of its backbone.safetensors)."""
     from featpipe.extract import ExtractConfig, extract
 
     parts = bundle.split()
-    weights = [weights_for(b, cfg.weights) for b in parts]  # checked before any image is embedded with others
-    runs = [extract(ExtractConfig(files=files, backbone=b.backbone, cache_dir=cfg.cache_dir, device=cfg.device,
-                                  weights=w, tta=b.tta), progress) for b, w in zip(parts, weights)]
+    each = [weights_for(b, weights) for b in parts]  # checked before any image is embedded with others
+    runs = [extract(ExtractConfig(files=files, backbone=b.backbone, cache_dir=cache_dir, device=device,
+                                  weights=w, tta=b.tta), progress) for b, w in zip(parts, each)]
     res = runs[0]
     yield np.empty((0, len(bundle.classes))), [], res.skipped
     rows = [{m.path: m.sha256 for m in r.members} for r in runs]  # every run decoded the same files
@@ -106,12 +111,17 @@ def probabilities(bundle: B.Bundle, files: list[Path], device: str = "auto", wei
                   progress: Callable[[int, int], None] | None = None, precision: str = "auto",
                   ) -> tuple[np.ndarray, list[Path], list[dict]]:
     """(class probabilities of the files that decode, those files, skipped [{"path", "reason"}])."""
+    return gathered(probability_batches(bundle, files, device, weights, progress, precision), len(bundle.classes))
+
+
+def gathered(batches, n_classes: int) -> tuple[np.ndarray, list[Path], list[dict]]:
+    """probability_batches' batches as one (probabilities, files, skipped)."""
     parts, ok, skipped = [], [], []
-    for proba, good, bad in probability_batches(bundle, files, device, weights, progress, precision):
+    for proba, good, bad in batches:
         parts.append(proba)
         ok += good
         skipped += bad
-    return (np.concatenate(parts) if parts else np.empty((0, len(bundle.classes)))), ok, skipped
+    return (np.concatenate(parts) if parts else np.empty((0, n_classes))), ok, skipped
 
 
 def probability_batches(bundle: B.Bundle, files: list[Path], device: str = "auto", weights: Path | None = None,

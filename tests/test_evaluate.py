@@ -50,7 +50,11 @@ def test_evaluate_a_bundle_on_photos_it_never_saw(held_out, tmp_path):
     train, test = held_out
     cache, model, out = tmp_path / "c", tmp_path / "m", tmp_path / "eval"
     run_json("fit-head", train, "--cache-dir", cache, "--out", model, "--val-fraction", "0")
-    r = run_json("evaluate", model, test, "--out", out, "--worst", "3")
+    r = run_json("evaluate", model, test, "--out", out, "--worst", "3", "--cache-dir", cache)
+    assert run_json("cache", "info", "--cache-dir", cache)["caches"][0]["rows"] == 40 + 20  # test rows cached too
+    again = run_json("evaluate", model, test, "--worst", "3", "--cache-dir", cache)
+    assert [again[k] for k in ("accuracy", "confusion", "per_class")] == [r[k] for k in ("accuracy", "confusion",
+                                                                                         "per_class")]
     assert r["images"] == 20 and r["skipped"] == [] and 0.5 <= r["accuracy"] <= 1  # 5 classes: chance is 0.2
     assert "top5_accuracy" not in r and sum(c["support"] for c in r["per_class"].values()) == 20
     assert np.trace(np.array(r["confusion"])) == round(r["accuracy"] * 20)

@@ -107,6 +107,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
     labels: LabelsOpt = None,
+    cache_dir: CacheDirOpt = Path("cache"),
     as_json: JsonOpt = False,
 ) -> None:
     """Score a model bundle on a labelled folder: accuracy (top-5 past 5 classes), per-class precision / recall /
@@ -115,7 +116,7 @@ def evaluate(
     from featpipe.progress import run_evaluate
 
     r = run_evaluate(EvaluateConfig(model=model, data_dir=data_dir, out=out, device=device, weights=weights,
-                                      worst=worst, labels=labels))
+                                      worst=worst, labels=labels, cache_dir=cache_dir))
     top5 = f", top-5 {r['top5_accuracy']:.3f}" if "top5_accuracy" in r else ""
     lines = [f"accuracy {r['accuracy']:.3f}{top5} on {r['images']} images; macro F1 {r['macro']['f1']:.3f}"]
     lines += [f"  {c}: precision {v['precision']:.3f}, recall {v['recall']:.3f}, F1 {v['f1']:.3f} "
