@@ -122,8 +122,9 @@ def check_folds(y: np.ndarray, classes: list[str], k: int, what: str = "--cv",
     present = np.flatnonzero(counts)
     c = present[np.argmin(counts[present])]
     if counts[c] < k:
+        advice = f"use {what} {counts[c]} or less" if counts[c] >= 2 else "add images to it, or leave it out"
         raise UserError(f"{what} {k} needs at least {k} distinct training images per class, but class "
-                        f"{classes[c]!r} has {counts[c]}; use a smaller {what}")
+                        f"{classes[c]!r} has {counts[c]}; {advice}")
 
 
 def kfold(y: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:

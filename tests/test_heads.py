@@ -55,8 +55,10 @@ def test_split_and_folds_refuse_tiny_classes():
     y = np.array([0, 0, 0, 1])
     with pytest.raises(UserError, match="'b' has 1 image"):
         val_split(y, ["a", "b"], 0.2, 0)
-    with pytest.raises(UserError, match="class 'b' has 1"):
+    with pytest.raises(UserError, match="class 'b' has 1; add images to it, or leave it out$"):  # not "--cv 1"
         check_folds(y, ["a", "b"], 2)
+    with pytest.raises(UserError, match="class 'b' has 2; use --folds 2 or less$"):
+        check_folds(np.array([0, 0, 0, 1, 1]), ["a", "b"], 3, "--folds")
     assert len(kfold(np.array([0, 0, 1, 1]), 2, 0)) == 2
     with pytest.raises(UserError, match="training needs at least 2 per class$"):  # no hint training rejects
         val_split(y, ["a", "b"], 0.2, 0, zero_ok=False)
