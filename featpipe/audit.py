@@ -20,7 +20,7 @@ from featpipe.extract import ExtractConfig
 from featpipe.features import Features, load_features
 from featpipe.heads import HeadConfig, out_of_fold_proba
 from featpipe.neighbours import NEAR_COSINE, duplicate_groups, near_pairs
-from featpipe.splits import check_folds, check_k, kfold
+from featpipe.splits import check_folds, check_k, check_seed, kfold
 
 
 @dataclass
@@ -36,6 +36,7 @@ class AuditConfig:
         if not 0.0 < self.near <= 1.0:
             raise UserError(f"--near must be a cosine in (0, 1] (got {self.near})")
         check_k(self.folds, "--folds")
+        check_seed(self.seed)
         if self.test_dir is not None and not Path(self.test_dir).is_dir():
             raise UserError(f"--test-dir {self.test_dir} is not a directory")
         if self.out is not None:  # now: not after the whole audit

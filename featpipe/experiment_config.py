@@ -13,7 +13,7 @@ from pathlib import Path
 from featpipe import feature_sets, registry
 from featpipe.errors import UserError
 from featpipe.extract import DEFAULT_CACHE_DIR
-from featpipe.splits import check_k
+from featpipe.splits import check_k, check_seed
 from featpipe.tar_input import is_shard
 from featpipe.train import TrainConfig
 
@@ -56,8 +56,7 @@ class ExperimentConfig:
             raise UserError(f"--val-fraction must be in (0, 1): the methods are compared on that held-out share "
                             f"(got {self.val_fraction})")
         check_k(self.cv, "cv")
-        if not 0 <= self.seed < 2**32:  # numpy and torch seed with [0, 2**32)
-            raise UserError(f"seed must be in [0, 2**32) (got {self.seed})")
+        check_seed(self.seed, "seed")
         if feature_sets.AUTO in self.backbones and "head" in self.methods and self.head != "logistic":
             raise UserError("--backbones auto chooses its feature set with the logistic head's inner CV: set head = "
                             "\"logistic\", or name the backbones")

@@ -18,7 +18,7 @@ from featpipe.features import Features, load_features
 from featpipe.heads import Head, HeadConfig, accuracy, cross_validate, fit_head
 from featpipe.held_out import arrange, check_folders
 from featpipe.registry import resolve
-from featpipe.splits import Split, check_folds, check_fraction, check_k
+from featpipe.splits import Split, check_folds, check_fraction, check_k, check_seed
 
 
 @dataclass
@@ -44,6 +44,7 @@ class FitConfig:
         if self.features_dtype not in ("float32", "float16"):
             raise UserError(f"--features-dtype must be float32 or float16 (got {self.features_dtype!r})")
         check_fraction(self.val_fraction)
+        check_seed(self.head.seed)
         if self.cv is not None:
             check_k(self.cv)
 

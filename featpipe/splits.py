@@ -109,6 +109,11 @@ def check_fraction(fraction: float) -> None:
         raise UserError(f"--val-fraction must be in [0, 1) (got {fraction})")
 
 
+def check_seed(seed: int, what: str = "--seed") -> None:
+    if not 0 <= seed < 2**32:  # numpy and torch seed with [0, 2**32)
+        raise UserError(f"{what} must be in [0, 2**32) (got {seed})")
+
+
 def check_k(k: int, what: str = "--cv") -> None:
     if k < 2:
         raise UserError(f"{what} must be at least 2 (got {k})")

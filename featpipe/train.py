@@ -28,6 +28,7 @@ from featpipe.features import class_counts
 from featpipe.heads import HeadConfig, fit_head
 from featpipe.runtime import prepare
 from featpipe.tar_input import is_shard
+from featpipe.splits import check_seed
 from featpipe.held_out import Arranged, arrange, check_folders
 from featpipe.train_images import Images, scan_images, split_images, stream
 
@@ -63,6 +64,7 @@ class TrainConfig:
         if self.device not in DEVICES:
             raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         HeadConfig(kind=self.head)
+        check_seed(self.seed)
         for flag, value in (("--epochs", self.epochs), ("--unfreeze-blocks", self.unfreeze_blocks),
                             ("--batch-size", self.batch_size), ("--patience", self.patience)):
             if value < 1:

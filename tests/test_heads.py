@@ -197,7 +197,7 @@ def test_bad_head_and_fraction_are_user_errors(feats):
 def test_fit_head_bad_flags_fail_before_extracting(small_data, tmp_path):
     for flags, msg in ((["--val-fraction", "1"], "--val-fraction must be in [0, 1) (got 1.0)"),
                        (["--cv", "1"], "--cv must be at least 2 (got 1)"),
-                       (["--seed", "-1"], "Invalid value for '--seed': Input should be greater than or equal to 0")):
+                       (["--seed", "-1"], "--seed must be in [0, 2**32) (got -1)")):
         proc = run_cli("fit-head", small_data, "--cache-dir", tmp_path / "c", *flags)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"featpipe: error: {msg}"]
         assert not (tmp_path / "c").exists()

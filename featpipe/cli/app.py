@@ -66,7 +66,6 @@ LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="CSV or Parq
                                                  "labels (columns path or filename, label, optional split: train, "
                                                  "val, test), instead of class folders; paths relative to "
                                                  "DATA_DIR, or absolute.")]
-SEED_MAX = 2**32 - 1  # numpy and torch seed with [0, 2**32)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a bundle at the output dir even if it was trained "
                                         "on another data dir.")]

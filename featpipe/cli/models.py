@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from featpipe.cli.app import (SEED_MAX, BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, FeatureBackboneOpt, ForceOpt,
+from featpipe.cli.app import (BackboneOpt, CacheDirOpt, DataDir, DeviceOpt, FeatureBackboneOpt, ForceOpt,
                               JsonOpt, LabelsOpt, TtaOpt, WeightsOpt, app, classes_line, data_or_shipped, emit)
 from featpipe.errors import UserError
 from featpipe.neighbours import NEAR_COSINE
@@ -32,7 +32,7 @@ def fit_head(
                                               "whole head procedure over every image.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Stratified share of each class held out "
                                                 "for val_accuracy (0: none).")] = 0.2,
-    seed: Annotated[int, typer.Option("--seed", help="Split, CV and MLP seed.", min=0, max=SEED_MAX)] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Split, CV and MLP seed.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Bundle directory (default "
                                                 "models/<backbone>-<head>).")] = None,
     weights: WeightsOpt = None,
@@ -148,8 +148,7 @@ def export_model(
 
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Stratified validation share (same split for "
                                                "every method and backbone).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Split, augmentation and initialisation seed.", min=0,
-                                      max=SEED_MAX)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Split, augmentation and initialisation seed.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Most epochs (early stopping on val accuracy).")]
 
 
@@ -250,7 +249,7 @@ def experiment(
                                                           "the same for every method and backbone.",
                                                           show_default="0.2")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Split, augmentation and initialisation seed.",
-                                                show_default="0", min=0, max=SEED_MAX)] = None,
+                                                show_default="0")] = None,
     val_dir: ValDirOpt = None,
     test_dir: TestDirOpt = None,
     labels: LabelsOpt = None,
