@@ -27,7 +27,7 @@ def write(out: Path, report: dict, f: Features) -> dict[str, str]:
     files = {name: str(out / name) for name in ("audit.json", "audit.md", "map.png", "audit.html")}
     plot_map(f, flagged(report), out / "map.png")
     (out / "audit.md").write_text(markdown(report))
-    (out / "audit.html").write_text(page(report, f))
+    (out / "audit.html").write_text(page(report, f, out / "map.png"))
     (out / "audit.json").write_text(json.dumps(json_safe(report | {"files": files}), indent=1) + "\n")
     return files
 
@@ -101,8 +101,10 @@ def layout(x: np.ndarray) -> np.ndarray:
     return PCA(2, random_state=0).fit_transform(x)
 
 
-def page(report: dict, f: Features) -> str:
-    body = [f"<h1>Audit of {_h(report['data_dir'])}</h1>", '<p><img src="map.png" width="640"></p>',
+def page(report: dict, f: Features, map_png: Path) -> str:
+    """The page, its images inside it (map_png too): it travels as one file."""
+    src = "data:image/png;base64," + base64.b64encode(map_png.read_bytes()).decode()
+    body = [f"<h1>Audit of {_h(report['data_dir'])}</h1>", f'<p><img src="{src}" width="640"></p>',
             "<h2>Duplicate sets</h2>"]
     for s in report["duplicates"][:SHOWN]:
         body.append(_row(f"{s['kind']}, min cosine {s['min_cosine']:.3f}", zip(s["paths"], s["labels"])))

@@ -172,7 +172,10 @@ def test_cli_writes_the_report_and_json(cli_report, cache):
     r, out = cli_report
     assert {"duplicates", "leaks", "label_issues", "cv", "files"} <= set(r) and r["leaks"] and r["label_issues"]
     assert all(Path(p).exists() for p in r["files"].values())
-    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", (out / "audit.html").read_text())
+    html = (out / "audit.html").read_text()
+    maps = re.findall(r'src="data:image/png;base64,([^"]+)"', html)  # one file: the map inside it too
+    assert maps and base64.b64decode(maps[0]) == (out / "map.png").read_bytes() and 'src="map.png"' not in html
+    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", html)
     shown = sum(len(s["paths"]) for s in r["duplicates"]) + 2 * len(r["leaks"]) + 7 * len(r["label_issues"])
     assert len(thumbs) == shown
     assert all(max(Image.open(io.BytesIO(base64.b64decode(t))).size) <= 128 for t in thumbs)
