@@ -39,7 +39,7 @@ class Members:
         return len(self.files)
 
     def __iter__(self) -> Iterator[Member]:
-        return (Member(f.path, f.label, self.sha256(i)) for i, f in enumerate(self.files))
+        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, at: int | slice) -> Member | list[Member]:
         if isinstance(at, slice):
